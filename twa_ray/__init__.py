@@ -1,0 +1,1 @@
+"""twa_ray: Trainable Weight Averaging (TWA) on Ray."""

@@ -1,0 +1,122 @@
+"""Blocks: a partition of the parameter vector into consecutive ranges of whole tensors.
+
+Granularity
+- ``model``: one block holding every coordinate;
+- ``tensor``: one block per parameter tensor;
+- ``size:N``: consecutive tensors grouped until a block holds at least N elements.
+
+Every block is a run of whole tensors, so a block is a contiguous range of the flat
+vector, and a shard (a run of whole blocks) is contiguous too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+GRANULARITY_HELP = "'model', 'tensor' or 'size:N' (N a positive integer)"
+
+
+def parse_granularity(granularity: str) -> tuple[str, int]:
+    """'model' | 'tensor' | 'size:N' -> (kind, N); raises ValueError naming the value."""
+    if granularity in ("model", "tensor"):
+        return granularity, 0
+    if isinstance(granularity, str) and granularity.startswith("size:"):
+        try:
+            n = int(granularity[5:])
+        except ValueError:
+            n = 0
+        if n > 0:
+            return "size", n
+    raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITY_HELP}")
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Block l holds tensors ``tensor_ranges[l] = (t0, t1)`` and coordinates ``[starts[l], ends[l])``."""
+
+    tensor_ranges: tuple[tuple[int, int], ...]
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [e - s for s, e in zip(self.starts, self.ends)]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def make_blocks(numels: Sequence[int], granularity: str) -> Blocks:
+    """Partition tensors with element counts ``numels`` (in layout order) into blocks."""
+    kind, min_size = parse_granularity(granularity)
+    if kind == "model":
+        groups = [(0, len(numels))]
+    elif kind == "tensor":
+        groups = [(t, t + 1) for t in range(len(numels))]
+    else:
+        groups, t0, acc = [], 0, 0
+        for t, m in enumerate(numels):
+            acc += m
+            if acc >= min_size:
+                groups.append((t0, t + 1))
+                t0, acc = t + 1, 0
+        if t0 < len(numels):
+            if groups:  # a short tail joins the previous block so every block reaches N
+                groups[-1] = (groups[-1][0], len(numels))
+            else:
+                groups.append((t0, len(numels)))
+    offsets = [0]
+    for m in numels:
+        offsets.append(offsets[-1] + m)
+    return Blocks(
+        tensor_ranges=tuple(groups),
+        starts=tuple(offsets[a] for a, _ in groups),
+        ends=tuple(offsets[b] for _, b in groups),
+    )
+
+
+def block_bytes(size: int, bits: int) -> int:
+    """Bytes one candidate's direction takes in a block of ``size`` entries at ``bits``."""
+    return (size * bits + 7) // 8
+
+
+def shard_blocks(sizes: Sequence[int], bits: int, world_size: int) -> list[tuple[int, int]]:
+    """Split blocks into ``world_size`` runs of consecutive blocks, balanced by bytes.
+
+    Returns ``[(l0, l1)]`` per rank (rank r owns blocks l0..l1-1). Minimises the largest
+    shard's bytes (binary search over the cap with a greedy fill). Raises ValueError
+    when there are fewer blocks than workers.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if len(sizes) < world_size:
+        raise ValueError(
+            f"{len(sizes)} block(s) cannot be shared by {world_size} workers: "
+            "use a finer granularity ('tensor' or 'size:N') or fewer workers"
+        )
+    weights = [block_bytes(m, bits) for m in sizes]
+
+    def fill(cap: int) -> list[tuple[int, int]] | None:
+        runs, l0, acc = [], 0, 0
+        for l, w in enumerate(weights):
+            remaining_blocks = len(weights) - l
+            remaining_ranks = world_size - len(runs)
+            # close the run when it would pass the cap, or when each later rank needs a block
+            if l > l0 and (acc + w > cap or remaining_blocks < remaining_ranks):
+                runs.append((l0, l))
+                l0, acc = l, 0
+            acc += w
+        runs.append((l0, len(weights)))
+        return runs if len(runs) == world_size else None
+
+    lo, hi = max(weights), sum(weights)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        runs = fill(mid)
+        if runs is not None and max(sum(weights[a:b]) for a, b in runs) <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    runs = fill(lo)
+    assert runs is not None
+    return runs

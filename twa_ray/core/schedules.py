@@ -1,0 +1,84 @@
+"""Learning-rate schedules as pure functions of (step, total steps), shared by TWA and base training.
+
+``lr_factor`` returns the multiplier of the base learning rate; ``make_scheduler`` wraps
+it in a ``torch.optim.lr_scheduler.LambdaLR`` so that state_dict() resumes it exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEDULES = ("constant", "cosine", "linear", "step", "swa")
+
+
+@dataclass
+class ScheduleSpec:
+    """What the schedule is; ``total_steps`` is the full budget the schedule is laid out for.
+
+    - constant: 1.
+    - cosine: warmup, then 1 -> final_factor along a half cosine.
+    - linear: warmup, then 1 -> final_factor linearly.
+    - step: multiply by ``gamma`` at each milestone (fractions of the budget, e.g. [0.5, 0.75]).
+    - swa: SWA's own schedule: 1 for the first half of ``swa_start``, then linear down to
+      ``final_factor`` (swa_lr / lr) at 0.9 * swa_start, then constant (the tail).
+    """
+
+    kind: str = "cosine"
+    total_steps: int = 1
+    warmup_frac: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    final_factor: float = 0.0
+    swa_start: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule {self.kind!r} is not one of {list(SCHEDULES)}")
+        if self.total_steps < 1:
+            raise ValueError(f"schedule total_steps must be >= 1, got {self.total_steps}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"schedule warmup must be in [0, 1), got {self.warmup_frac}")
+
+
+def lr_factor(step: int, spec: ScheduleSpec) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``spec.total_steps``."""
+    t = step / spec.total_steps
+    if spec.kind == "swa":
+        t = t / spec.swa_start
+        if t <= 0.5:
+            return 1.0
+        if t <= 0.9:
+            return 1.0 - (1.0 - spec.final_factor) * (t - 0.5) / 0.4
+        return spec.final_factor
+    if spec.kind == "step":
+        return spec.gamma ** sum(t >= m for m in spec.milestones)
+    warmup_steps = int(round(spec.warmup_frac * spec.total_steps))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if spec.kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, spec.total_steps - warmup_steps))
+    if spec.kind == "cosine":
+        return spec.final_factor + (1.0 - spec.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - spec.final_factor) * progress  # linear
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False
+) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay, optional Nesterov) or AdamW by name."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {name!r} is not one of {list(OPTIMIZERS)}")

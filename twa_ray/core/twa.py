@@ -1,0 +1,175 @@
+"""TWA: train the averaging coefficients X of saved candidates in a plain PyTorch loop.
+
+    w(X)[B_l] = c[B_l] + sum_i X[i, l] * Q_il         X: (n, L), starts at 0 (= SWA)
+    dLoss/dX[i, l] = < Q_il , g[B_l] >                 g = dLoss/dw at w(X)
+
+One ``step()`` after ``loss.backward()``:
+
+1. g = the model's gradient (D,)
+2. reduce-scatter g                          -> mean gradient on this rank's range
+3. G_r = Q[:, S_r] g[S_r]                    -> all-reduce (n x L numbers)
+4. optimizer step on X (identical on every rank)
+5. w[S_r] = c[S_r] + Q[:, S_r]^T X           -> all-gather -> model parameters
+
+With one process the collectives are identities (``LocalCollectives``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import make_blocks
+from .collectives import Collectives, LocalCollectives
+from .params import ParamLayout, assign_flat, flatten_grads, flatten_state, stack_flat
+from .projection import DEFAULT_CHUNK_BYTES, Projection, build_projection
+from .schedules import ScheduleSpec, make_optimizer, make_scheduler
+
+
+class TWA:
+    """Trainable Weight Averaging over a projection, in the spirit of torch.optim.swa_utils.
+
+    Args:
+        model: the model whose trainable parameters are w (D values); it is moved to
+            the SWA point w(0) = c at construction.
+        projection: Q and c for this rank's run of blocks (all blocks with one process).
+        num_blocks: L, the number of blocks of the whole model.
+        block_range: (l0, l1), the blocks this rank's projection covers.
+        optimizer: "sgd" or "adamw" over X; lr, momentum, weight_decay, nesterov as usual.
+        schedule: a ScheduleSpec (steps = ``step()`` calls); None = constant.
+        grad_clip: clip the model gradient's global norm to this value (None = off).
+        collectives: how ranks combine; default: one process.
+
+    Example:
+        >>> twa = TWA.from_candidates(model, [sd1, sd2, sd3], bits=4, lr=0.1)
+        >>> for x, y in loader:
+        ...     model.zero_grad()
+        ...     nn.functional.cross_entropy(model(x), y).backward()
+        ...     twa.step()
+        >>> torch.optim.swa_utils.update_bn(loader, model)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        projection: Projection,
+        num_blocks: int,
+        block_range: tuple[int, int] | None = None,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        schedule: ScheduleSpec | None = None,
+        grad_clip: float | None = None,
+        collectives: Collectives | None = None,
+    ) -> None:
+        self.model = model
+        self.layout = ParamLayout.from_model(model)
+        self.projection = projection
+        self.num_blocks = num_blocks
+        self.block_range = block_range or (0, num_blocks)
+        self.comm = collectives or LocalCollectives(self.layout.num_params)
+        start, end = self.comm.ranges[self.comm.rank]
+        if end - start != projection.numel:
+            raise ValueError(
+                f"rank {self.comm.rank} owns {end - start} coordinates but its projection has {projection.numel}"
+            )
+        if self.block_range[1] - self.block_range[0] != projection.num_blocks:
+            raise ValueError(f"block_range {self.block_range} does not match {projection.num_blocks} projection blocks")
+        self.grad_clip = grad_clip
+        device = projection.data.device
+        self.X = torch.zeros(projection.n, num_blocks, device=device, requires_grad=True)
+        self.optimizer = make_optimizer([self.X], optimizer, lr, momentum, weight_decay, nesterov)
+        self.scheduler = make_scheduler(self.optimizer, schedule or ScheduleSpec(kind="constant"))
+        self.num_steps = 0
+        self._grad = torch.empty(self.layout.num_params, device=device)
+        self._weights = torch.empty(self.layout.num_params, device=device)
+        self._write_weights()
+
+    @classmethod
+    def from_candidates(
+        cls,
+        model: nn.Module,
+        candidates: torch.Tensor | Sequence[torch.Tensor | dict],
+        *,
+        bits: int = 32,
+        granularity: str = "tensor",
+        basis: str = "normalized",
+        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        **kwargs: Any,
+    ) -> "TWA":
+        """One-process TWA from candidates: an (n, D) matrix, or a list of flat vectors
+        or state_dicts of ``model``'s architecture."""
+        layout = ParamLayout.from_model(model)
+        if isinstance(candidates, torch.Tensor):
+            w = candidates.float().clone()
+        else:
+            w = stack_flat(
+                flatten_state(c, layout, f"candidate {i}") if isinstance(c, dict) else c
+                for i, c in enumerate(candidates)
+            )
+        if w.shape[1] != layout.num_params:
+            raise ValueError(f"candidates have {w.shape[1]} values, model has {layout.num_params}")
+        device = next(model.parameters()).device
+        blocks = make_blocks(layout.numels, granularity)
+        proj = build_projection(w.to(device), blocks.sizes, basis, bits, max_chunk_bytes=max_chunk_bytes)
+        return cls(model, proj, len(blocks), **kwargs)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def coefficient_grad(self) -> torch.Tensor:
+        """The coefficient gradient G (n, L) of the gradient now in the model (steps 1-3)."""
+        g = flatten_grads(self.model, self._grad)
+        g_own = self.comm.reduce_scatter_mean(g)
+        grad = torch.zeros_like(self.X)
+        l0, l1 = self.block_range
+        grad[:, l0:l1] = self.projection.coef_grad(g_own)
+        if self.grad_clip is not None:
+            norm2 = self.comm.all_reduce_sum(g_own.double().pow(2).sum().reshape(1))
+            clip = min(1.0, self.grad_clip / (float(norm2.sqrt()) + 1e-6))
+            grad.mul_(clip)
+        return self.comm.all_reduce_sum(grad)
+
+    def step(self) -> None:
+        """Update X from the model's current gradient and move the model to w(X)."""
+        grad = self.coefficient_grad()
+        self.X.grad = grad
+        self.optimizer.step()
+        self.scheduler.step()
+        self.num_steps += 1
+        self._write_weights()
+
+    @torch.no_grad()
+    def weights(self) -> torch.Tensor:
+        """w(X) as a full (D,) vector (a collective: every rank must call it)."""
+        l0, l1 = self.block_range
+        own = self.projection.reconstruct(self.X.detach()[:, l0:l1])
+        return self.comm.all_gather(own, self._weights)
+
+    @torch.no_grad()
+    def _write_weights(self) -> None:
+        assign_flat(self.model, self.weights())
+
+    def state_dict(self) -> dict:
+        return {
+            "X": self.X.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "num_steps": self.num_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["X"].shape) != tuple(self.X.shape):
+            raise ValueError(f"coefficients have shape {list(state['X'].shape)}, expected {list(self.X.shape)}")
+        with torch.no_grad():
+            self.X.copy_(state["X"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.num_steps = int(state["num_steps"])
+        self._write_weights()
