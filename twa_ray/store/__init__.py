@@ -1,0 +1,11 @@
+"""Candidate store: candidate weight vectors as Arrow columns (no Ray import).
+
+A store is a folder on any pyarrow filesystem (local path, ``file://``, ``s3://``...)
+with ``store.json`` and one Arrow IPC file per candidate, one column per parameter
+tensor. Workers read only the columns of their shard (column projection).
+"""
+
+from .candidate_store import CandidateInfo, CandidateStore, candidate_file_name
+from .fs import ResolvedLocation, resolve
+
+__all__ = ["CandidateStore", "CandidateInfo", "candidate_file_name", "ResolvedLocation", "resolve"]
