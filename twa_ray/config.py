@@ -1,0 +1,334 @@
+"""One typed config for every job: dataclasses loaded from YAML, with ``a.b=value`` overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["twa.bits=4", "train.epochs=3"])
+
+Unknown keys, wrong types and invalid values are collected and raised together as one
+``ConfigError`` naming the file (or override) and the dotted key of each problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .core.blocks import parse_granularity
+from .core.quant import BITS
+from .core.schedules import OPTIMIZERS, SCHEDULES
+from .core.subspace import BASES
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated data for tests: class-dependent patterns plus noise."""
+
+    num_train: int = 512
+    num_test: int = 256
+    num_classes: int = 4
+    channels: int = 1
+    image_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str = "data"  # where datasets are read from (or downloaded to, with download)
+    val_ratio: float = 0.1  # part of the training set held out: TWA-v trains on it
+    augment: bool = True
+    download: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    loader_workers: int = 0
+    limit_train: int | None = None  # first K training examples only (quick runs)
+    limit_test: int | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    kwargs: dict = field(default_factory=dict)  # extra arguments of the model builder
+    sync_bn: bool = False  # SyncBatchNorm across workers (TWA and base training)
+
+
+@dataclass
+class TrainConfig:
+    """Base training, which saves the candidates."""
+
+    epochs: int = 10  # epochs actually run
+    budget_epochs: int | None = None  # the full budget the schedule is laid out for (default: epochs)
+    workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    warmup: float = 0.0  # fraction of the budget
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    final_lr_factor: float = 0.0  # cosine/linear end, or swa_lr / lr for the swa schedule
+    swa_start: float = 1.0  # swa schedule: fraction of the budget where the constant tail starts
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    save_initial: bool = True  # the initial weights are candidate 0
+    save_every_steps: int | None = None  # extra candidates every k steps (besides each epoch)
+    save_from_epoch: int = 0  # keep candidates from this epoch on (tail stage)
+
+    @property
+    def schedule_epochs(self) -> int:
+        return self.budget_epochs or self.epochs
+
+
+@dataclass
+class TWAConfig:
+    workers: int = 1
+    use_gpu: bool | None = None
+    bits: int = 8
+    granularity: str = "tensor"
+    basis: str = "normalized"
+    data: str = "train"  # "train" (TWA-t) or "val" (TWA-v)
+    epochs: int = 2
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    batch_size: int | None = None  # default: data.batch_size
+    candidates: str = "all"  # "all", or comma-separated first:N, last:N, stride:K
+    candidates_per_round: int | None = None
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    bn_batches: int | None = None  # batches used to recalibrate BatchNorm (None: one epoch)
+    max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
+    checkpoint_every_steps: int | None = None  # besides each epoch
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: int | None = None  # one TWA worker fails once at this step (drills, tests)
+    fail_at_epoch: int | None = None  # same for base training
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    store: str | None = None  # candidate store uri; default <output_dir>/candidates
+    compare_full_budget: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    twa: TWAConfig = field(default_factory=TWAConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or str(Path(self.run_dir) / "candidates")
+
+
+# ---------------------------------------------------------------- candidate windows
+
+
+def parse_candidates(spec: str) -> dict[str, int]:
+    """'all' | 'first:N,last:M,stride:K' -> {'first': N, ...}; raises ValueError naming spec."""
+    if spec == "all":
+        return {}
+    out: dict[str, int] = {}
+    for part in spec.split(","):
+        key, _, value = part.strip().partition(":")
+        if key not in ("first", "last", "stride") or key in out or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"candidates {spec!r}: expected 'all' or comma-separated first:N, last:N, stride:K (N, K >= 1)")
+        out[key] = int(value)
+    return out
+
+
+def select_candidates(spec: str, count: int) -> list[int]:
+    """Indices of the candidates ``spec`` keeps out of ``count``: first N, then last M, then every K-th."""
+    window = parse_candidates(spec)
+    idx = list(range(count))
+    if "first" in window:
+        idx = idx[: window["first"]]
+    if "last" in window:
+        idx = idx[-window["last"] :]
+    return idx[:: window.get("stride", 1)]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            sub: list[str] = []
+            out = _convert(value, arg, key, sub, where)
+            if not sub:
+                return out
+        errors.append(f"{where}: {key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: {key}: expected a mapping, got {value!r}")
+            return tp()
+        return _build(tp, value, key + ".", errors, where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            errors.append(f"{where}: {key}: expected a list, got {value!r}")
+            return []
+        return [_convert(v, item, f"{key}[{i}]", errors, where) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: {key}: expected a mapping, got {value!r}")
+            return {}
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        errors.append(f"{where}: {key}: expected true or false, got {value!r}")
+        return None
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        errors.append(f"{where}: {key}: expected an integer, got {value!r}")
+        return None
+    if not isinstance(value, tp):
+        errors.append(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, errors: list[str], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            errors.append(f"{where}: unknown key {prefix}{key} (valid: {', '.join(sorted(names))})")
+            continue
+        kwargs[key] = _convert(value, hints[key], prefix + key, errors, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: {prefix.rstrip('.') or 'config'}: {exc}")
+        return cls()
+
+
+def _apply_override(raw: dict, override: str, errors: list[str]) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        errors.append(f"override {override!r}: expected KEY=VALUE, e.g. twa.bits=4")
+        return
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        errors.append(f"override {override!r}: value is not YAML: {exc}")
+        return
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            errors.append(f"override {override!r}: {part} is not a section")
+            return
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _validate(cfg: Config, where: str) -> list[str]:
+    errors = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{where}: {key}: {message}")
+
+    check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
+    check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
+    try:
+        parse_granularity(cfg.twa.granularity)
+    except ValueError as exc:
+        errors.append(f"{where}: twa.granularity: {exc}")
+    try:
+        parse_candidates(cfg.twa.candidates)
+    except ValueError as exc:
+        errors.append(f"{where}: twa.candidates: {exc}")
+    check(cfg.twa.data in ("train", "val"), "twa.data", f"{cfg.twa.data!r} is not 'train' or 'val'")
+    check(0.0 <= cfg.data.val_ratio < 1.0, "data.val_ratio", f"{cfg.data.val_ratio} is not in [0, 1)")
+    check(
+        cfg.twa.data != "val" or cfg.data.val_ratio > 0,
+        "twa.data", "'val' (TWA-v) needs data.val_ratio > 0",
+    )
+    for section in ("train", "twa"):
+        sub = getattr(cfg, section)
+        check(sub.optimizer in OPTIMIZERS, f"{section}.optimizer", f"{sub.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        check(sub.schedule in SCHEDULES, f"{section}.schedule", f"{sub.schedule!r} is not one of {list(SCHEDULES)}")
+        check(sub.workers >= 1, f"{section}.workers", f"{sub.workers} is not >= 1")
+        check(sub.epochs >= 1 if section == "twa" else sub.epochs >= 0, f"{section}.epochs", f"{sub.epochs} is too small")
+        check(sub.lr > 0, f"{section}.lr", f"{sub.lr} is not > 0")
+        check(0.0 <= sub.warmup < 1.0, f"{section}.warmup", f"{sub.warmup} is not in [0, 1)")
+    check(
+        cfg.train.budget_epochs is None or cfg.train.budget_epochs >= cfg.train.epochs,
+        "train.budget_epochs", f"{cfg.train.budget_epochs} is less than train.epochs={cfg.train.epochs}",
+    )
+    check(
+        cfg.twa.candidates_per_round is None or cfg.twa.candidates_per_round >= 2,
+        "twa.candidates_per_round", f"{cfg.twa.candidates_per_round} is not >= 2 (a subspace needs two candidates)",
+    )
+    check(cfg.data.batch_size >= 1, "data.batch_size", f"{cfg.data.batch_size} is not >= 1")
+    return errors
+
+
+def config_from_dict(raw: dict, where: str = "config", overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a Config from a plain dict (and overrides)."""
+    raw = dict(raw or {})
+    errors: list[str] = []
+    for override in overrides:
+        _apply_override(raw, override, errors)
+    cfg = _build(Config, raw, "", errors, where)
+    if not errors:
+        errors += _validate(cfg, where)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config; ``name`` defaults to the file's stem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, str(path), overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
