@@ -1,7 +1,16 @@
-"""Shared fixtures: tiny models and candidates for core tests."""
-import pytest
-import torch
-from torch import nn
+"""Shared fixtures: tiny models and candidates, and a local Ray."""
+import os
+
+# Ray reads these when it is imported: keep every Ray test on the loopback, quiet.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def tiny_mlp(seed: int = 0, bn: bool = False) -> nn.Module:
@@ -25,3 +34,15 @@ def perturbed_candidates(model: nn.Module, n: int, seed: int = 1, spread: float 
     gen = torch.Generator().manual_seed(seed)
     base = flatten_params(model)
     return base + spread * torch.randn(n, base.numel(), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 127.0.0.1 with 2 CPUs for one test module, shut down afterwards."""
+    from twa_ray.ray_env import init_ray
+
+    import ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Ray Train layers: base training (data parallel) and sharded TWA (column shards)."""
