@@ -97,6 +97,9 @@ class TWAConfig:
     granularity: str = "tensor"
     basis: str = "normalized"
     data: str = "train"  # "train" (TWA-t) or "val" (TWA-v)
+    # TWA-v: share of the val split held back from coefficient training to select on
+    # (Tune); TWA-t selects on the whole val split.
+    select_ratio: float = 0.0
     epochs: int = 2
     lr: float = 0.1
     optimizer: str = "sgd"
@@ -113,6 +116,8 @@ class TWAConfig:
     bn_batches: int | None = None  # batches used to recalibrate BatchNorm (None: one epoch)
     max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
     checkpoint_every_steps: int | None = None  # besides each epoch
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
 
 
 @dataclass
@@ -297,6 +302,7 @@ def _validate(cfg: Config, where: str) -> list[str]:
         cfg.twa.candidates_per_round is None or cfg.twa.candidates_per_round >= 2,
         "twa.candidates_per_round", f"{cfg.twa.candidates_per_round} is not >= 2 (a subspace needs two candidates)",
     )
+    check(0.0 <= cfg.twa.select_ratio < 1.0, "twa.select_ratio", f"{cfg.twa.select_ratio} is not in [0, 1)")
     check(cfg.data.batch_size >= 1, "data.batch_size", f"{cfg.data.batch_size} is not >= 1")
     return errors
 

@@ -11,7 +11,7 @@ Public names:
 - ``ScheduleSpec``, ``lr_factor``, ``make_optimizer``: schedules and optimizers.
 """
 from .baselines import apply_swa, has_batchnorm, recalibrate_bn, swa_vector
-from .blocks import Blocks, block_bytes, make_blocks, parse_granularity, shard_blocks
+from .blocks import Blocks, ShardPlan, block_bytes, make_blocks, parse_granularity, plan_shards, shard_blocks
 from .collectives import Collectives, LocalCollectives
 from .params import ParamLayout, assign_flat, flatten_grads, flatten_params, flatten_state, unflatten
 from .projection import Projection, build_projection
@@ -22,7 +22,7 @@ from .twa import TWA
 
 __all__ = [
     "BASES", "BITS", "Blocks", "Collectives", "LocalCollectives", "OPTIMIZERS", "ParamLayout",
-    "Projection", "SCHEDULES", "ScheduleSpec", "TWA", "apply_swa", "assign_flat", "block_bytes",
+    "Projection", "SCHEDULES", "ScheduleSpec", "ShardPlan", "TWA", "plan_shards", "apply_swa", "assign_flat", "block_bytes",
     "build_basis", "build_projection", "check_basis", "check_bits", "dequantize", "flatten_grads",
     "flatten_params", "flatten_state", "has_batchnorm", "lr_factor", "make_blocks",
     "make_optimizer", "make_scheduler", "pack_bits", "packed_bytes", "parse_granularity",

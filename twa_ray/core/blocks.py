@@ -120,3 +120,27 @@ def shard_blocks(sizes: Sequence[int], bits: int, world_size: int) -> list[tuple
     runs = fill(lo)
     assert runs is not None
     return runs
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What each of ``world_size`` ranks owns: blocks, coordinates and parameter tensors."""
+
+    block_runs: tuple[tuple[int, int], ...]  # (l0, l1) per rank
+    ranges: tuple[tuple[int, int], ...]  # coordinates [start, end) per rank
+    tensor_runs: tuple[tuple[int, int], ...]  # parameter tensors [t0, t1) per rank
+
+    def shard_bytes(self, blocks: Blocks, bits: int, num_candidates: int) -> list[int]:
+        """Projection bytes each rank holds: n x sum of its blocks' ceil(m*b/8)."""
+        sizes = blocks.sizes
+        return [num_candidates * sum(block_bytes(m, bits) for m in sizes[a:b]) for a, b in self.block_runs]
+
+
+def plan_shards(blocks: Blocks, bits: int, world_size: int) -> ShardPlan:
+    """Column shards for ``world_size`` workers: consecutive whole blocks balanced by bytes."""
+    runs = shard_blocks(blocks.sizes, bits, world_size)
+    return ShardPlan(
+        block_runs=tuple(runs),
+        ranges=tuple((blocks.starts[a], blocks.ends[b - 1]) for a, b in runs),
+        tensor_runs=tuple((blocks.tensor_ranges[a][0], blocks.tensor_ranges[b - 1][1]) for a, b in runs),
+    )

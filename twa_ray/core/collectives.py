@@ -16,8 +16,12 @@ class Collectives(Protocol):
     world_size: int
     ranges: Sequence[tuple[int, int]]
 
-    def reduce_scatter_mean(self, flat: torch.Tensor) -> torch.Tensor:
-        """(D,) local vector -> (end_r - start_r,) mean over ranks of this rank's range."""
+    def reduce_scatter_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """(D,) local vector -> (end_r - start_r,) sum over ranks of this rank's range.
+
+        Workers scale their local loss by local/global batch size, so the sum is the
+        gradient of the global batch's mean loss.
+        """
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over ranks (in place where possible; returns the result)."""
@@ -35,7 +39,7 @@ class LocalCollectives:
     def __init__(self, num_params: int) -> None:
         self.ranges = [(0, num_params)]
 
-    def reduce_scatter_mean(self, flat: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter_sum(self, flat: torch.Tensor) -> torch.Tensor:
         return flat
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

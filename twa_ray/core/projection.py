@@ -256,7 +256,11 @@ def build_projection(
     bits: int,
     all_reduce=None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    center: torch.Tensor | None = None,
 ) -> Projection:
-    """Candidates (n, m) for a run of blocks -> its Projection. ``candidates`` is overwritten."""
-    center, u = build_basis(candidates, sizes, basis, all_reduce)
+    """Candidates (n, m) for a run of blocks -> its Projection. ``candidates`` is overwritten.
+
+    ``all_reduce`` and ``center`` are passed to ``build_basis``.
+    """
+    center, u = build_basis(candidates, sizes, basis, all_reduce, center)
     return Projection.from_basis(center, u, sizes, bits, max_chunk_bytes)

@@ -38,12 +38,16 @@ def check_basis(basis: str) -> str:
     return basis
 
 
-def center_and_directions(w: torch.Tensor) -> torch.Tensor:
+def center_and_directions(w: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
     """Turn candidates (n, m) into directions in place; return the center (m,).
 
-    The mean is accumulated in float64 so duplicates of the center give exact zeros.
+    The center is the mean (accumulated in float64, so duplicates of the center give
+    exact zeros) unless one is given, e.g. the previous round's solution.
     """
-    center = (w.sum(dim=0, dtype=torch.float64) / max(1, w.shape[0])).float()
+    if center is None:
+        center = (w.sum(dim=0, dtype=torch.float64) / max(1, w.shape[0])).float()
+    else:
+        center = center.to(w.device, torch.float32).clone()
     w.sub_(center)
     return center
 
@@ -124,17 +128,19 @@ def build_basis(
     sizes: Sequence[int],
     basis: str,
     all_reduce: AllReduce | None = None,
+    center: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates (n, m) -> (center (m,), basis (n, m)); ``w`` is overwritten by the basis.
 
     ``sizes`` are the block sizes of this run of blocks. ``all_reduce`` sums a tensor
     over the shards of a sharded model (needed by ``orthonormal-global`` only; None
-    means this run of blocks is the whole model).
+    means this run of blocks is the whole model). ``center`` (m,) replaces the mean as
+    the origin (X = 0), e.g. the previous round's solution when candidates come in rounds.
     """
     check_basis(basis)
     if sum(sizes) != w.shape[1]:
         raise ValueError(f"block sizes sum to {sum(sizes)}, candidates have {w.shape[1]} columns")
-    center = center_and_directions(w)
+    center = center_and_directions(w, center)
     refs = _block_ref_norms(center, w, sizes)
     if basis == "normalized":
         for (a, b), ref in zip(_segments(sizes), refs):

@@ -6,7 +6,7 @@
 One ``step()`` after ``loss.backward()``:
 
 1. g = the model's gradient (D,)
-2. reduce-scatter g                          -> mean gradient on this rank's range
+2. reduce-scatter g                          -> global gradient on this rank's range
 3. G_r = Q[:, S_r] g[S_r]                    -> all-reduce (n x L numbers)
 4. optimizer step on X (identical on every rank)
 5. w[S_r] = c[S_r] + Q[:, S_r]^T X           -> all-gather -> model parameters
@@ -126,7 +126,7 @@ class TWA:
     def coefficient_grad(self) -> torch.Tensor:
         """The coefficient gradient G (n, L) of the gradient now in the model (steps 1-3)."""
         g = flatten_grads(self.model, self._grad)
-        g_own = self.comm.reduce_scatter_mean(g)
+        g_own = self.comm.reduce_scatter_sum(g)
         grad = torch.zeros_like(self.X)
         l0, l1 = self.block_range
         grad[:, l0:l1] = self.projection.coef_grad(g_own)
@@ -137,8 +137,14 @@ class TWA:
         return self.comm.all_reduce_sum(grad)
 
     def step(self) -> None:
-        """Update X from the model's current gradient and move the model to w(X)."""
+        """Update X from the model's current gradient and move the model to w(X).
+
+        A non-finite coefficient gradient (the loss became NaN or Inf) raises
+        FloatingPointError naming the step, with X and the model left unchanged.
+        """
         grad = self.coefficient_grad()
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(f"TWA step {self.num_steps}: the coefficient gradient is not finite (loss NaN or Inf?)")
         self.X.grad = grad
         self.optimizer.step()
         self.scheduler.step()

@@ -1,0 +1,50 @@
+"""Config -> datasets and model: the one place that maps config sections to builders."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .config import Config
+from .data import DataSplits, build_splits
+from .models import build_model
+
+
+def splits_from_config(cfg: Config, root_base: str | Path | None = None) -> DataSplits:
+    """The train/val/test splits ``cfg.data`` describes; a relative ``data.root`` is
+    resolved against ``root_base`` (the driver's cwd, for Ray workers)."""
+    d = cfg.data
+    root = Path(d.root)
+    if root_base is not None and not root.is_absolute():
+        root = Path(root_base) / root
+    return build_splits(
+        d.name, root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
+        synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
+        limit_train=d.limit_train, limit_test=d.limit_test,
+    )
+
+
+def model_from_config(cfg: Config, splits: DataSplits) -> nn.Module:
+    """The model ``cfg.model`` names, shaped for the dataset of ``splits``."""
+    return build_model(cfg.model.name, splits.num_classes, splits.in_channels, splits.image_size, **cfg.model.kwargs)
+
+
+def twa_datasets(cfg: Config, splits: DataSplits) -> tuple[Dataset, Dataset | None]:
+    """(data TWA trains its coefficients on, data to select on or None).
+
+    TWA-t trains on the train split and selects on val. TWA-v trains on val minus a
+    seeded ``twa.select_ratio`` share, which it selects on. The test split is never here.
+    """
+    if cfg.twa.data == "train":
+        return splits.train, (splits.val if len(splits.val) else None)
+    if cfg.twa.select_ratio <= 0:
+        return splits.val, None
+    n = len(splits.val)
+    n_select = round(cfg.twa.select_ratio * n)
+    if n_select == 0 or n_select == n:
+        raise ValueError(f"twa.select_ratio={cfg.twa.select_ratio} leaves an empty part of the {n}-example val split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
+    return Subset(splits.val, sorted(perm[n_select:])), Subset(splits.val, sorted(perm[:n_select]))
