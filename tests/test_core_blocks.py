@@ -61,3 +61,16 @@ def test_shard_balance_is_optimal_against_brute_force():
             )
             runs = shard_blocks(sizes, bits, k)
             assert max(sum(w[a:b]) for a, b in runs) == best
+
+
+def test_shard_plan_maps_blocks_to_coordinates_and_tensors():
+    from twa_ray.core import plan_shards
+
+    numels = [10, 5, 30, 2, 50, 8]
+    blocks = make_blocks(numels, "size:12")  # tensors (0,2) (2,3) (3,5) (5,6)
+    plan = plan_shards(blocks, 32, 2)
+    assert plan.ranges[0][0] == 0 and plan.ranges[-1][1] == sum(numels)
+    assert plan.ranges[0][1] == plan.ranges[1][0]
+    for (t0, t1), (s, e) in zip(plan.tensor_runs, plan.ranges):
+        assert sum(numels[:t0]) == s and sum(numels[:t1]) == e
+    assert sum(plan.shard_bytes(blocks, 4, 3)) == 3 * sum(block_bytes(m, 4) for m in blocks.sizes)
