@@ -29,6 +29,7 @@ monitoring (val_acc, val_loss); it trains nothing here. The test split is never 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -221,7 +222,14 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     tc = cfg.train
 
-    splits = _build_splits(cfg)
+    if cfg.data.download and world > 1:  # one download per node, then the others read it
+        if ctx.get_local_rank() == 0:
+            splits = _build_splits(cfg)
+        _barrier(device)
+        if ctx.get_local_rank() != 0:
+            splits = _build_splits(cfg)
+    else:
+        splits = _build_splits(cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_model(cfg.model.name, splits.num_classes, splits.in_channels, splits.image_size, **cfg.model.kwargs)
     if cfg.model.sync_bn and world > 1:
@@ -259,7 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
         del state
     criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, reduction="sum")
 
-    writer = _CandidateWriter(cfg, net, splits, steps_per_epoch) if rank == 0 else None
+    writer = _CandidateWriter(cfg, net, splits, steps_per_epoch, resumed=checkpoint is not None) if rank == 0 else None
     if rank == 0:
         log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
                  world, device, num_train, steps_per_epoch, start_epoch, tc.epochs, tc.schedule_epochs)
@@ -325,7 +333,7 @@ def _build_splits(cfg: Config) -> DataSplits:
     d = cfg.data
     return build_splits(
         d.name, d.root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
-        synthetic=config_to_dict(cfg)["data"]["synthetic"] if d.name == "synthetic" else None,
+        synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
         limit_train=d.limit_train, limit_test=d.limit_test,
     )
 
@@ -339,7 +347,7 @@ def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:
 class _CandidateWriter:
     """Rank 0's writes into the candidate store; skips steps the store already holds (resume)."""
 
-    def __init__(self, cfg: Config, net: nn.Module, splits: DataSplits, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, net: nn.Module, splits: DataSplits, steps_per_epoch: int, resumed: bool) -> None:
         meta = {
             "config": config_to_dict(cfg), "stage": STAGE, "model": cfg.model.name, "dataset": cfg.data.name,
             "num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size,
@@ -349,6 +357,12 @@ class _CandidateWriter:
         self.save_from_epoch = cfg.train.save_from_epoch
         self.saved_steps = {c.info.get("step") for c in self.store.list_candidates()
                             if c.info.get("stage", STAGE) == STAGE}
+        later = [s for s in self.saved_steps if isinstance(s, int) and s > 0]
+        if not resumed and later:
+            log.warning("store %s already holds base-training candidates up to step %d while this run starts "
+                        "without a checkpoint: they are kept and those steps are not written again (expected "
+                        "when a restarted group replays its first epoch; for a new experiment use a new "
+                        "output_dir or store)", self.store.uri, max(later))
 
     def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict) -> None:
         epoch = step / self.steps_per_epoch  # float for candidates inside an epoch
@@ -372,6 +386,17 @@ def _val_metrics(net: nn.Module, splits: DataSplits, rank: int, world: int, devi
         sums = torch.tensor([res.loss * res.count, res.accuracy * res.count / 100.0, res.count], dtype=torch.float64)
     sums = _all_reduce_sum(sums)
     return {"val_loss": float(sums[0] / sums[2]), "val_acc": float(100.0 * sums[1] / sums[2])}
+
+
+def _barrier(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

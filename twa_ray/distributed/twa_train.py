@@ -214,7 +214,8 @@ class TWAResult:
     block_names: list[str]
     history: list[dict] = field(default_factory=list)
     projection_bytes: list[int] = field(default_factory=list)  # per worker
-    time_s: float = 0.0
+    time_s: float = 0.0  # inside the workers (set-up and training)
+    wall_time_s: float = 0.0  # the driver's TorchTrainer.fit, start-up included
 
 
 def chosen_candidates(cfg: Config, store: CandidateStore) -> list[int]:
@@ -283,7 +284,9 @@ def run_twa(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+    started = time.perf_counter()
     result = trainer.fit()
+    wall = time.perf_counter() - started
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as folder:
@@ -291,5 +294,5 @@ def run_twa(
     return TWAResult(
         weights=final["weights"], coefficients=final["coefficients"], rounds=final["rounds"],
         block_names=final["block_names"], history=final["history"],
-        projection_bytes=final["projection_bytes"], time_s=final["time_s"],
+        projection_bytes=final["projection_bytes"], time_s=final["time_s"], wall_time_s=wall,
     )
