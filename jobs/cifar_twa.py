@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from twa_ray.config import config_to_dict, load_config  # noqa: E402
+from twa_ray.config import ConfigError, config_to_dict, load_config  # noqa: E402
 from twa_ray.pipeline import (  # noqa: E402
     candidate_curve,
     ensure_candidates,
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides a.b=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     run_dir = prepare_run_dir(cfg, force=args.force)
 
     init_ray()

@@ -23,7 +23,7 @@ def splits_from_config(cfg: Config, root_base: str | Path | None = None) -> Data
     return build_splits(
         d.name, root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
         synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
-        limit_train=d.limit_train, limit_test=d.limit_test,
+        limit_train=d.limit_train, limit_val=d.limit_val, limit_test=d.limit_test,
     )
 
 

@@ -48,6 +48,7 @@ class DataConfig:
     eval_batch_size: int = 512
     loader_workers: int = 0
     limit_train: int | None = None  # first K training examples only (quick runs)
+    limit_val: int | None = None
     limit_test: int | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -66,6 +67,8 @@ class TrainConfig:
     epochs: int = 10  # epochs actually run
     budget_epochs: int | None = None  # the full budget the schedule is laid out for (default: epochs)
     workers: int = 1
+    cpus_per_worker: float | None = None  # None: a single node's CPUs shared by the workers
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     optimizer: str = "sgd"
     lr: float = 0.05

@@ -67,3 +67,21 @@ def cluster_cpus() -> float:
     import ray
 
     return ray.cluster_resources().get("CPU", 1)
+
+
+def worker_runtime_env() -> dict:
+    """Let Ray workers import twa_ray when the driver found it in a source checkout.
+
+    Ray puts the driver's cwd (or a job's working_dir) on the workers' sys.path; a driver
+    started elsewhere (``python /path/to/jobs/x.py``) needs the checkout on PYTHONPATH.
+    """
+    from pathlib import Path
+
+    import ray
+
+    root = str(Path(__file__).resolve().parents[1])  # the folder holding the twa_ray package
+    if (os.path.basename(root) in ("site-packages", "dist-packages") or os.path.abspath(os.getcwd()) == root
+            or ray.get_runtime_context().runtime_env.get("working_dir")):
+        return {}
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}

@@ -29,7 +29,6 @@ monitoring (val_acc, val_loss); it trains nothing here. The test split is never 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -44,9 +43,9 @@ from torch.utils.data import Subset
 
 from ..config import Config, config_from_dict, config_to_dict
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
-from ..data import DataSplits, build_splits
+from ..builders import model_from_config, splits_from_config
+from ..data import DataSplits
 from ..evaluation import evaluate
-from ..models import build_model
 from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
@@ -55,7 +54,6 @@ from .checkpoints import load_ray_checkpoint, ray_checkpoint
 log = logging.getLogger(__name__)
 
 STAGE = "base_train"
-MAX_FAILURES = 2  # worker-group restarts per run (plain bugs are retried too: keep it small)
 CHECKPOINTS_TO_KEEP = 2
 
 
@@ -109,12 +107,12 @@ def run_base_training(
 
     Ray must be initialised (``twa_ray.ray_env.init_ray``). Raises ``ConfigError`` for an
     invalid config and Ray's ``TrainingFailedError`` when the workers fail more than
-    ``MAX_FAILURES`` times.
+    ``train.max_failures`` times.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..ray_env import cluster_has_gpus
+    from ..ray_env import cluster_has_gpus, worker_runtime_env
 
     raw = config_to_dict(cfg)
     run_dir = _absolute(cfg.run_dir)
@@ -130,6 +128,8 @@ def run_base_training(
     storage = _absolute(storage_path or os.path.join(run_dir, "ray"))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_has_gpus()
     workers = cfg.train.workers
+    if cpus_per_worker is None:
+        cpus_per_worker = cfg.train.cpus_per_worker
     cpus = cpus_per_worker if cpus_per_worker is not None else _default_cpus_per_worker(workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -139,9 +139,9 @@ def run_base_training(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
-            worker_runtime_env=_worker_runtime_env(),
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     log.info("base training %s: %d worker(s) x %s CPU%s, %d epochs of a %d-epoch schedule, store %s",
@@ -179,22 +179,6 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def _worker_runtime_env() -> dict:
-    """Let workers import twa_ray when the driver found it in a source checkout Ray does not ship.
-
-    Ray puts the driver's cwd (or a job's working_dir) on the workers' sys.path; a driver
-    started elsewhere (``python /path/to/jobs/x.py``) needs the checkout on PYTHONPATH.
-    """
-    import ray
-
-    root = str(Path(__file__).resolve().parents[2])  # the folder holding the twa_ray package
-    if (os.path.basename(root) in ("site-packages", "dist-packages") or os.path.abspath(os.getcwd()) == root
-            or ray.get_runtime_context().runtime_env.get("working_dir")):
-        return {}
-    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
-
-
 def _default_cpus_per_worker(workers: int) -> float:
     """A single node's CPUs shared by the workers (whole CPUs when enough); 1 on a multi-node cluster."""
     import ray
@@ -224,14 +208,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     if cfg.data.download and world > 1:  # one download per node, then the others read it
         if ctx.get_local_rank() == 0:
-            splits = _build_splits(cfg)
+            splits = splits_from_config(cfg)
         _barrier(device)
         if ctx.get_local_rank() != 0:
-            splits = _build_splits(cfg)
+            splits = splits_from_config(cfg)
     else:
-        splits = _build_splits(cfg)
+        splits = splits_from_config(cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = build_model(cfg.model.name, splits.num_classes, splits.in_channels, splits.image_size, **cfg.model.kwargs)
+    net = model_from_config(cfg, splits)
     if cfg.model.sync_bn and world > 1:
         if device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
             if rank == 0:
@@ -327,15 +311,6 @@ def train_loop_per_worker(config: dict) -> None:
                           "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step}
         with ray_checkpoint(ckpt_state, {"epoch": epoch, "step": step, "history": history}) as ckpt:
             ray.train.report(metrics, checkpoint=ckpt)  # every rank, once per epoch
-
-
-def _build_splits(cfg: Config) -> DataSplits:
-    d = cfg.data
-    return build_splits(
-        d.name, d.root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
-        synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
-        limit_train=d.limit_train, limit_test=d.limit_test,
-    )
 
 
 def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:

@@ -70,12 +70,12 @@ def evaluate_on_ray(
     """``evaluate_sources`` in a Ray task (on a GPU when the cluster has one)."""
     import ray
 
-    from ..ray_env import cluster_has_gpus
+    from ..ray_env import cluster_has_gpus, worker_runtime_env
 
     def task(cfg_dict, sources, store_uri, cwd, keep_state):
         logging.basicConfig(level=logging.INFO)
         return evaluate_sources(config_from_dict(cfg_dict), sources, store_uri, cwd, keep_state)
 
     resources = {"num_gpus": 1} if cluster_has_gpus() else {"num_cpus": 1}
-    remote = ray.remote(**resources)(task)
+    remote = ray.remote(**resources, runtime_env=worker_runtime_env() or None)(task)
     return ray.get(remote.remote(config_to_dict(cfg), sources, store_uri, cwd, keep_state))

@@ -252,7 +252,7 @@ def run_twa(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..ray_env import cluster_has_gpus
+    from ..ray_env import cluster_has_gpus, worker_runtime_env
 
     store_uri = store_uri or cfg.store_uri
     if "://" not in store_uri:
@@ -281,6 +281,7 @@ def run_twa(
         run_config=RunConfig(
             name=run_name or twa_run_name(cfg, store_uri, candidates), storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.twa.max_failures), callbacks=callbacks,
+            worker_runtime_env=worker_runtime_env(),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
