@@ -20,7 +20,9 @@ from twa_ray.pipeline import (  # noqa: E402
     candidate_curve,
     ensure_candidates,
     evaluate_run,
+    finished_run,
     prepare_run_dir,
+    record_config,
     twa_summary,
 )
 from twa_ray.ray_env import init_ray  # noqa: E402
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     run_dir = prepare_run_dir(cfg, force=args.force)
+    if finished_run(cfg, run_dir):
+        print(f"run folder: {run_dir} (already complete for this config; --force starts afresh)")
+        return 0
+    record_config(cfg, run_dir)
 
     init_ray()
     from twa_ray.distributed.base_train import run_full_budget_training

@@ -130,6 +130,46 @@ class DebugConfig:
 
 
 @dataclass
+class AshaConfig:
+    enabled: bool = True
+    grace_period: int = 1  # epochs before a trial may be stopped
+    reduction_factor: int = 2
+
+
+@dataclass
+class TuneConfig:
+    """A Ray Tune sweep over TWA settings (jobs/tune_twa.py).
+
+    ``space`` maps dotted config keys (e.g. ``twa.lr``, ``twa.candidates``) to one of
+    ``{grid: [...]}``, ``{choice: [...]}``, ``{loguniform: [low, high]}``,
+    ``{uniform: [low, high]}``.
+    """
+
+    space: dict = field(default_factory=dict)
+    num_samples: int = 1  # samples of the random keys (each grid point runs this often)
+    metric: str = "select_acc"  # reported each TWA epoch on data that trained nothing
+    mode: str = "max"
+    max_concurrent_trials: int | None = None  # None: as many as the CPUs (or GPUs) allow
+    trial_cpus: float = 0.1  # the trial's driver function; its TWA workers take twa.cpus_per_worker
+    asha: AshaConfig = field(default_factory=AshaConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """Make fine-tuned models for a soup: pretrain once, fine-tune N copies (jobs/soup_twa.py)."""
+
+    pretrain_epochs: int = 2
+    pretrain_classes: list[int] | None = None  # pretrain on these classes only (None: all)
+    num_models: int = 8
+    epochs: int = 2
+    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03])
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 5e-4])
+    augment: list[bool] = field(default_factory=lambda: [True, False])
+    label_smoothing: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    max_concurrent: int | None = None  # fine-tuning runs at a time (None: what the CPUs allow)
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str | None = None  # default runs/<name>
@@ -141,6 +181,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     twa: TWAConfig = field(default_factory=TWAConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    checkpoints_dir: str | None = None  # soups: a folder of fine-tuned checkpoints
+    finetune: FinetuneConfig | None = None  # soups: make the fine-tuned models first
 
     @property
     def run_dir(self) -> str:
@@ -306,6 +349,7 @@ def _validate(cfg: Config, where: str) -> list[str]:
         "twa.candidates_per_round", f"{cfg.twa.candidates_per_round} is not >= 2 (a subspace needs two candidates)",
     )
     check(0.0 <= cfg.twa.select_ratio < 1.0, "twa.select_ratio", f"{cfg.twa.select_ratio} is not in [0, 1)")
+    check(cfg.tune.mode in ("max", "min"), "tune.mode", f"{cfg.tune.mode!r} is not 'max' or 'min'")
     check(cfg.data.batch_size >= 1, "data.batch_size", f"{cfg.data.batch_size} is not >= 1")
     return errors
 

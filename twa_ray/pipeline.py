@@ -1,6 +1,7 @@
 """The stages of the main job, as library calls the job script strings together."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from .config import Config, config_to_dict
 from .distributed.evaluate import Evaluated, evaluate_on_ray
+from .run_folder import write_json
 from .store import CandidateStore
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,22 @@ def prepare_run_dir(cfg: Config, force: bool = False) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def finished_run(cfg: Config, run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a complete run (summary.json) of exactly this config."""
+    summary, recorded = run_dir / "summary.json", run_dir / "config.json"
+    if not (summary.exists() and recorded.exists()):
+        return False
+    try:
+        return json.loads(recorded.read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
+    except ValueError:
+        return False
+
+
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """The config a run folder was made with (compared by ``finished_run``)."""
+    write_json(run_dir / "config.json", config_to_dict(cfg))
 
 
 def _candidate_settings(raw: dict) -> dict:

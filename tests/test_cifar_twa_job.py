@@ -1,0 +1,99 @@
+"""The main job end to end on a tiny synthetic config (its own local Ray in a subprocess)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from twa_ray.builders import model_from_config, splits_from_config
+from twa_ray.config import load_config
+from twa_ray.evaluation import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+TINY = """\
+# run: python jobs/cifar_twa.py --config {path}
+output_dir: {out}
+seed: 1
+data: {{name: synthetic, val_ratio: 0.2, batch_size: 32,
+        synthetic: {{num_train: 200, num_test: 100, num_classes: 3, channels: 1, image_size: 8}}}}
+model: {{name: small_cnn, kwargs: {{widths: [4, 8, 8]}}}}
+train: {{epochs: 2, budget_epochs: 4, lr: 0.05, schedule: cosine}}
+twa: {{epochs: 2, bits: 4, lr: 0.3, workers: 1}}
+"""
+
+
+def run_job(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "cifar_twa.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    config = tmp / "tiny.yaml"
+    config.write_text(TINY.format(path=config, out=tmp / "run"))
+    proc = run_job("--config", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return config, tmp / "run", proc
+
+
+def test_job_writes_every_file(finished):
+    _, run, proc = finished
+    assert f"run folder: {run}" in proc.stdout
+    for name in ["summary.json", "metrics.parquet", "coefficients.parquet", "model.pt",
+                 "plots/accuracy.png", "plots/coefficients.png", "config.json"]:
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ["dataset", "model", "num_candidates", "bits", "granularity", "basis", "twa_data", "workers",
+                "test_acc", "time_s", "projection_bytes_per_worker"]:
+        assert key in summary, key
+    assert summary["num_candidates"] == 3 and summary["bits"] == 4 and summary["twa_data"] == "train"
+    assert set(summary["test_acc"]) == {"last", "swa", "twa", "full_budget"}
+    assert summary["test_acc"]["full_budget"] is None
+    assert all(0 <= summary["test_acc"][k] <= 100 for k in ("last", "swa", "twa"))
+    assert set(summary["time_s"]) >= {"base_train", "twa", "full_budget"}
+    assert len(summary["projection_bytes_per_worker"]) == 1 and summary["projection_bytes_per_worker"][0] > 0
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert {m["stage"] for m in metrics} == {"base_train", "twa"}
+    assert len([m for m in metrics if m["stage"] == "twa"]) == 2
+    coefs = pq.read_table(run / "coefficients.parquet").to_pylist()
+    assert [c["candidate"] for c in coefs] == [0, 1, 2]
+    assert (run / "plots" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_pt_reproduces_the_reported_accuracy(finished):
+    config, run, _ = finished
+    cfg = load_config(config)
+    splits = splits_from_config(cfg)
+    model = model_from_config(cfg, splits)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    acc = evaluate(model, splits.test).accuracy
+    summary = json.loads((run / "summary.json").read_text())
+    assert acc == pytest.approx(summary["test_acc"]["twa"], abs=1e-9)
+
+
+def test_rerun_reuses_the_finished_run(finished):
+    config, run, _ = finished
+    before = (run / "summary.json").stat().st_mtime_ns
+    proc = run_job("--config", str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already complete" in proc.stdout
+    assert (run / "summary.json").stat().st_mtime_ns == before
+
+
+def test_bad_config_is_named(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("twa: {bits: 3}\n")
+    proc = run_job("--config", str(config))
+    assert proc.returncode == 2
+    assert "twa.bits: 3 is not one of" in proc.stderr and "Traceback" not in proc.stderr
