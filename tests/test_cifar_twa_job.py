@@ -74,7 +74,7 @@ def test_job_writes_every_file(finished):
 def test_model_pt_reproduces_the_reported_accuracy(finished):
     config, run, _ = finished
     cfg = load_config(config)
-    splits = splits_from_config(cfg)
+    splits = splits_from_config(cfg, include_test=True)
     model = model_from_config(cfg, splits)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
     acc = evaluate(model, splits.test).accuracy

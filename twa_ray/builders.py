@@ -10,21 +10,33 @@ from torch.utils.data import Dataset, Subset
 
 from .config import Config
 from .data import DataSplits, build_splits
+from .data.sealed import SealedSplit, record_test_read
 from .models import build_model
 
 
-def splits_from_config(cfg: Config, root_base: str | Path | None = None) -> DataSplits:
+def splits_from_config(
+    cfg: Config, root_base: str | Path | None = None, include_test: bool = False, reason: str = "evaluation"
+) -> DataSplits:
     """The train/val/test splits ``cfg.data`` describes; a relative ``data.root`` is
-    resolved against ``root_base`` (the driver's cwd, for Ray workers)."""
+    resolved against ``root_base`` (the driver's cwd, for Ray workers).
+
+    The test split is sealed (any read raises) unless ``include_test``: only the final
+    evaluation asks for it, and each such read is recorded (``data.sealed``).
+    """
     d = cfg.data
     root = Path(d.root)
     if root_base is not None and not root.is_absolute():
         root = Path(root_base) / root
-    return build_splits(
+    splits = build_splits(
         d.name, root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
         synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
         limit_train=d.limit_train, limit_val=d.limit_val, limit_test=d.limit_test,
     )
+    if include_test:
+        record_test_read(reason)
+    else:
+        splits.test = SealedSplit(len(splits.test))
+    return splits
 
 
 def model_from_config(cfg: Config, splits: DataSplits) -> nn.Module:

@@ -48,7 +48,7 @@ def evaluate_sources(
 ) -> dict[str, Evaluated]:
     """Evaluate each named source on the test split (in this process)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = splits_from_config(cfg, cwd)
+    splits = splits_from_config(cfg, cwd, include_test=True, reason=f"test accuracy of {', '.join(sources)}")
     model = model_from_config(cfg, splits).to(device)
     store = CandidateStore.open(store_uri) if store_uri else None
     bn_loader = DataLoader(splits.train_eval, batch_size=cfg.data.eval_batch_size)
