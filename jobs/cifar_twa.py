@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from twa_ray.config import ConfigError, config_to_dict, load_config  # noqa: E402
 from twa_ray.pipeline import (  # noqa: E402
     candidate_curve,
+    check_inputs,
     ensure_candidates,
     evaluate_run,
     finished_run,
@@ -47,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     if finished_run(cfg, run_dir):
         print(f"run folder: {run_dir} (already complete for this config; --force starts afresh)")
         return 0
-    record_config(cfg, run_dir)
+    try:
+        check_inputs(cfg)
+        return run(cfg, run_dir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        log.debug("details", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
+
+def run(cfg, run_dir: Path) -> int:
     init_ray()
     from twa_ray.distributed.base_train import run_full_budget_training
     from twa_ray.distributed.twa_train import run_twa
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, summary, metrics, twa.coefficients, twa.rounds, twa.block_names,
         results["twa"].state_dict, candidate_curve(base.store_uri, results),
     )
+    record_config(cfg, run_dir)  # with summary.json: marks the run complete for this config
     log.info("test accuracy: last %.2f%%, SWA %.2f%%, TWA %.2f%%", *(summary["test_acc"][k] for k in ("last", "swa", "twa")))
     log.info("run folder: %s (config %s)", run_dir, config_to_dict(cfg)["name"])
     print(f"run folder: {run_dir}")

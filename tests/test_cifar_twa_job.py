@@ -97,3 +97,14 @@ def test_bad_config_is_named(tmp_path):
     proc = run_job("--config", str(config))
     assert proc.returncode == 2
     assert "twa.bits: 3 is not one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_and_empty_val_split_are_named(tmp_path):
+    config = tmp_path / "cifar.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{name: cifar10, root: {tmp_path / 'nowhere'}}}\n")
+    proc = run_job("--config", str(config))
+    assert proc.returncode == 1
+    assert str(tmp_path / "nowhere") in proc.stderr and "Traceback" not in proc.stderr
+    config.write_text(TINY.format(path=config, out=tmp_path / "run2") + "\n")
+    proc = run_job("--config", str(config), "data.val_ratio=0.001")
+    assert proc.returncode == 1 and "data.val_ratio" in proc.stderr and "Traceback" not in proc.stderr

@@ -110,3 +110,18 @@ def test_duplicates_are_dropped_by_orthonormal_bases():
 def test_bad_basis_named():
     with pytest.raises(ValueError, match="basis 'pca'"):
         build_basis(_cands(), SIZES, "pca")
+
+
+def test_coinciding_candidates_warn(caplog):
+    base = _cands(2, seed=4)
+    with caplog.at_level("WARNING", logger="twa_ray.core.subspace"):
+        build_basis(base[0].repeat(3, 1), SIZES, "normalized")
+    assert "all 3 candidates equal their center" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twa_ray.core.subspace"):
+        build_basis(torch.stack([base[0], base[0], base[1]]), SIZES, "normalized")
+    assert "identical" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twa_ray.core.subspace"):
+        build_basis(_cands(4), SIZES, "normalized")
+    assert caplog.text == ""

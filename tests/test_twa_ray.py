@@ -108,3 +108,15 @@ def test_too_few_candidates_and_too_many_workers(ray_local, tmp_path, store_uri)
         run_twa(_cfg(tmp_path, candidates="last:1"), store_uri)
     with pytest.raises(ValueError, match="twa.workers=2 is more than the 1 block"):
         run_twa(_cfg(tmp_path, workers=2, granularity="model"), store_uri)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(ray_local, tmp_path, store_uri):
+    from twa_ray.distributed.twa_train import STATE_FILE
+
+    cfg = _cfg(tmp_path / "nan", workers=1)
+    cfg.debug.nan_at_step = 5
+    with pytest.raises(FloatingPointError, match="TWA stopped at step 5") as err:
+        run_twa(cfg, store_uri)
+    path = str(err.value).rsplit(" in ", 1)[1]
+    state = torch.load(f"{path}/{STATE_FILE}", weights_only=True)
+    assert state["twa"]["num_steps"] == 5 and torch.isfinite(state["twa"]["X"]).all()

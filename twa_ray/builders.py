@@ -47,16 +47,20 @@ def model_from_config(cfg: Config, splits: DataSplits) -> nn.Module:
 def twa_datasets(cfg: Config, splits: DataSplits) -> tuple[Dataset, Dataset | None]:
     """(data TWA trains its coefficients on, data to select on or None).
 
-    TWA-t trains on the train split and selects on val. TWA-v trains on val minus a
-    seeded ``twa.select_ratio`` share, which it selects on. The test split is never here.
+    With ``twa.select_ratio`` > 0 a seeded share of the val split is held back for
+    selection: TWA-t trains on train, TWA-v on the rest of val, and both select on that
+    same share, so their selection metrics compare. With 0, TWA-t selects on all of val
+    and TWA-v (which trains on all of val) has nothing to select on. Test is never here.
     """
-    if cfg.twa.data == "train":
-        return splits.train, (splits.val if len(splits.val) else None)
+    train = splits.train if cfg.twa.data == "train" else splits.val
     if cfg.twa.select_ratio <= 0:
-        return splits.val, None
+        return train, (splits.val if cfg.twa.data == "train" and len(splits.val) else None)
     n = len(splits.val)
     n_select = round(cfg.twa.select_ratio * n)
     if n_select == 0 or n_select == n:
         raise ValueError(f"twa.select_ratio={cfg.twa.select_ratio} leaves an empty part of the {n}-example val split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
-    return Subset(splits.val, sorted(perm[n_select:])), Subset(splits.val, sorted(perm[:n_select]))
+    select = Subset(splits.val, sorted(perm[:n_select]))
+    if cfg.twa.data == "val":
+        train = Subset(splits.val, sorted(perm[n_select:]))
+    return train, select

@@ -100,8 +100,8 @@ class TWAConfig:
     granularity: str = "tensor"
     basis: str = "normalized"
     data: str = "train"  # "train" (TWA-t) or "val" (TWA-v)
-    # TWA-v: share of the val split held back from coefficient training to select on
-    # (Tune); TWA-t selects on the whole val split.
+    # share of the val split held back to select on (Tune): TWA-v trains on the rest;
+    # 0: TWA-t selects on all of val, TWA-v has no selection data
     select_ratio: float = 0.0
     epochs: int = 2
     lr: float = 0.1
@@ -127,6 +127,7 @@ class TWAConfig:
 class DebugConfig:
     fail_at_step: int | None = None  # one TWA worker fails once at this step (drills, tests)
     fail_at_epoch: int | None = None  # same for base training
+    nan_at_step: int | None = None  # the TWA loss becomes NaN at this step (drills, tests)
 
 
 @dataclass

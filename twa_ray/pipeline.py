@@ -29,6 +29,15 @@ def prepare_run_dir(cfg: Config, force: bool = False) -> Path:
     return run_dir
 
 
+def check_inputs(cfg: Config) -> None:
+    """Fail early, in the driver, with the data/model errors workers would hit: a missing
+    dataset (naming where it looked), a val_ratio giving an empty split, an unknown model."""
+    from .builders import model_from_config, splits_from_config
+
+    splits = splits_from_config(cfg)
+    model_from_config(cfg, splits)
+
+
 def finished_run(cfg: Config, run_dir: Path) -> bool:
     """True when ``run_dir`` holds a complete run (summary.json) of exactly this config."""
     summary, recorded = run_dir / "summary.json", run_dir / "config.json"

@@ -54,3 +54,24 @@ def _save(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(path: str | Path, rows: Sequence[dict], metric: str, x_key: str = "subspace_size", line_key: str = "twa.lr") -> None:
+    """Final selection metric against subspace size, one line per learning rate."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    lines: dict = {}
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        lines.setdefault(row.get(line_key), []).append((row[x_key], row[metric]))
+    for key, points in sorted(lines.items(), key=lambda kv: (kv[0] is None, kv[0])):
+        points.sort()
+        label = f"{line_key}={key:.3g}" if isinstance(key, float) else f"{line_key}={key}"
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+    ax.set_xlabel("subspace size (candidates)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)

@@ -46,7 +46,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         ray.init()
         return
     log.info("starting a local Ray on 127.0.0.1 (%s CPUs)", num_cpus or os.cpu_count())
-    kwargs = {"dashboard_host": "127.0.0.1"} if dashboard else {}
+    kwargs = {}
+    if dashboard:
+        # Ray's own actors (Train's placement-group cleaner, which frees the resources of
+        # an early-stopped Tune trial) find the State API through this variable; without
+        # it they guess, and fail when another Ray runs on the same machine.
+        port = _free_port()
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=dashboard,
@@ -55,6 +62,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         logging_level=logging.WARNING,
         **kwargs,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cluster_has_gpus() -> bool:

@@ -16,9 +16,12 @@ orthonormal bases) become zero rows: finite, and their coefficients get zero gra
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BASES = ("normalized", "orthonormal", "orthonormal-global")
 
@@ -123,6 +126,27 @@ def _block_ref_norms(center: torch.Tensor, d: torch.Tensor, sizes: Sequence[int]
     return refs
 
 
+def _warn_degenerate(d: torch.Tensor, center: torch.Tensor, sizes: Sequence[int]) -> None:
+    """Warn when candidates coincide: their directions are dropped (the result stays finite)."""
+    if d.shape[0] == 0 or d.shape[1] == 0:
+        return
+    zero = _norm(d) <= ZERO_RTOL * max(float(_norm(center[None])[0]), float(_norm(d).max()), 1e-30)
+    if bool(zero.all()):
+        log.warning("all %d candidates equal their center in these %d coordinates: TWA cannot move away "
+                    "from it (the result is the candidates' common value)", d.shape[0], d.shape[1])
+        return
+    if bool(zero.any()):
+        log.warning("candidate(s) %s equal the center: their directions are zero and stay unused",
+                    zero.nonzero().flatten().tolist())
+    rows = d[~zero]
+    gram = _gram(rows)
+    norms = gram.diagonal().sqrt()
+    cosine = gram / (norms[:, None] * norms[None, :])
+    same = (cosine > 1 - 1e-10).sum() - rows.shape[0]
+    if same > 0:
+        log.warning("%d pair(s) of candidates are identical up to scale: they add no direction", int(same) // 2)
+
+
 def build_basis(
     w: torch.Tensor,
     sizes: Sequence[int],
@@ -141,6 +165,7 @@ def build_basis(
     if sum(sizes) != w.shape[1]:
         raise ValueError(f"block sizes sum to {sum(sizes)}, candidates have {w.shape[1]} columns")
     center = center_and_directions(w, center)
+    _warn_degenerate(w, center, sizes)
     refs = _block_ref_norms(center, w, sizes)
     if basis == "normalized":
         for (a, b), ref in zip(_segments(sizes), refs):

@@ -153,10 +153,21 @@ def twa_train_loop(config: dict) -> None:
                     loss = nn.functional.cross_entropy(
                         model(x), y, reduction="sum", label_smoothing=cfg.twa.label_smoothing
                     ) / sampler.global_sizes[j]
+                    if cfg.debug.nan_at_step == r * steps_per_round + twa.num_steps:
+                        loss = loss * float("nan")  # drill: a loss that became NaN
                     loss.backward()
                     sums[0] += float(loss.detach()) * sampler.global_sizes[j]
                     sums[1] += len(y)
-                twa.step()
+                try:
+                    twa.step()
+                except FloatingPointError:
+                    # the gradient was all-reduced, so every rank stops here; X is still the
+                    # last good one: keep it as the checkpoint and end without retrying
+                    bad = r * steps_per_round + twa.num_steps
+                    if rank == 0:
+                        log.error("TWA step %d: the loss is not finite; stopping with the last good coefficients", bad)
+                    _report({"nonfinite_at_step": bad}, snapshot(epoch, state["batch"] + j) if rank == 0 else None)
+                    return
                 every = cfg.twa.checkpoint_every_steps
                 if every and twa.num_steps % every == 0 and j + 1 < len(sampler):
                     _report({"round": r, "epoch": epoch, "step": twa.num_steps},
@@ -290,6 +301,11 @@ def run_twa(
     wall = time.perf_counter() - started
     if result.error is not None:
         raise result.error
+    if result.metrics and result.metrics.get("nonfinite_at_step") is not None:
+        raise FloatingPointError(
+            f"TWA stopped at step {result.metrics['nonfinite_at_step']}: the loss became NaN or Inf "
+            f"(try a smaller twa.lr or twa.grad_clip); the last good coefficients are in {result.checkpoint.path}"
+        )
     with result.checkpoint.as_directory() as folder:
         final = torch.load(Path(folder) / FINAL_FILE, weights_only=True)
     return TWAResult(

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over TWA settings (``run_sweep``) and their search spaces."""
