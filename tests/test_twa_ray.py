@@ -120,3 +120,38 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(ray_local, tmp_path, store
     path = str(err.value).rsplit(" in ", 1)[1]
     state = torch.load(f"{path}/{STATE_FILE}", weights_only=True)
     assert state["twa"]["num_steps"] == 5 and torch.isfinite(state["twa"]["X"]).all()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
+def test_quickstart_one_and_two_workers_agree_on_test_accuracy(ray_local, tmp_path):
+    """The quickstart's model and data (fewer images and epochs): 1 and 2 TWA workers
+    reach test accuracies within 0.5 points (BatchNorm statistics differ per worker)."""
+    from pathlib import Path
+
+    from twa_ray.config import load_config
+    from twa_ray.distributed.evaluate import evaluate_sources
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [f"output_dir={tmp_path}", "data.limit_train=2048", "data.limit_val=500", "data.limit_test=2000",
+                 "twa.epochs=1", "twa.bits=4", "twa.cpus_per_worker=0.9"]
+    cfg = load_config(root / "configs" / "quickstart.yaml", overrides)
+    splits = splits_from_config(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, splits)
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=128, shuffle=True)
+    store.append_model(model, {"epoch": 0})
+    for epoch in range(3):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        store.append_model(model, {"epoch": epoch + 1})
+    accs = []
+    for workers in (1, 2):
+        cfg.twa.workers = workers
+        result = run_twa(cfg, store.uri)
+        accs.append(evaluate_sources(cfg, {"twa": result.weights}, cwd=str(root))["twa"].accuracy)
+    assert accs[0] > 60
+    assert abs(accs[0] - accs[1]) <= 0.5, accs

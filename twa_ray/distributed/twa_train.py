@@ -117,6 +117,8 @@ def twa_train_loop(config: dict) -> None:
         "coefficients": [], "history": [], "buffers": None, "done": False,
         "projection_bytes": [], "elapsed_s": 0.0,
     }
+    if state.get("data_seed", cfg.seed) != cfg.seed:
+        raise ValueError(f"the checkpoint was made with seed {state['data_seed']}, this run has seed {cfg.seed}")
     if state["buffers"] is not None:
         model.load_state_dict(state["buffers"], strict=False)
     started = time.time()
@@ -135,7 +137,7 @@ def twa_train_loop(config: dict) -> None:
         def snapshot(epoch: int, batch: int) -> dict:
             buffers = {k: v.cpu() for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
             return {**state, "round": r, "epoch": epoch, "batch": batch, "twa": twa.state_dict(), "buffers": buffers,
-                    "elapsed_s": state["elapsed_s"] + time.time() - started}
+                    "elapsed_s": state["elapsed_s"] + time.time() - started, "data_seed": cfg.seed}
 
         for epoch in range(state["epoch"], cfg.twa.epochs):
             t0 = time.time()
@@ -193,7 +195,7 @@ def twa_train_loop(config: dict) -> None:
 
     if not state["done"]:
         state.update(done=True, elapsed_s=state["elapsed_s"] + time.time() - started)
-    metrics = {**(state["history"][-1] if state["history"] else {}), "done": True}
+    metrics = {**(state["history"][-1] if state["history"] else {}), "twa_complete": True}  # not "done": Tune reads that key
     if rank == 0:
         final = {
             "weights": state["center"], "coefficients": state["coefficients"], "rounds": rounds,

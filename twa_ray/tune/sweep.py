@@ -86,7 +86,9 @@ def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
         scheduler = None
         if cfg.tune.asha.enabled:
             scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=max(1, max_epochs(cfg)),
+                # one report per TWA epoch (and round; at most one round per candidate): past
+                # the last one, so ASHA never cuts a trial that is finishing
+                time_attr="training_iteration", max_t=max_epochs(cfg) * len(CandidateStore.open(store_uri)) + 1,
                 grace_period=cfg.tune.asha.grace_period, reduction_factor=cfg.tune.asha.reduction_factor,
             )
         tuner = tune.Tuner(
@@ -107,7 +109,7 @@ def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
         history = result.metrics_dataframe
         metric_values = history[cfg.tune.metric].dropna().tolist() if history is not None and cfg.tune.metric in history else []
         metrics = result.metrics or {}
-        done = bool(metrics.get("done"))
+        done = bool(metrics.get("twa_complete"))
         trial_cfg = apply_params(config_to_dict(cfg), result.config)
         row = {
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
