@@ -46,3 +46,10 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def ray_subprocess_env(**extra: str) -> dict:
+    """Environment for a job subprocess that starts its own local Ray on the loopback."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env

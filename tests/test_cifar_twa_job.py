@@ -1,6 +1,5 @@
 """The main job end to end on a tiny synthetic config (its own local Ray in a subprocess)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import ray_subprocess_env
 from twa_ray.builders import model_from_config, splits_from_config
 from twa_ray.config import load_config
 from twa_ray.evaluation import evaluate
@@ -29,11 +29,9 @@ twa: {{epochs: 2, bits: 4, lr: 0.3, workers: 1}}
 
 
 def run_job(*args, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "cifar_twa.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd, env=ray_subprocess_env(), capture_output=True, text=True, timeout=600,
     )
 
 

@@ -1,6 +1,5 @@
 """`ray job submit` against a head started on 127.0.0.1, as a cluster user would run the job."""
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ray_subprocess_env
 from test_cifar_twa_job import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,7 @@ def _free_port() -> int:
 
 def test_ray_job_submit_runs_the_main_job(tmp_path):
     ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = ray_subprocess_env()
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.format(path=config, out=tmp_path / "run"))
     gcs, dashboard = _free_port(), _free_port()

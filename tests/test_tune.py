@@ -10,6 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ray_subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
@@ -33,10 +35,7 @@ tune:
 
 
 def _env(audit):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               TWA_RAY_TEST_AUDIT=str(audit))
-    return env
+    return ray_subprocess_env(TWA_RAY_TEST_AUDIT=str(audit))
 
 
 def _write_config(tmp, concurrency, asha):
