@@ -235,6 +235,9 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> An
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # X | None: X's own errors name the key inside
+            return _convert(value, others[0], key, errors, where)
         for arg in (a for a in args if a is not type(None)):
             sub: list[str] = []
             out = _convert(value, arg, key, sub, where)

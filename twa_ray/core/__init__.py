@@ -8,6 +8,7 @@ Public names:
 - ``quantize`` / ``pack_bits`` / ``unpack_bits``: b-bit quantisation with true packing.
 - ``ParamLayout``, ``flatten_params``, ``assign_flat``: the parameter vector.
 - ``apply_swa``, ``recalibrate_bn``: the SWA baseline and BatchNorm recalibration.
+- ``best_individual``, ``uniform_soup``, ``greedy_soup``, ``weights_scorer``: model-soup baselines.
 - ``ScheduleSpec``, ``lr_factor``, ``make_optimizer``: schedules and optimizers.
 """
 from .baselines import apply_swa, has_batchnorm, recalibrate_bn, swa_vector
@@ -17,6 +18,7 @@ from .params import ParamLayout, assign_flat, flatten_grads, flatten_params, fla
 from .projection import Projection, build_projection
 from .quant import BITS, check_bits, dequantize, pack_bits, packed_bytes, quantize, unpack_bits
 from .schedules import OPTIMIZERS, SCHEDULES, ScheduleSpec, lr_factor, make_optimizer, make_scheduler
+from .soups import Soup, best_individual, greedy_soup, individual_scores, uniform_soup, weights_scorer
 from .subspace import BASES, build_basis, check_basis
 from .twa import TWA
 
@@ -27,4 +29,5 @@ __all__ = [
     "flatten_params", "flatten_state", "has_batchnorm", "lr_factor", "make_blocks",
     "make_optimizer", "make_scheduler", "pack_bits", "packed_bytes", "parse_granularity",
     "quantize", "recalibrate_bn", "shard_blocks", "swa_vector", "unflatten", "unpack_bits",
+    "Soup", "best_individual", "greedy_soup", "individual_scores", "uniform_soup", "weights_scorer",
 ]

@@ -6,6 +6,10 @@ tensor. Workers read only the columns of their shard (column projection).
 """
 
 from .candidate_store import CandidateInfo, CandidateStore, candidate_file_name
+from .exporters import export_state_dict, save_state_dict, state_dict_from_vector
 from .fs import ResolvedLocation, resolve
+from .importers import CheckpointError, UnsafeCheckpointError, find_checkpoints, import_checkpoints, load_state_dict
 
-__all__ = ["CandidateStore", "CandidateInfo", "candidate_file_name", "ResolvedLocation", "resolve"]
+__all__ = ["CandidateStore", "CandidateInfo", "candidate_file_name", "ResolvedLocation", "resolve",
+           "CheckpointError", "UnsafeCheckpointError", "find_checkpoints", "import_checkpoints", "load_state_dict",
+           "export_state_dict", "save_state_dict", "state_dict_from_vector"]
