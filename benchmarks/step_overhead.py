@@ -1,0 +1,139 @@
+"""A TWA step against a plain SGD step of the same model and batch (one worker).
+
+    python benchmarks/step_overhead.py [--quick | --smoke] [--threads T] [--kernel eager|compiled] [--compare-before]
+
+CIFAR ResNet-18 (twa_ray.models, ~11.2M parameters), a batch of 64 random 32x32 images,
+n = 20 candidates, 4 bits, one block per tensor. Each step is forward + backward +
+update: ``optimizer.step()`` (SGD, momentum 0.9) for SGD; ``twa.step()`` (coefficient
+gradient, coefficient update, reconstruction of the weights) for TWA. The two are timed
+in alternation; the JSON line carries the median step times and the median of the
+paired ratios (target <= 1.10), plus the median time of the TWA-only part.
+``--compare-before`` adds, in the same rounds, a TWA step with the projection kernels as
+they were before the fused ones (``before_*`` in the JSON).
+
+--quick: 3 timed rounds (7 in the full run) and a batch of 32 (``batch`` in the JSON).
+--smoke: a small CNN on 8x8 inputs, batch 16, 2 rounds (for the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import common_args, emit, machine, median, note, paired_ratio, set_threads, sync
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from twa_ray.core import TWA, flatten_params  # noqa: E402
+from twa_ray.models import build_model  # noqa: E402
+
+TARGET_RATIO = 1.10
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(parser)
+    parser.add_argument("--model", default=None, help="default resnet18 (small_cnn with --smoke)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--granularity", default="tensor")
+    parser.add_argument("--kernel", default=None, help="projection kernel: eager or compiled (default: the library's)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compare-before", action="store_true",
+                        help="also time a TWA step with the kernels as they were before the fused ones")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    model_name = args.model or ("small_cnn" if args.smoke else "resnet18")
+    batch = args.batch or {"smoke": 16, "quick": 32, "full": 64}[mode]
+    image = 8 if args.smoke else 32
+    repeats = args.repeats or {"smoke": 2, "quick": 3, "full": 7}[mode]
+    device = args.device
+
+    torch.manual_seed(0)
+    sgd_model = build_model(model_name, 10, 3, image).to(device).train()
+    twa_model = build_model(model_name, 10, 3, image).to(device).train()
+    twa_model.load_state_dict(sgd_model.state_dict())
+    x = torch.randn(batch, 3, image, image, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    t0 = time.perf_counter()
+    base = flatten_params(sgd_model)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    candidates = base.cpu() + 0.01 * torch.randn(args.candidates, base.numel(), generator=gen)
+    twa = TWA.from_candidates(twa_model, candidates.to(device), bits=args.bits, granularity=args.granularity, lr=0.1)
+    del candidates
+    if args.kernel:
+        twa.projection.kernel = args.kernel
+    build_s = time.perf_counter() - t0
+    note(f"{model_name}: D={base.numel()}, projection {twa.projection.nbytes / 1e6:.1f} MB, built in {build_s:.1f} s")
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
+    steppers = {"sgd": None, "twa": (twa_model, twa)}
+    if args.compare_before:
+        from _before_kernels import with_before_kernels
+
+        before_model = build_model(model_name, 10, 3, image).to(device).train()
+        before_model.load_state_dict(sgd_model.state_dict())
+        steppers["before"] = (before_model, TWA(before_model, with_before_kernels(twa.projection), twa.num_blocks, lr=0.1))
+
+    update: dict[str, list[float]] = {k: [] for k in steppers}
+
+    def make_step(name: str):
+        if name == "sgd":
+            def step() -> None:
+                sgd.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(sgd_model(x), y).backward()
+                sgd.step()
+            return step
+        net, averager = steppers[name]
+
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            sync(device)
+            t = time.perf_counter()
+            averager.step()
+            sync(device)
+            update[name].append(time.perf_counter() - t)
+        return step
+
+    steps = {name: make_step(name) for name in steppers}
+
+    def timed(fn) -> float:
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t
+
+    for fn in steps.values():  # warm-up (allocations, lazy initialisation, compilation)
+        fn()
+    for v in update.values():
+        v.clear()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(repeats):
+        # rotate which goes first, so none always follows another's cache state
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            times[name].append(timed(steps[name]))
+    sgd_times, twa_times = times["sgd"], times["twa"]
+    ratio = paired_ratio(twa_times, sgd_times)
+    emit({
+        "benchmark": "step_overhead", "mode": mode, "model": model_name, "num_params": base.numel(),
+        "batch": batch, "image_size": image, "candidates": args.candidates, "bits": args.bits,
+        "granularity": args.granularity, "kernel": getattr(twa.projection, "kernel", "eager"), "device": device, "repeats": repeats,
+        "projection_bytes": twa.projection.nbytes,
+        "sgd_step_s": median(sgd_times), "twa_step_s": median(twa_times),
+        "twa_update_s": median(update["twa"]),  # twa.step() alone: projection kernels, coefficient update, copies
+        "ratio_twa_to_sgd": ratio, "target_ratio": TARGET_RATIO, "meets_target": ratio <= TARGET_RATIO,
+        **({"before_twa_step_s": median(times["before"]), "before_twa_update_s": median(update["before"]),
+            "before_ratio_twa_to_sgd": paired_ratio(times["before"], sgd_times)} if "before" in times else {}),
+        "build_s": build_s, "machine": machine(),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
