@@ -15,12 +15,13 @@ temporary memory does not grow with D. A byte holds per = 8/b codes; one broadca
 laid out (n, per, bytes), and one copy turns the chunk to floats. The powers of two
 are folded, exactly, into the de-interleaved gradient (coef_grad) or the result
 (reconstruct), so each chunk is one mask, one conversion and one matrix-vector product.
-(On the 2-core CPU of the benchmarks this is ~5x the earlier unpack-then-dot at 4 bits;
-see benchmarks/projection.py.)
+(On the 2-core CPU of the benchmarks: 4-7x the earlier unpack-then-dot at 1-4 bits; see
+benchmarks/RESULTS.md.)
 
 ``kernel="compiled"`` fuses the per-chunk unpack-and-dot with ``torch.compile`` (no
-float copy of the codes; meant for GPUs, where it becomes one Triton kernel; on that
-CPU it measured no faster than eager). Any compile or run failure falls back to the
+float copy of the codes). It is meant for GPUs (one Triton kernel per chunk; not yet
+measured there); on that CPU it matched eager at 4 bits and was up to 1.7x faster at
+1-2 bits, after a 10-25 s first compile. Any compile or run failure falls back to the
 eager kernels with one warning. Default: ``eager``, or the environment variable
 ``TWA_RAY_PROJECTION_KERNEL``. Kernels run wherever the tensors live (CPU or CUDA).
 """
