@@ -67,32 +67,83 @@ def test_tiny_sweep_writes_results_and_reads_test_once(tmp_path):
     assert len(reads) == 1 and "twa" in reads[0]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def _events(path):
+    """(event, trial_id, detail) per line of tune_trials.log."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = line.split()
+        out.append((parts[1], parts[2], parts[3] if len(parts) > 3 else ""))
+    return out
+
+
+def _interrupt_then_resume(tmp_path, ready, extra=""):
+    """Run the sweep until ``ready(events)``, Ctrl+C it, run it again to the end.
+    Returns (events before the interrupt, all events, result rows, best.json)."""
     config = _write_config(tmp_path, 1, "false")
-    audit = tmp_path / "audit.log"
-    events = tmp_path / "run" / "tune_trials.log"
+    config.write_text(config.read_text() + extra)
+    audit, run = tmp_path / "audit.log", tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "tune_twa.py"), "--config", str(config)]
     first = subprocess.Popen(cmd, cwd=ROOT, env=_env(audit), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline:
-        ends = events.read_text().count(" end ") if events.exists() else 0
-        if ends >= 2 or first.poll() is not None:
-            break
-        time.sleep(1)
-    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    while time.time() < deadline and first.poll() is None and not ready(_events(run / "tune_trials.log"), run):
+        time.sleep(0.2)
+    assert first.poll() is None, "the sweep ended before it could be interrupted: " + first.stderr.read()[-3000:]
     os.killpg(first.pid, signal.SIGINT)  # Ctrl+C: Tune saves the experiment state
     first.wait(timeout=180)
-    done_before = {line.split()[2] for line in events.read_text().splitlines() if " end " in line}
-    assert 2 <= len(done_before) < 4
+    before = _events(run / "tune_trials.log")
 
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(audit), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    lines = events.read_text().splitlines()
-    starts = [line.split()[2] for line in lines if " start " in line]
-    ends = [line.split()[2] for line in lines if " end " in line]
-    assert sorted(set(ends)) == sorted(ends) and len(ends) == 4  # every trial finished exactly once
-    for trial in done_before:
-        assert starts.count(trial) == 1  # finished trials were not run again
-    rows = pq.read_table(tmp_path / "run" / "tune_results.parquet").to_pylist()
-    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    rows = pq.read_table(run / "tune_results.parquet").to_pylist()
+    return before, _events(run / "tune_trials.log"), rows, json.loads((run / "best.json").read_text())
+
+
+def _check_trained_once(events, rows, best):
+    """Every trial trained each TWA epoch at most once and ended exactly once; one
+    completed row per trial, and best.json is the best row."""
+    trials = {t for _, t, _ in events}
+    assert len(trials) == 4
+    for trial in trials:
+        ends = [e for e, t, _ in events if t == trial and e == "end"]
+        assert len(ends) == 1, (trial, events)
+        epochs = [d for e, t, d in events if t == trial and e == "epoch"]
+        assert len(epochs) == len(set(epochs)), f"trial {trial} trained an epoch twice: {epochs}"
+    assert sorted(r["trial_id"] for r in rows) == sorted(trials)
+    assert all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows)
+    top = max(rows, key=lambda r: r["final_select_acc"])
+    assert best["trial_id"] == top["trial_id"] and best["selection_metric"] == top["final_select_acc"]
+    assert best["params"] == {"twa.candidates": top["twa.candidates"], "twa.lr": top["twa.lr"]}
+
+
+def test_sweep_interrupted_right_after_a_trial_ends_never_trains_it_again(tmp_path):
+    before, events, rows, best = _interrupt_then_resume(
+        tmp_path, lambda events, run: any(e == "end" for e, _, _ in events))
+    _check_trained_once(events, rows, best)
+    finished = {t for e, t, _ in before if e == "end"}
+    assert finished
+    for trial in finished:  # it started exactly one worker group, before the interrupt
+        assert [e for e, t, _ in events if t == trial].count("start") == 1
+        assert sorted(d for e, t, d in events if t == trial and e == "epoch") == ["0.1", "0.2"]
+    records = {t: json.loads((tmp_path / "run" / "tune_trials" / f"{t}.json").read_text()) for t in finished}
+    for row in rows:  # the rows are what the trials trained, restart or not
+        if row["trial_id"] in records:
+            assert row["final_select_acc"] == records[row["trial_id"]]["history"][-1]["select_acc"]
+
+
+def test_sweep_interrupted_mid_trial_resumes_it_from_its_checkpoint(tmp_path):
+    # 120 training examples / batch 32 = 4 steps an epoch: step 5 is in the second epoch,
+    # after the first epoch's checkpoint has been registered (its "epoch" event)
+    def paused(events, run):
+        return (run / "debug" / "twa-paused-at-step-5").exists() and any(e == "epoch" for e, _, _ in events)
+
+    before, events, rows, best = _interrupt_then_resume(tmp_path, paused, "debug: {pause_at_step: 5}\n")
+    _check_trained_once(events, rows, best)
+    interrupted = {t for e, t, _ in before if e == "start"} - {t for e, t, _ in before if e == "end"}
+    assert len(interrupted) == 1
+    (trial,) = interrupted
+    mine = [(e, d) for e, t, d in events if t == trial]
+    assert [e for e, _ in mine].count("start") == 2  # the worker group started again, once
+    assert sorted(d for e, d in mine if e == "epoch") == ["0.1", "0.2"]  # epoch 1 was not trained again
+    for other in {t for _, t, _ in events} - interrupted:
+        assert [e for e, t, _ in events if t == other].count("start") == 1

@@ -116,7 +116,7 @@ class TWAConfig:
     candidates_per_round: int | None = None
     label_smoothing: float = 0.0
     grad_clip: float | None = None
-    bn_batches: int | None = None  # batches used to recalibrate BatchNorm (None: one epoch)
+    bn_batches: int | None = 20  # shuffled batches (of data.eval_batch_size) BatchNorm is recalibrated on (None: all)
     max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
     checkpoint_every_steps: int | None = None  # besides each epoch
     cpus_per_worker: float = 1.0
@@ -128,6 +128,7 @@ class DebugConfig:
     fail_at_step: int | None = None  # one TWA worker fails once at this step (drills, tests)
     fail_at_epoch: int | None = None  # same for base training
     nan_at_step: int | None = None  # the TWA loss becomes NaN at this step (drills, tests)
+    pause_at_step: int | None = None  # one TWA worker stalls once at this step, up to 10 min (interruption drills)
 
 
 @dataclass

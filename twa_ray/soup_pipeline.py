@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .builders import model_from_config, splits_from_config
 from .config import Config, TrainConfig, config_from_dict, config_to_dict
+from .data import calibration_loader
 from .core import ScheduleSpec, Soup, best_individual, greedy_soup, individual_scores, make_optimizer
 from .core import make_scheduler, uniform_soup, weights_scorer
 from .distributed.evaluate import Evaluated, evaluate_on_ray
@@ -347,7 +348,7 @@ class SoupSelection:
 
 def select_soups(cfg: Config, store_uri: str, cwd: str | None = None) -> SoupSelection:
     """Best individual, uniform and greedy soup of the store's models, by val accuracy
-    after BatchNorm recalibration on training data (the first ``twa.bn_batches`` batches)."""
+    after BatchNorm recalibration on ``twa.bn_batches`` shuffled batches of training data."""
     started, device = time.perf_counter(), _device()
     splits = splits_from_config(cfg, cwd)
     model = model_from_config(cfg, splits).to(device)
@@ -355,9 +356,8 @@ def select_soups(cfg: Config, store_uri: str, cwd: str | None = None) -> SoupSel
     infos = store.list_candidates()
     indices = [c.index for c in infos]
     candidates = store.read(candidates=indices)  # (n, D)
-    bn_data = DataLoader(splits.train_eval, batch_size=cfg.data.eval_batch_size)
-    score = weights_scorer(model, lambda m: evaluate(m, splits.val, device, cfg.data.eval_batch_size).accuracy,
-                           bn_data, cfg.twa.bn_batches)
+    bn_data = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
+    score = weights_scorer(model, lambda m: evaluate(m, splits.val, device, cfg.data.eval_batch_size).accuracy, bn_data)
     scores = individual_scores(candidates, score)
     soups = {
         "best_individual": best_individual(candidates, scores=scores),

@@ -8,6 +8,7 @@
 Datasets: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagefolder``, ``synthetic``.
 """
 
+from .calibration import calibration_loader
 from .errors import DatasetNotFoundError
 from .fake_cifar import make_fake_cifar
 from .fashion_mnist import read_idx
@@ -33,6 +34,7 @@ __all__ = [
     "InMemoryImageDataset",
     "SourceData",
     "available_datasets",
+    "calibration_loader",
     "build_splits",
     "load_source",
     "make_fake_cifar",

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..builders import model_from_config, splits_from_config
 from ..config import Config, config_from_dict, config_to_dict
+from ..data import calibration_loader
 from ..core import assign_flat, recalibrate_bn, swa_vector
 from ..evaluation import evaluate
 from ..store import CandidateStore
@@ -51,11 +51,11 @@ def evaluate_sources(
     splits = splits_from_config(cfg, cwd, include_test=True, reason=f"test accuracy of {', '.join(sources)}")
     model = model_from_config(cfg, splits).to(device)
     store = CandidateStore.open(store_uri) if store_uri else None
-    bn_loader = DataLoader(splits.train_eval, batch_size=cfg.data.eval_batch_size)
+    bn_loader = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
     out = {}
     for name, source in sources.items():
         assign_flat(model, _vector(source, store).to(device))
-        recalibrate_bn(model, bn_loader, device, max_batches=cfg.twa.bn_batches)
+        recalibrate_bn(model, bn_loader, device)
         result = evaluate(model, splits.test, device, cfg.data.eval_batch_size)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if name in keep_state else None
         out[name] = Evaluated(result.accuracy, result.loss, state)

@@ -22,6 +22,8 @@ from torch import nn
 from ..builders import model_from_config, splits_from_config, twa_datasets
 from ..config import Config, config_from_dict, config_to_dict, select_candidates
 from ..core import make_blocks
+from ..core.baselines import recalibrate_bn
+from ..data import calibration_loader
 from ..store import CandidateStore
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
 from .twa_shard import build_shard_twa, candidate_rounds
@@ -57,15 +59,20 @@ def _report(metrics: dict, state: dict | None, final: dict | None = None) -> Non
 
 
 def _maybe_fail(cfg: Config, step: int, rank: int, world_size: int, marker_dir: str) -> None:
-    """Fault injection (debug.fail_at_step): the last rank fails once at that step."""
-    if cfg.debug.fail_at_step is None or step != cfg.debug.fail_at_step or rank != world_size - 1:
+    """Fault injection, each at most once per run folder (a marker file remembers it):
+    ``debug.fail_at_step`` makes the last rank fail at that step; ``debug.pause_at_step``
+    makes it stall there (up to 10 minutes), so a drill can interrupt a run mid-training."""
+    if rank != world_size - 1:
         return
-    marker = Path(marker_dir) / f"twa-failed-at-step-{step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    raise RuntimeError(f"debug.fail_at_step: injected failure of rank {rank} at TWA step {step}")
+    for kind, at in (("failed", cfg.debug.fail_at_step), ("paused", cfg.debug.pause_at_step)):
+        marker = Path(marker_dir) / f"twa-{kind}-at-step-{step}"
+        if at is None or step != at or marker.exists():
+            continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        if kind == "failed":
+            raise RuntimeError(f"debug.fail_at_step: injected failure of rank {rank} at TWA step {step}")
+        time.sleep(600)
 
 
 @torch.no_grad()
@@ -102,6 +109,7 @@ def twa_train_loop(config: dict) -> None:
 
     splits = splits_from_config(cfg, config["cwd"])
     train_data, select_data = twa_datasets(cfg, splits)
+    calibration = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
     model = model_from_config(cfg, splits)
     if cfg.model.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -180,6 +188,9 @@ def twa_train_loop(config: dict) -> None:
                 "train_loss": float(sums[0]) / max(1.0, float(sums[1])), "epoch_time_s": time.time() - t0,
             }
             if select_data is not None:
+                # the same recalibration as the final evaluation, identical on every rank, so
+                # the selection ranks the weights that are reported
+                recalibrate_bn(model, calibration, device)
                 metrics.update(_evaluate_sharded(model, select_data, rank, world, twa.comm, device, cfg.data.eval_batch_size))
             state["history"].append(metrics)
             state["batch"] = 0
@@ -229,6 +240,7 @@ class TWAResult:
     projection_bytes: list[int] = field(default_factory=list)  # per worker
     time_s: float = 0.0  # inside the workers (set-up and training)
     wall_time_s: float = 0.0  # the driver's TorchTrainer.fit, start-up included
+    checkpoint_path: str | None = None  # the final Ray Train checkpoint (holds FINAL_FILE)
 
 
 def chosen_candidates(cfg: Config, store: CandidateStore) -> list[int]:
@@ -314,4 +326,5 @@ def run_twa(
         weights=final["weights"], coefficients=final["coefficients"], rounds=final["rounds"],
         block_names=final["block_names"], history=final["history"],
         projection_bytes=final["projection_bytes"], time_s=final["time_s"], wall_time_s=wall,
+        checkpoint_path=result.checkpoint.path,
     )

@@ -5,32 +5,64 @@ TorchTrainer (``run_twa``) and forwards its per-epoch metrics to Tune with
 ``TuneReportCallback``; ASHA stops poor trials early. Trials select on data that
 trained nothing in them (``twa.select_ratio`` / the val split; see
 ``builders.twa_datasets``) and never see the test split, which is read once, for the
-best trial's final weights. Running the same sweep again restores it (``Tuner.restore``):
-finished trials are kept, unfinished ones resume from their Ray Train checkpoints.
+best trial's final weights.
+
+Running the same sweep again restores it (``Tuner.restore``). A trial trains at most
+once, whatever the timing of an interruption: when it finishes it writes its record
+(history, final metrics, checkpoint path) atomically to ``tune_trials/<trial_id>.json``;
+a trial Tune starts again finds the record, reports it and returns without starting a
+worker group. (Tune itself counts a trial as finished only once it has saved its
+experiment state, so a trial that ended just before Ctrl+C would otherwise run again.)
+An unfinished trial resumes from its latest Ray Train checkpoint. ``tune_trials.log``
+records, per trial: ``start`` (a TWA worker group starts), ``epoch R.E`` (a TWA epoch's
+checkpoint was registered), ``end`` (the record is written) and ``reused``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ray.train import UserCallback
 
 from ..config import Config, config_to_dict, select_candidates
+from ..run_folder import write_json
 from ..store import CandidateStore
 from .search_space import apply_params, max_epochs, param_space, trial_concurrency
 
 log = logging.getLogger(__name__)
 
+RECORDS = "tune_trials"  # folder of the run folder: one finished trial's record per file
+EVENTS = "tune_trials.log"
 
-def _trial_event(path: str, event: str, trial_id: str) -> None:
-    """One line per trial start/end (lets users and tests see what ran, and when)."""
+
+def _trial_event(path: str, event: str, trial_id: str, detail: str = "") -> None:
+    """One line per trial event (lets users and tests see what ran, and when)."""
     with open(path, "a") as f:
-        f.write(f"{time.time():.3f} {event} {trial_id}\n")
+        f.write(f"{time.time():.3f} {event} {trial_id}{' ' + detail if detail else ''}\n")
 
 
-def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, events: str) -> None:
+def read_trial_record(records: str | Path, trial_id: str) -> dict | None:
+    """The record a finished trial wrote, or None while it has not finished."""
+    path = Path(records) / f"{trial_id}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class EpochEvents(UserCallback):
+    """Runs in the Ray Train controller: an ``epoch`` event per registered TWA epoch."""
+
+    def __init__(self, events: str, trial_id: str):
+        self.events, self.trial_id = events, trial_id
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if "epoch" in metrics[0]:
+            _trial_event(self.events, "epoch", self.trial_id, f"{metrics[0]['round']}.{metrics[0]['epoch']}")
+
+
+def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, events: str, records: str) -> None:
     """One trial: TWA with ``params`` applied to the base config, on Ray Train workers."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -38,11 +70,22 @@ def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, e
     from ..distributed.twa_train import run_twa
 
     trial_id = tune.get_context().get_trial_id()
+    record = read_trial_record(records, trial_id)
+    if record is not None:  # finished before an interruption: report, never train again
+        _trial_event(events, "reused", trial_id)
+        tune.report(record["final"])
+        return
     cfg = apply_params(base, params)
     cfg.twa.checkpoint_every_steps = None  # one report per epoch: the metric ASHA compares
     _trial_event(events, "start", trial_id)
-    run_twa(cfg, store_uri, storage_path=train_storage, run_name=f"trial-{trial_id}",
-            callbacks=[TuneReportCallback()])
+    result = run_twa(cfg, store_uri, storage_path=train_storage, run_name=f"trial-{trial_id}",
+                     callbacks=[TuneReportCallback(), EpochEvents(events, trial_id)])
+    final = {**(result.history[-1] if result.history else {}), "twa_complete": True,
+             "checkpoint_path": result.checkpoint_path}
+    write_json(Path(records) / f"{trial_id}.json", {
+        "trial_id": trial_id, "params": params, "history": result.history, "final": final,
+        "time_s": result.wall_time_s,
+    })
     _trial_event(events, "end", trial_id)
 
 
@@ -51,12 +94,6 @@ class SweepResult:
     rows: list[dict]  # one per trial (tune_results.parquet)
     best: dict  # trial_id, params, metric, selection metric, checkpoint_path
     experiment_path: str
-
-
-def _status(result, done: bool) -> str:
-    if result.error is not None:
-        return "error"
-    return "completed" if done else "stopped early"
 
 
 def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
@@ -68,11 +105,11 @@ def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
     run_dir = Path(cfg.run_dir).resolve()
     storage = run_dir / "tune"
     name = f"{cfg.name}-tune"
-    events = run_dir / "tune_trials.log"
+    records = run_dir / RECORDS
     trainable = tune.with_resources(
         tune.with_parameters(
             twa_trial, base=config_to_dict(cfg), store_uri=store_uri,
-            train_storage=str(run_dir / "tune_train"), events=str(events),
+            train_storage=str(run_dir / "tune_train"), events=str(run_dir / EVENTS), records=str(records),
         ),
         {"cpu": cfg.tune.trial_cpus},
     )
@@ -104,34 +141,41 @@ def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
     grid = tuner.fit()
 
     available = len(CandidateStore.open(store_uri))
-    rows, finished = [], []
+    metric, rows, finished = cfg.tune.metric, [], []
     for result in grid:
-        history = result.metrics_dataframe
-        metric_values = history[cfg.tune.metric].dropna().tolist() if history is not None and cfg.tune.metric in history else []
         metrics = result.metrics or {}
-        done = bool(metrics.get("twa_complete"))
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        record = read_trial_record(records, trial_id)
+        if record is not None:  # what the trial trained, however often Tune started it
+            history, time_s = record["history"], record["time_s"]
+        else:
+            frame = result.metrics_dataframe
+            history = frame.to_dict("records") if frame is not None else []
+            time_s = metrics.get("time_total_s")
+        values = [h[metric] for h in history if h.get(metric) is not None and h[metric] == h[metric]]
         trial_cfg = apply_params(config_to_dict(cfg), result.config)
         row = {
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id,
             **{key: value for key, value in result.config.items()},
             "subspace_size": len(select_candidates(trial_cfg.twa.candidates, available)),
-            f"final_{cfg.tune.metric}": metric_values[-1] if metric_values else None,
-            f"best_{cfg.tune.metric}": (max if cfg.tune.mode == "max" else min)(metric_values) if metric_values else None,
-            "epochs_run": len(metric_values),
-            "status": _status(result, done),
-            "time_s": metrics.get("time_total_s"),
+            f"final_{metric}": values[-1] if values else None,
+            f"best_{metric}": (max if cfg.tune.mode == "max" else min)(values) if values else None,
+            "epochs_run": len(values),
+            "status": "completed" if record is not None else "error" if result.error is not None else "stopped early",
+            "time_s": time_s,
         }
         rows.append(row)
-        if done and metric_values:
-            finished.append((row, result, metrics))
+        if record is not None and values:
+            finished.append((row, record))
     if not finished:
         raise RuntimeError(f"no trial of the sweep in {experiment} finished: see the errors above")
     pick = max if cfg.tune.mode == "max" else min
-    row, result, metrics = pick(finished, key=lambda item: item[0][f"final_{cfg.tune.metric}"])
+    row, record = pick(finished, key=lambda item: item[0][f"final_{metric}"])
     best = {
-        "trial_id": row["trial_id"], "params": dict(result.config), "metric": cfg.tune.metric,
-        "selection_metric": row[f"final_{cfg.tune.metric}"], "checkpoint_path": metrics.get("checkpoint_path"),
+        "trial_id": row["trial_id"], "params": dict(record["params"]), "metric": metric,
+        "selection_metric": row[f"final_{metric}"], "checkpoint_path": record["final"]["checkpoint_path"],
     }
+    rows.sort(key=lambda r: r["trial_id"])
     return SweepResult(rows, best, str(experiment))
 
 
