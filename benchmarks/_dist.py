@@ -112,8 +112,10 @@ def _batch(setting: Setting, rank: int, k: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> None:
-    from twa_ray.core import TWA, ParamLayout, assign_flat, build_projection, flatten_grads, flatten_params
-    from twa_ray.core import make_blocks, plan_shards
+    from twa_ray.core import TWA, flatten_params
+    from twa_ray.core.blocks import make_blocks, plan_shards
+    from twa_ray.core.params import ParamLayout, assign_flat, flatten_grads
+    from twa_ray.core.projection import build_projection
     from twa_ray.distributed.collectives import TorchCollectives
     from twa_ray.models import build_model
 

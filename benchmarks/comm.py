@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     d = results[0]["num_params"]
     one_payload = 4 * d
     one_wire = 2 * (k - 1) / k * 4 * d
-    from twa_ray.core import ParamLayout  # noqa: E402
+    from twa_ray.core.params import ParamLayout  # noqa: E402
     from twa_ray.models import build_model  # noqa: E402
 
     numels = ParamLayout.from_model(build_model(setting.model, setting.num_classes, 3, setting.image_size)).numels

@@ -8,9 +8,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: jobs/, configs/, twa_ray/
 
 
 def tiny_mlp(seed: int = 0, bn: bool = False) -> nn.Module:
@@ -39,7 +43,7 @@ def perturbed_candidates(model: nn.Module, n: int, seed: int = 1, spread: float 
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray on 127.0.0.1 with 2 CPUs for one test module, shut down afterwards."""
-    from twa_ray.ray_env import init_ray
+    from twa_ray.distributed.ray_env import init_ray
 
     import ray
 

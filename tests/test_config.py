@@ -1,11 +1,20 @@
-"""Typed config: YAML loading, overrides, errors naming keys, every shipped config."""
-from pathlib import Path
+"""Typed config: YAML loading, overrides, errors naming keys, every shipped config; same settings?"""
+import json
 
 import pytest
 
-from twa_ray.config import ConfigError, config_from_dict, load_config, select_candidates
+from conftest import ROOT
+from twa_ray.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    differing_settings,
+    load_config,
+    select_candidates,
+    settings_fingerprint,
+)
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -81,3 +90,22 @@ def test_candidate_windows():
 def test_missing_file_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_same_settings_compare_as_json_and_name_what_differs():
+    raw = config_to_dict(config_from_dict({"seed": 1, "train": {"milestones": [2, 4]}}))
+    recorded = json.loads(json.dumps(raw))
+    assert differing_settings(recorded, raw) == []  # a file read back equals the config it was written from
+    other = config_to_dict(config_from_dict({"seed": 2, "train": {"milestones": [2, 4]}, "twa": {"bits": 4}}))
+    assert differing_settings(recorded, other) == ["seed", "twa"]
+    assert differing_settings(recorded, other, ["data", "model", "train"]) == []
+    assert differing_settings({"a": 1}, {"a": 1, "b": None}) == ["b"]  # a missing key is not a null one
+    assert differing_settings({"a": (1, 2)}, {"a": [1, 2]}) == []
+    assert differing_settings(["not", "a", "mapping"], {"a": 1}) == ["a"]
+
+
+def test_settings_fingerprint_is_stable_and_sensitive():
+    key = {"twa": {"bits": 4, "lr": 0.3}, "candidates": [0, 1, 2]}
+    assert settings_fingerprint(key) == settings_fingerprint({"candidates": [0, 1, 2], "twa": {"lr": 0.3, "bits": 4}})
+    assert settings_fingerprint(key) != settings_fingerprint({**key, "candidates": [0, 1]})
+    assert len(settings_fingerprint(key)) == 10 and int(settings_fingerprint(key), 16) >= 0

@@ -8,6 +8,8 @@ Unknown keys, wrong types and invalid values are collected and raised together a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import yaml
 from .core.blocks import parse_granularity
 from .core.quant import BITS
 from .core.schedules import OPTIMIZERS, SCHEDULES
-from .core.subspace import BASES
+from .core.subspace import BASES, RAW_BASES, check_start
 
 
 class ConfigError(ValueError):
@@ -77,7 +79,9 @@ class TrainConfig:
     nesterov: bool = False
     schedule: str = "step"
     warmup: float = 0.0  # fraction of the budget
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    # step schedule: fractions of the budget, or None: the paper's epochs int(0.5 * E) and
+    # int(0.75 * E + 0.9) of the E = schedule_epochs budget
+    milestones: list[float] | None = None
     gamma: float = 0.1
     final_lr_factor: float = 0.0  # cosine/linear end, or swa_lr / lr for the swa schedule
     swa_start: float = 1.0  # swa schedule: fraction of the budget where the constant tail starts
@@ -98,7 +102,12 @@ class TWAConfig:
     use_gpu: bool | None = None
     bits: int = 8
     granularity: str = "tensor"
+    # normalized, orthonormal, orthonormal-global: the journal algorithm (centred, X = 0 is SWA);
+    # checkpoints: the ICLR'23 one (the raw candidates' span, weight decay on the weights)
     basis: str = "normalized"
+    # checkpoints basis: where X starts: "mean", "last" or K, an index into the chosen
+    # candidates (into the first round's with candidates_per_round)
+    start: str | int = "mean"
     data: str = "train"  # "train" (TWA-t) or "val" (TWA-v)
     # share of the val split held back to select on (Tune): TWA-v trains on the rest;
     # 0: TWA-t selects on all of val, TWA-v has no selection data
@@ -116,11 +125,41 @@ class TWAConfig:
     candidates_per_round: int | None = None
     label_smoothing: float = 0.0
     grad_clip: float | None = None
-    bn_batches: int | None = 20  # shuffled batches (of data.eval_batch_size) BatchNorm is recalibrated on (None: all)
+    # shuffled batches (of data.eval_batch_size) BatchNorm is recalibrated on (None: all); 50 halves
+    # the spread of test accuracy over calibration draws that 20 leaves, at half the cost of all
+    bn_batches: int | None = 50
     max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
     checkpoint_every_steps: int | None = None  # besides each epoch
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
+
+
+@dataclass
+class BaselinesConfig:
+    """The fixed-weight baselines every main-job run reports beside TWA."""
+
+    # EMA of the weights, updated after every base-training optimizer step (timm ModelEmaV3):
+    # decay_t = min(ema_decay, 1 - (1 + t) ** (-2/3)) after t earlier updates with ema_warmup,
+    # so the default (timm train.py's) also suits runs of a few hundred steps
+    ema_decay: float = 0.9998
+    ema_warmup: bool = True
+    best_k: int = 3  # best-k: the uniform average of the k candidates with the best val accuracy
+
+
+@dataclass
+class EvalConfig:
+    """Test-split evaluation of the main job."""
+
+    candidates: bool = False  # also evaluate every stored candidate (the plot's test-accuracy curve)
+    workers: int | None = None  # parallel evaluation tasks (None: as many as the CPUs, or GPUs, allow)
+
+
+@dataclass
+class ReportConfig:
+    """What the run folder holds beside its fixed files."""
+
+    # TensorBoard event files under <run_dir>/tensorboard: one run per stage (and per sweep trial)
+    tensorboard: bool = False
 
 
 @dataclass
@@ -182,6 +221,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     twa: TWAConfig = field(default_factory=TWAConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     checkpoints_dir: str | None = None  # soups: a folder of fine-tuned checkpoints
@@ -210,6 +252,24 @@ def parse_candidates(spec: str) -> dict[str, int]:
             raise ValueError(f"candidates {spec!r}: expected 'all' or comma-separated first:N, last:N, stride:K (N, K >= 1)")
         out[key] = int(value)
     return out
+
+
+def max_selected(spec: str) -> int | None:
+    """The most candidates ``spec`` can select whatever the store holds (None: no bound)."""
+    window = parse_candidates(spec)
+    bound = min([window[k] for k in ("first", "last") if k in window], default=None)
+    return None if bound is None else -(-bound // window.get("stride", 1))
+
+
+def check_twa_start(twa: "TWAConfig", count: int) -> None:
+    """Raise ConfigError naming twa.start when it is no index into the ``count`` chosen
+    candidates (the first round's, with twa.candidates_per_round)."""
+    first_round = min(count, twa.candidates_per_round or count)
+    try:
+        check_start(twa.start, first_round)
+    except ValueError as exc:
+        where = " of the first round (twa.candidates_per_round)" if first_round < count else ""
+        raise ConfigError(f"twa.start: {exc}{where}") from None
 
 
 def select_candidates(spec: str, count: int) -> list[int]:
@@ -314,6 +374,27 @@ def _apply_override(raw: dict, override: str, errors: list[str]) -> None:
     node[parts[-1]] = value
 
 
+def _start_problems(twa: TWAConfig) -> list[str]:
+    """What is wrong with twa.start, as far as the config alone tells (the store may tell more:
+    ``check_twa_start``)."""
+    try:
+        check_start(twa.start)
+    except ValueError as exc:
+        return [str(exc)]
+    if twa.start != "mean" and twa.basis not in RAW_BASES:
+        return [f"{twa.start!r} needs twa.basis: checkpoints (the journal bases start at the mean, X = 0)"]
+    if isinstance(twa.start, int):  # the most candidates the settings allow, before any store exists
+        try:
+            window = max_selected(twa.candidates)
+        except ValueError:  # reported under twa.candidates
+            window = None
+        bounds = [b for b in (window, twa.candidates_per_round) if b is not None]
+        if bounds and twa.start >= min(bounds):
+            return [f"{twa.start} is out of range: twa.candidates={twa.candidates!r} and twa.candidates_per_round="
+                    f"{twa.candidates_per_round} leave at most {min(bounds)} candidates (indices 0..{min(bounds) - 1})"]
+    return []
+
+
 def _validate(cfg: Config, where: str) -> list[str]:
     errors = []
 
@@ -323,6 +404,7 @@ def _validate(cfg: Config, where: str) -> list[str]:
 
     check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
     check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
+    errors += [f"{where}: twa.start: {problem}" for problem in _start_problems(cfg.twa)]
     try:
         parse_granularity(cfg.twa.granularity)
     except ValueError as exc:
@@ -356,6 +438,9 @@ def _validate(cfg: Config, where: str) -> list[str]:
     check(0.0 <= cfg.twa.select_ratio < 1.0, "twa.select_ratio", f"{cfg.twa.select_ratio} is not in [0, 1)")
     check(cfg.tune.mode in ("max", "min"), "tune.mode", f"{cfg.tune.mode!r} is not 'max' or 'min'")
     check(cfg.data.batch_size >= 1, "data.batch_size", f"{cfg.data.batch_size} is not >= 1")
+    check(0.0 <= cfg.baselines.ema_decay < 1.0, "baselines.ema_decay", f"{cfg.baselines.ema_decay} is not in [0, 1)")
+    check(cfg.baselines.best_k >= 1, "baselines.best_k", f"{cfg.baselines.best_k} is not >= 1")
+    check(cfg.eval.workers is None or cfg.eval.workers >= 1, "eval.workers", f"{cfg.eval.workers} is not >= 1")
     return errors
 
 
@@ -390,3 +475,28 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- same settings?
+
+_ABSENT = object()
+
+
+def _as_json(settings: Any) -> Any:
+    """``settings`` as it reads back from a JSON file (tuples become lists)."""
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def differing_settings(recorded: Any, wanted: Any, keys: Sequence[str] | None = None) -> list[str]:
+    """The keys whose values differ between ``recorded`` settings (read back from a file or a
+    store's meta) and ``wanted`` ones (e.g. sections of ``config_to_dict(cfg)``), compared as
+    JSON; [] means the same settings. ``keys``: those to compare (default: every key of either)."""
+    recorded = _as_json(recorded) if isinstance(recorded, dict) else {}
+    wanted = _as_json(wanted)
+    keys = sorted(set(recorded) | set(wanted)) if keys is None else list(keys)
+    return [k for k in keys if recorded.get(k, _ABSENT) != wanted.get(k, _ABSENT)]
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """10 hex digits that change with any of ``settings`` (JSON-able): deterministic run names."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,13 +1,15 @@
 """Fixed-weight baselines and BatchNorm recalibration.
 
-SWA is the uniform average of the candidates (the TWA center, X = 0). BatchNorm
-statistics are not part of w: after any averaging they are recomputed on training data
-with ``torch.optim.swa_utils.update_bn``.
+SWA is the uniform average of the candidates taken after training began (the TWA
+center, X = 0, when TWA uses the same candidates); best-k the uniform average of the k
+with the best validation accuracy; EMA an exponential moving average of the weights
+kept at every optimizer step. BatchNorm statistics are not part of w: after any
+averaging they are recomputed on training data with ``torch.optim.swa_utils.update_bn``.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,3 +50,58 @@ def apply_swa(
     if loader is not None:
         recalibrate_bn(model, loader, device)
     return model
+
+
+# ---------------------------------------------------------------- which candidates
+
+INITIAL_KIND = "initial"  # info kind of the weights saved before the first step
+
+
+def after_start(candidates: Sequence[tuple[int, Mapping]]) -> list[int]:
+    """Indices of the candidates taken after training began: every (index, info) pair
+    whose info kind is not ``"initial"``, in the given order. SWA averages these; the
+    random initial weights would only drag the average towards chance."""
+    return [index for index, info in candidates if info.get("kind") != INITIAL_KIND]
+
+
+def best_k(candidates: Sequence[tuple[int, Mapping]], k: int, metric: str = "val_acc") -> list[int]:
+    """Indices of the ``k`` candidates with the highest ``info["metrics"][metric]``, sorted
+    by index (timm's ``avg_checkpoints``: the uniform average of the best k checkpoints).
+
+    The initial weights and candidates without the metric (saved inside an epoch) never
+    count; ties go to the later candidate. Fewer than ``k`` when fewer qualify.
+    """
+    if k < 1:
+        raise ValueError(f"best_k needs k >= 1, got {k}")
+    scored = [(float(info["metrics"][metric]), index) for index, info in candidates
+              if info.get("kind") != INITIAL_KIND and metric in (info.get("metrics") or {})]
+    return sorted(index for _, index in sorted(scored, reverse=True)[:k])
+
+
+# ---------------------------------------------------------------- EMA of the weights
+
+
+def ema_decay(updates: int, decay: float, warmup: bool = True) -> float:
+    """The decay of the EMA update that follows ``updates`` earlier ones (timm ModelEmaV3).
+
+    The first update (``updates == 0``) copies the weights. After that the decay is
+    ``decay``, or with ``warmup`` ``min(decay, 1 - (1 + updates) ** (-2/3))``: early in
+    training the average forgets fast and only approaches ``decay`` after many steps
+    (0.9998 would need about 5000 steps before the initial weights fade to 1/e, longer
+    than a short run), so the default decay is sane for runs of any length.
+    """
+    if updates <= 0:
+        return 0.0
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - (1.0 + updates) ** (-2.0 / 3.0))
+
+
+@torch.no_grad()
+def ema_update_(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * current``, in place, tensor by tensor (each
+    ``ema[i]`` has ``current[i]``'s shape; torch's ``get_ema_multi_avg_fn`` update)."""
+    if len(ema) != len(current):
+        raise ValueError(f"{len(ema)} EMA tensors for {len(current)} weights")
+    if ema:
+        torch._foreach_lerp_(list(ema), [c.detach() for c in current], 1.0 - decay)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .quant import packed_bytes
+
 GRANULARITY_HELP = "'model', 'tensor' or 'size:N' (N a positive integer)"
 
 
@@ -75,11 +77,6 @@ def make_blocks(numels: Sequence[int], granularity: str) -> Blocks:
     )
 
 
-def block_bytes(size: int, bits: int) -> int:
-    """Bytes one candidate's direction takes in a block of ``size`` entries at ``bits``."""
-    return (size * bits + 7) // 8
-
-
 def shard_blocks(sizes: Sequence[int], bits: int, world_size: int) -> list[tuple[int, int]]:
     """Split blocks into ``world_size`` runs of consecutive blocks, balanced by bytes.
 
@@ -94,7 +91,7 @@ def shard_blocks(sizes: Sequence[int], bits: int, world_size: int) -> list[tuple
             f"{len(sizes)} block(s) cannot be shared by {world_size} workers: "
             "use a finer granularity ('tensor' or 'size:N') or fewer workers"
         )
-    weights = [block_bytes(m, bits) for m in sizes]
+    weights = [packed_bytes(m, bits) for m in sizes]
 
     def fill(cap: int) -> list[tuple[int, int]] | None:
         runs, l0, acc = [], 0, 0
@@ -133,7 +130,7 @@ class ShardPlan:
     def shard_bytes(self, blocks: Blocks, bits: int, num_candidates: int) -> list[int]:
         """Projection bytes each rank holds: n x sum of its blocks' ceil(m*b/8)."""
         sizes = blocks.sizes
-        return [num_candidates * sum(block_bytes(m, bits) for m in sizes[a:b]) for a, b in self.block_runs]
+        return [num_candidates * sum(packed_bytes(m, bits) for m in sizes[a:b]) for a, b in self.block_runs]
 
 
 def plan_shards(blocks: Blocks, bits: int, world_size: int) -> ShardPlan:

@@ -47,17 +47,6 @@ class ParamLayout:
     def num_params(self) -> int:
         return sum(self.numels)
 
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ValueError naming the first parameter where ``model`` differs."""
-        other = ParamLayout.from_model(model)
-        if other.names != self.names:
-            missing = sorted(set(self.names) - set(other.names))
-            extra = sorted(set(other.names) - set(self.names))
-            raise ValueError(f"model parameters differ: missing {missing}, unexpected {extra}")
-        for name, a, b in zip(self.names, self.shapes, other.shapes):
-            if a != b:
-                raise ValueError(f"parameter {name!r}: expected shape {list(a)}, model has {list(b)}")
-
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that make up the flat vector, in layout order."""

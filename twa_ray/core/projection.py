@@ -7,23 +7,33 @@ For candidates i = 1..n and the local blocks l of this run (sizes m_l, sum m):
 
 With b < 32 bits, Q_il = offset_il + scale_il * codes_il and the codes of each
 (candidate, block) are packed into ceil(m_l * b / 8) bytes, blocks one after another;
-so G = scale * <codes, g> + offset * sum(g), and the kernels only ever work on codes.
+so the kernels only ever work on codes. Written as ``scale * <codes, g> + offset * sum(g)``
+the coefficient gradient's two terms are large and nearly cancel whenever g has a mean
+(the codes are non-negative), losing digits in float32. So ``coef_grad`` centres both:
+with gc = g[B_l] - mean_l (as rounded in float32) and h = 2^(b-1),
+
+    G[i, l] = scale_il * < codes_il - h , gc > + (offset_il + scale_il * h) * sum(gc)
+              + sum(Q_il) * mean_l,
+
+where sum(Q_il) (n, L) is precomputed exactly in float64, and the dot products add float32
+products over at most SUM_PIECE columns, then go on in float64. (b = 32: float64 sums of
+the pieces of <Q_il, g>; the stored directions are not one-signed.)
 
 Kernels stream the packed bytes in chunks (bounded by ``max_chunk_bytes``), so
 temporary memory does not grow with D. A byte holds per = 8/b codes; one broadcast
 ``bytes & ((2^b - 1) << k*b)`` isolates code k of every byte as code_k * 2^(k*b),
-laid out (n, per, bytes), and one copy turns the chunk to floats. The powers of two
-are folded, exactly, into the de-interleaved gradient (coef_grad) or the result
+laid out (n, per, bytes), and one copy turns the chunk to floats (coef_grad first
+subtracts h * 2^(k*b) from the bytes, mod 256, and reads them as int8: exact). The powers
+of two are folded, exactly, into the de-interleaved gradient (coef_grad) or the result
 (reconstruct), so each chunk is one mask, one conversion and one matrix-vector product.
-(On the 2-core CPU of the benchmarks: 4-7x the earlier unpack-then-dot at 1-4 bits; see
-benchmarks/RESULTS.md.)
+Measured throughput, against the earlier unpack-then-dot kernels: benchmarks/RESULTS.md.
 
 ``kernel="compiled"`` fuses the per-chunk unpack-and-dot with ``torch.compile`` (no
-float copy of the codes). It is meant for GPUs (one Triton kernel per chunk; not yet
-measured there); on that CPU it matched eager at 4 bits and was up to 1.7x faster at
-1-2 bits, after a 10-25 s first compile. Any compile or run failure falls back to the
-eager kernels with one warning. Default: ``eager``, or the environment variable
-``TWA_RAY_PROJECTION_KERNEL``. Kernels run wherever the tensors live (CPU or CUDA).
+float copy of the codes). It is meant for GPUs (one Triton kernel per chunk); its first
+call compiles, and its CPU measurements are in benchmarks/RESULTS.md. Any compile or
+run failure falls back to the eager kernels with one warning. Default: ``eager``, or
+the environment variable ``TWA_RAY_PROJECTION_KERNEL``. Kernels run wherever the
+tensors live (CPU or CUDA); every tensor is made on the data's device.
 """
 from __future__ import annotations
 
@@ -35,15 +45,21 @@ from typing import Callable, Sequence
 import torch
 
 from .quant import check_bits, dequantize, pack_bits, packed_bytes, quantize, unpack_bits
-from .subspace import build_basis
+from .subspace import RAW_BASES, block_coords, build_basis, check_start, start_point
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Float codes of one chunk (b < 32) stay within this many bytes (and max_chunk_bytes):
-# they are read back from the last-level cache. Measured on the benchmark CPU: chunks
-# fitting L2 (1 MiB) lost more to per-operation overhead than they gained.
+# they are read back from the last-level cache, not L2, since smaller chunks pay more
+# per-operation overhead (benchmarks/RESULTS.md).
 CACHE_CHUNK_BYTES = 4 << 20
+# The coefficient gradient's dot products add at most this many float32 products before
+# the partial sums go on in float64: a long float32 sum loses digits as it grows.
+SUM_PIECE = 1 << 15
+# Blocks below this size share chunks (one pass for many small tensors: biases, norms);
+# larger ones get chunks of their own, whose dot products use the piecewise sums.
+GROUP_MAX_ELEMS = 1 << 12
 KERNELS = ("eager", "compiled")
 KERNEL_ENV = "TWA_RAY_PROJECTION_KERNEL"
 
@@ -76,7 +92,8 @@ class _Chunk:
 def _plan_chunks(sizes: Sequence[int], bits: int, chunk_elems: int, device) -> list[_Chunk]:
     """Cut the run into chunks of at most ``chunk_elems`` elements (a multiple of 8).
 
-    A large block is cut into pieces; small neighbouring blocks share a chunk.
+    A large block is cut into pieces; neighbouring blocks of fewer than GROUP_MAX_ELEMS
+    elements share a chunk.
     """
     per_col = 1 if bits == 32 else 8 // bits  # elements per data column
     starts, cols, pos, col = [], [], 0, 0
@@ -98,20 +115,18 @@ def _plan_chunks(sizes: Sequence[int], bits: int, chunk_elems: int, device) -> l
         if len(group) == 1:
             chunks.append(_Chunk(starts[l0], starts[l1], cols[l0], cols[l1], l0, None, None))
         else:
-            seg = torch.cat([torch.full((sizes[l],), l, dtype=torch.long) for l in group])
+            seg = torch.cat([torch.full((sizes[l],), l, dtype=torch.long, device=device) for l in group])
             keep = torch.cat(
-                [torch.arange(sizes[l]) + (cols[l] - cols[l0]) * per_col for l in group]
+                [torch.arange(sizes[l], device=device) + (cols[l] - cols[l0]) * per_col for l in group]
             )
-            chunks.append(
-                _Chunk(starts[l0], starts[l1], cols[l0], cols[l1], None, seg.to(device), keep.to(device))
-            )
+            chunks.append(_Chunk(starts[l0], starts[l1], cols[l0], cols[l1], None, seg, keep))
         group.clear()
 
     group_elems = 0
     for l, m in enumerate(sizes):
         if m == 0:
             continue
-        if m >= chunk_elems:
+        if m >= min(chunk_elems, GROUP_MAX_ELEMS):
             flush()
             group_elems = 0
             for a in range(0, m, chunk_elems):
@@ -136,13 +151,15 @@ _COMPILE_FAILED = False
 
 
 def _fused_grad(bits: int) -> Callable:
-    """(raw (n, B) uint8, gt (per, B) float: de-interleaved, 2^-kb scaled) -> (n,) dot products."""
+    """(raw (n, B) uint8, gt (per, B) float: de-interleaved, 2^-kb scaled) -> (n,) dot
+    products of the centred codes (code - 2^(b-1)) with g."""
     masks = [((1 << bits) - 1) << (k * bits) for k in range(8 // bits)]
+    shifts = [float(_centre_code(bits) << (k * bits)) for k in range(8 // bits)]
 
     def kernel(raw: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        acc = (raw & masks[0]).to(torch.float32) * gt[0]
+        acc = ((raw & masks[0]).to(torch.float32) - shifts[0]) * gt[0]
         for k in range(1, len(masks)):
-            acc = acc + (raw & masks[k]).to(torch.float32) * gt[k]
+            acc = acc + ((raw & masks[k]).to(torch.float32) - shifts[k]) * gt[k]
         return acc.sum(dim=1)
 
     return kernel
@@ -156,6 +173,12 @@ def _fused_reconstruct(bits: int) -> Callable:
         return torch.stack([((raw & m).to(torch.float32) * w[:, None]).sum(dim=0) for m in masks])
 
     return kernel
+
+
+def _centre_code(bits: int) -> int:
+    """2^(b-1): the coefficient gradient works on code - 2^(b-1), which fits int8 even
+    read in place as (code - 2^(b-1)) * 2^(k*b), for every k."""
+    return 1 << (bits - 1)
 
 
 def _compiled(kind: str, bits: int) -> Callable:
@@ -185,6 +208,9 @@ class Projection:
         data: (n, sum_l ceil(m_l*b/8)) uint8 for b < 32, else (n, m) float32.
         scale, offset: (n, L_r) float32 (b < 32 only; None for 32).
         kernel: "eager" or "compiled" (see the module docstring); may be changed any time.
+        start: (n, L_r) float32, the coefficients X starts from on these blocks (None: 0).
+        basis_name: the basis Q was built as (``twa_ray.core.subspace.BASES``; None: built
+            elsewhere, treated as a journal basis). It says where weight decay acts.
     """
 
     def __init__(
@@ -197,10 +223,15 @@ class Projection:
         offset: torch.Tensor | None = None,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         kernel: str | None = None,
+        *,
+        start: torch.Tensor | None = None,
+        basis_name: str | None = None,
     ) -> None:
         self.bits = check_bits(bits)
         self.sizes = list(sizes)
         self.center = center
+        self.start = start
+        self.basis_name = basis_name
         self.data = data
         self.scale = scale
         self.offset = offset
@@ -223,12 +254,25 @@ class Projection:
                 self._single_runs[-1] = (ch.block, self._single_runs[-1][1], c + 1)
             else:
                 self._single_runs.append((ch.block, c, c + 1))
+        # single chunk c's partial dot products are pieces [_pieces[c], _pieces[c + 1])
+        self._pieces = [0]
+        for ch in self._single:
+            length = ch.end - ch.start if bits == 32 else (ch.col_end - ch.col_start) * (8 // bits)
+            self._pieces.append(self._pieces[-1] + -(-length // SUM_PIECE))
         if bits < 32:
             per = 8 // bits
             masks = [((1 << bits) - 1) << (k * bits) for k in range(per)]
             self._masks = torch.tensor(masks, dtype=torch.uint8, device=data.device).view(1, per, 1)
             # code k is read as code * 2^(k*b): these exact powers of two undo it
             self._inv = torch.tensor([2.0 ** (-k * bits) for k in range(per)], device=data.device).view(per, 1)
+            # the centre code read the same way; subtracted from the masked bytes (mod 256)
+            # they read as int8 (code - 2^(b-1)) * 2^(k*b)
+            self._shift = torch.tensor(
+                [_centre_code(bits) << (k * bits) for k in range(per)], dtype=torch.uint8, device=data.device
+            ).view(1, per, 1)
+            self._pow = (1.0 / self._inv).double().view(per)  # 2^(k*b)
+            self._sizes_t = torch.tensor(self.sizes, dtype=torch.float64, device=data.device)
+            self._row_sums = self._exact_row_sums()  # (n, L_r) float64: sum(Q_il)
 
     @classmethod
     def from_basis(
@@ -239,11 +283,13 @@ class Projection:
         bits: int,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         kernel: str | None = None,
+        **meta,
     ) -> "Projection":
-        """Quantise and pack a float basis (n, m) per (candidate, block)."""
+        """Quantise and pack a float basis (n, m) per (candidate, block); ``meta``: start, basis_name."""
         check_bits(bits)
         if bits == 32:
-            return cls(center, basis.float().contiguous(), sizes, 32, max_chunk_bytes=max_chunk_bytes, kernel=kernel)
+            return cls(center, basis.float().contiguous(), sizes, 32, max_chunk_bytes=max_chunk_bytes, kernel=kernel,
+                       **meta)
         n = basis.shape[0]
         parts, scales, offsets, pos = [], [], [], 0
         for m in sizes:
@@ -252,16 +298,18 @@ class Projection:
             scales.append(scale)
             offsets.append(offset)
             pos += m
-        data = torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, dtype=torch.uint8)
+        dev = basis.device
+        data = torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, dtype=torch.uint8, device=dev)
         return cls(
             center,
             data.contiguous(),
             sizes,
             bits,
-            torch.stack(scales, dim=1) if scales else torch.zeros(n, 0),
-            torch.stack(offsets, dim=1) if offsets else torch.zeros(n, 0),
+            torch.stack(scales, dim=1) if scales else torch.zeros(n, 0, device=dev),
+            torch.stack(offsets, dim=1) if offsets else torch.zeros(n, 0, device=dev),
             max_chunk_bytes,
             kernel,
+            **meta,
         )
 
     @property
@@ -282,6 +330,7 @@ class Projection:
         return Projection(
             self.center.to(device), self.data.to(device), self.sizes, self.bits,
             move(self.scale), move(self.offset), self.max_chunk_bytes, self.kernel,
+            start=move(self.start), basis_name=self.basis_name,
         )
 
     def dequantized(self) -> torch.Tensor:
@@ -306,64 +355,100 @@ class Projection:
         per, cols, dev = 8 // self.bits, self._max_cols, self.data.device
         return (
             torch.empty(self.n * per * cols, device=dev),
-            torch.empty(self.n * per * cols if per > 1 else 0, dtype=torch.uint8, device=dev),
+            torch.empty(self.n * per * cols, dtype=torch.uint8, device=dev),
             torch.empty(per * cols, device=dev),
         )
 
-    def _unpack(self, raw: torch.Tensor, work) -> torch.Tensor:
-        """Packed bytes raw (n, B) -> (n, per, B) float: code k of byte j times 2^(k*b)."""
+    def _unpack(self, raw: torch.Tensor, work, centred: bool = False) -> torch.Tensor:
+        """Packed bytes raw (n, B) -> (n, per, B) float: code k of byte j times 2^(k*b)
+        (``centred``: (code - 2^(b-1)) times 2^(k*b), exact)."""
         per, cols = 8 // self.bits, raw.shape[1]
         out = work[0][: self.n * per * cols].view(self.n, per, cols)
-        if per == 1:
+        if per == 1 and not centred:
             out[:, 0].copy_(raw)
             return out
-        masked = work[1][: self.n * per * cols].view(self.n, per, cols)
-        torch.bitwise_and(raw.unsqueeze(1), self._masks, out=masked)  # every code k in one pass
-        out.copy_(masked)
+        src = work[1][: self.n * per * cols].view(self.n, per, cols)
+        if per == 1:  # code - 128 as int8 is the byte with its top bit flipped
+            torch.bitwise_xor(raw.unsqueeze(1), 0x80, out=src)
+        else:
+            torch.bitwise_and(raw.unsqueeze(1), self._masks, out=src)  # every code k in one pass
+            if centred:
+                src.sub_(self._shift)  # wraps mod 256: the bytes now read as int8
+        out.copy_(src.view(torch.int8) if centred else src)
         return out
 
-    def _deinterleave(self, g: torch.Tensor, work) -> torch.Tensor:
-        """g (s,) -> (per, B) with [k, j] = g[j*per + k] * 2^(-k*b), zero past the end."""
+    @staticmethod
+    def _piecewise_mv(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (k, n) float32: row j = a[:, piece j] @ x[piece j], pieces of SUM_PIECE columns
+        of a (n, s) and x (s,); k = ceil(s / SUM_PIECE). The caller adds the rows in float64."""
+        for j, p in enumerate(range(0, x.shape[0], SUM_PIECE)):
+            torch.mv(a[:, p : p + SUM_PIECE], x[p : p + SUM_PIECE], out=out[j])
+
+    def _deinterleave(self, g: torch.Tensor, work, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """g (s,) -> (per, B) with [k, j] = g[j*per + k] * 2^(-k*b), zero past the end.
+
+        ``mean`` (0-dim) is subtracted first, in the same pass: [k, j] = fl(g - mean) * 2^(-k*b).
+        """
         per = 8 // self.bits
         s = g.shape[0]
         cols = -(-s // per)
         gt = work[2][: per * cols].view(per, cols)
         full = s // per
         if full:
-            torch.mul(g[: full * per].view(full, per).t(), self._inv, out=gt[:, :full])
+            src = g[: full * per].view(full, per).t()
+            if mean is None:
+                torch.mul(src, self._inv, out=gt[:, :full])
+            else:  # (g - mean) * 2^(-k*b): the scaling by a power of two is exact
+                torch.addcmul(-mean * self._inv, src, self._inv, out=gt[:, :full])
         if full < cols:
             gt[:, full].zero_()
             r = s - full * per
-            gt[:r, full] = g[full * per :] * self._inv[:r, 0]
+            tail = g[full * per :] if mean is None else g[full * per :] - mean
+            gt[:r, full] = tail * self._inv[:r, 0]
         return gt
 
     def _float_codes(self, ch: _Chunk, work) -> torch.Tensor:
-        """Float codes (n, end-start) of a chunk of several small blocks (b < 32)."""
+        """Float codes (n, end-start) of a chunk (b < 32): exact integers."""
         raw = self.data[:, ch.col_start : ch.col_end]
         per, cols = 8 // self.bits, raw.shape[1]
         scaled = self._unpack(raw, work)  # (n, per, B)
         vals = (scaled * self._inv).transpose(1, 2).reshape(self.n, cols * per)
-        return vals[:, ch.keep]
+        return vals[:, ch.keep] if ch.keep is not None else vals[:, : ch.end - ch.start]
+
+    def _exact_row_sums(self) -> torch.Tensor:
+        """sum(Q_il) over each block's entries, (n, L_r) float64 (b < 32; integer codes summed exactly)."""
+        codes = torch.zeros(self.n, self.num_blocks, dtype=torch.float64, device=self.data.device)
+        work = self._workspace()
+        for ch in self._chunks:
+            vals = self._float_codes(ch, work)
+            if ch.block is not None:
+                codes[:, ch.block] += vals.sum(dim=1, dtype=torch.float64)
+            else:
+                codes.index_add_(1, ch.seg, vals.double())
+        return self.offset.double() * self._sizes_t + self.scale.double() * codes
+
+    def _block_means(self, g: torch.Tensor) -> torch.Tensor:
+        """g (m,) -> (L_r,) float32 mean of each block (0 for an empty block)."""
+        if not self.sizes:
+            return g.new_zeros(0)
+        sums = torch.stack([part.sum() for part in g.split(self.sizes)])
+        return (sums / self._sizes_t.clamp(min=1)).float()
 
     def _use_compiled(self) -> bool:
         return self.kernel == "compiled" and not _COMPILE_FAILED
 
-    def _chunk_dot(self, raw: torch.Tensor, gc: torch.Tensor, out: torch.Tensor, work) -> None:
-        """out (n,) = <codes, g> per candidate for one single-block chunk: raw (n, B), gc (s,)."""
-        if self.bits == 8:
-            codes = work[0][: raw.numel()].view(raw.shape)
-            codes.copy_(raw)
-            torch.mv(codes, gc, out=out)
-            return
-        gt = self._deinterleave(gc, work)  # (per, B), scaled by 2^(-k*b)
-        if self._use_compiled():
+    def _chunk_dot(self, raw: torch.Tensor, gt: torch.Tensor, out: torch.Tensor, work) -> None:
+        """<codes - 2^(b-1), g> per candidate for one single-block chunk, raw (n, B) and gt
+        (per, B) the de-interleaved g, as partial sums out (k, n) (see ``_piecewise_mv``)."""
+        if self.bits < 8 and self._use_compiled():
             try:
-                out.copy_(_compiled("grad", self.bits)(raw, gt))
+                out[0].copy_(_compiled("grad", self.bits)(raw, gt))
+                out[1:].zero_()
                 return
             except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
                 _compile_failed(exc)
-        scaled = self._unpack(raw, work)  # (n, per, B)
-        torch.mv(scaled.view(self.n, -1), gt.view(-1), out=out)
+        scaled = self._unpack(raw, work, centred=True)  # (n, per, B)
+        self._piecewise_mv(scaled.view(self.n, -1), gt.view(-1), out)
 
     def _chunk_combine(self, raw: torch.Tensor, w: torch.Tensor, dst: torch.Tensor, work) -> None:
         """dst (s,) += sum_i w_i * codes_i for one single-block chunk."""
@@ -396,28 +481,52 @@ class Projection:
     # ------------------------------------------------------------ kernels
 
     def coef_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """Gradient slice g (m,) -> coefficient gradient G (n, L_r) = Q g per block."""
+        """Gradient slice g (m,) -> coefficient gradient G (n, L_r) = Q g per block.
+
+        Float32 products, float64 sums of pieces and of the terms; b < 32 on the centred
+        gradient and codes (the module docstring says why and how).
+        """
         g = g.to(self.data.device, torch.float32).contiguous()
-        dot = torch.zeros(self.n, self.num_blocks, device=g.device)
+        dot = torch.zeros(self.n, self.num_blocks, dtype=torch.float64, device=g.device)
+        # float32 partial dot products: SUM_PIECE-column pieces of the single-block chunks, in order
+        parts = torch.empty(self._pieces[-1], self.n, device=g.device)
         if self.bits == 32:
-            for ch in self._chunks:
-                vals = self.data[:, ch.start : ch.end]  # (n, s)
-                gc = g[ch.start : ch.end]
-                if ch.block is not None:
-                    dot[:, ch.block] += vals @ gc
-                else:
-                    dot.index_add_(1, ch.seg, vals * gc)
-            return dot
+            for c, ch in enumerate(self._single):
+                out = parts[self._pieces[c] : self._pieces[c + 1]]
+                self._piecewise_mv(self.data[:, ch.start : ch.end], g[ch.start : ch.end], out)
+            self._sum_pieces(parts, dot)
+            for ch in self._grouped:  # small blocks sharing a chunk: products summed in float64
+                dot.index_add_(1, ch.seg, (self.data[:, ch.start : ch.end] * g[ch.start : ch.end]).double())
+            return dot.float()
+        # b < 32: G = scale * <codes - 2^(b-1), gc> + middle * sum(gc) + sum(Q) * mean, where
+        # gc = g - mean as rounded (its sum is not quite 0) and middle = offset + scale * 2^(b-1)
+        mean = self._block_means(g)  # (L_r,)
+        gt_sums = torch.empty(len(self._single), 8 // self.bits, device=g.device)
         work = self._workspace()
-        partial = torch.empty(len(self._single), self.n, device=g.device)  # per single-block chunk
         for c, ch in enumerate(self._single):
-            self._chunk_dot(self.data[:, ch.col_start : ch.col_end], g[ch.start : ch.end], partial[c], work)
-        for l, c0, c1 in self._single_runs:  # consecutive chunks of one block (deterministic sums)
-            dot[:, l] = partial[c0:c1].sum(dim=0)
-        for ch in self._grouped:
-            dot.index_add_(1, ch.seg, self._float_codes(ch, work) * g[ch.start : ch.end])
-        gsum = torch.stack([part.sum() for part in g.split(self.sizes)]) if self.sizes else dot.new_zeros(0)
-        return self.scale * dot + self.offset * gsum
+            gt = self._deinterleave(g[ch.start : ch.end], work, mean[ch.block])  # (per, B), centred
+            torch.sum(gt, dim=1, out=gt_sums[c])  # centred values: a float32 sum keeps its digits
+            out = parts[self._pieces[c] : self._pieces[c + 1]]
+            self._chunk_dot(self.data[:, ch.col_start : ch.col_end], gt, out, work)
+        self._sum_pieces(parts, dot)
+        chunk_gc = gt_sums.double() @ self._pow  # (chunks,): sum of gc over each chunk
+        gc_sum = torch.zeros(self.num_blocks, dtype=torch.float64, device=g.device)
+        for l, c0, c1 in self._single_runs:
+            gc_sum[l] = chunk_gc[c0:c1].sum()
+        for ch in self._grouped:  # small blocks sharing a chunk: products summed in float64
+            gc = g[ch.start : ch.end] - mean[ch.seg]
+            gc_sum.index_add_(0, ch.seg, gc.double())
+            codes = self._float_codes(ch, work) - _centre_code(self.bits)
+            dot.index_add_(1, ch.seg, (codes * gc).double())
+        scale = self.scale.double()
+        middle = self.offset.double() + scale * _centre_code(self.bits)
+        return (scale * dot + middle * gc_sum + self._row_sums * mean.double()).float()
+
+    def _sum_pieces(self, parts: torch.Tensor, dot: torch.Tensor) -> None:
+        """dot[:, l] = the float64 sum of the partial dot products (pieces, n) of block l,
+        in order (deterministic)."""
+        for l, c0, c1 in self._single_runs:
+            dot[:, l] = parts[self._pieces[c0] : self._pieces[c1]].sum(dim=0, dtype=torch.float64)
 
     def reconstruct(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Coefficients X (n, L_r) -> weights w (m,) = c + sum_i X_il Q_il per block."""
@@ -458,10 +567,35 @@ def build_projection(
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     center: torch.Tensor | None = None,
     kernel: str | None = None,
+    start: str | int = "mean",
 ) -> Projection:
     """Candidates (n, m) for a run of blocks -> its Projection. ``candidates`` is overwritten.
 
-    ``all_reduce`` and ``center`` are passed to ``build_basis``.
+    Journal bases: ``all_reduce`` and ``center`` are passed to ``build_basis``; X starts at
+    0 (the center), so ``start`` must be "mean".
+
+    ``checkpoints`` (ICLR'23): Q spans the raw candidates and X starts at X0 with
+    w(X0) = s, the start point: ``center`` (m,) when given (the previous round's solution),
+    else the mean, the last or candidate ``start`` (``subspace.start_point``). X0 = U s per
+    block (U the float basis: at b = 32, w(X) = U^T X, the paper's parametrisation), and the
+    stored center is c' = s - Q^T X0, so that
+
+        w(X) = c' + Q^T X,      w(X0) = s exactly (up to float32 rounding).
+
+    c' is s's part outside the span (0 for a candidate or the mean) plus, for b < 32, the
+    quantisation error of Q^T X0, which so never reaches the start point; weights then
+    move by Q^T (X - X0), as with the journal bases.
     """
-    center, u = build_basis(candidates, sizes, basis, all_reduce, center)
-    return Projection.from_basis(center, u, sizes, bits, max_chunk_bytes, kernel)
+    if basis not in RAW_BASES:
+        if start != "mean":
+            raise ValueError(f"start {start!r}: the {basis!r} basis (the journal algorithm) starts at the mean "
+                             f"(X = 0); other start points need basis 'checkpoints'")
+        center, u = build_basis(candidates, sizes, basis, all_reduce, center)
+        return Projection.from_basis(center, u, sizes, bits, max_chunk_bytes, kernel, basis_name=basis)
+    check_start(start, candidates.shape[0])
+    s = start_point(candidates, start) if center is None else center.to(candidates.device, torch.float32).clone()
+    zero, u = build_basis(candidates, sizes, basis)
+    x0 = block_coords(u, s, sizes).float()  # (n, L_r)
+    proj = Projection.from_basis(zero, u, sizes, bits, max_chunk_bytes, kernel, start=x0, basis_name=basis)
+    proj.center = s - proj.reconstruct(x0)  # reconstruct with a zero center: Q^T X0
+    return proj

@@ -22,13 +22,17 @@ def quantize(u: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     """Quantise rows of u (n, m) float -> codes (n, m) uint8, scale (n,), offset (n,).
 
     A constant row (max == min, e.g. a zero direction) gets scale 0 and codes 0, and
-    dequantises exactly to its value.
+    dequantises exactly to its value. Rows of no entries (m = 0, the block of a
+    zero-size parameter) get scale 0 and offset 0.
     """
     check_bits(bits)
     if bits == 32:
         raise ValueError("bits=32 keeps float32 values: there is nothing to quantise")
     levels = (1 << bits) - 1
     u = u.float()
+    if u.shape[1] == 0:  # amin/amax have no identity to return for an empty row
+        zeros = u.new_zeros(u.shape[0])
+        return torch.zeros(u.shape, dtype=torch.uint8, device=u.device), zeros, zeros.clone()
     lo = u.amin(dim=1)
     hi = u.amax(dim=1)
     scale = (hi - lo) / levels
@@ -44,7 +48,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -
 
 
 def packed_bytes(m: int, bits: int) -> int:
-    """Bytes a row of m b-bit codes takes: ceil(m*b/8)."""
+    """Bytes a row of m b-bit codes takes: ceil(m*b/8) (bits=32: 4m, the float32 values).
+
+    The one byte count of the package: projection storage, shard balancing and plans.
+    """
     return (m * bits + 7) // 8
 
 

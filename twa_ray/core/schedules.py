@@ -6,7 +6,7 @@ it in a ``torch.optim.lr_scheduler.LambdaLR`` so that state_dict() resumes it ex
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -15,12 +15,15 @@ SCHEDULES = ("constant", "cosine", "linear", "step", "swa")
 
 @dataclass
 class ScheduleSpec:
-    """What the schedule is; ``total_steps`` is the full budget the schedule is laid out for.
+    """What the schedule is; ``total_steps`` is the full budget the schedule is laid out for,
+    ``epochs`` the same budget in epochs (None: every step counts as one).
 
     - constant: 1.
     - cosine: warmup, then 1 -> final_factor along a half cosine.
     - linear: warmup, then 1 -> final_factor linearly.
-    - step: multiply by ``gamma`` at each milestone (fractions of the budget, e.g. [0.5, 0.75]).
+    - step: multiply by ``gamma`` at each milestone: fractions of the budget (e.g. [0.5, 0.75]),
+      or by default (None) the paper's: epochs int(0.5 * E) and int(0.75 * E + 0.9) of an
+      E-epoch budget (``paper_milestones``), so a user's epoch counts give its schedule.
     - swa: SWA's own schedule: 1 for the first half of ``swa_start``, then linear down to
       ``final_factor`` (swa_lr / lr) at 0.9 * swa_start, then constant (the tail).
     """
@@ -28,18 +31,29 @@ class ScheduleSpec:
     kind: str = "cosine"
     total_steps: int = 1
     warmup_frac: float = 0.0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    milestones: list[float] | None = None
     gamma: float = 0.1
     final_factor: float = 0.0
     swa_start: float = 1.0
+    epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"schedule {self.kind!r} is not one of {list(SCHEDULES)}")
         if self.total_steps < 1:
             raise ValueError(f"schedule total_steps must be >= 1, got {self.total_steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"schedule epochs must be >= 1, got {self.epochs}")
+        if self.milestones is not None:
+            self.milestones = [float(m) for m in self.milestones]
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"schedule warmup must be in [0, 1), got {self.warmup_frac}")
+
+
+def paper_milestones(epochs: int) -> list[int]:
+    """The step schedule's milestones (epochs) in the TWA paper's code for an E-epoch budget:
+    int(0.5 * E) and int(0.75 * E + 0.9), as torch's MultiStepLR stepped once per epoch."""
+    return [int(epochs * 0.5), int(epochs * 0.75 + 0.9)]
 
 
 def lr_factor(step: int, spec: ScheduleSpec) -> float:
@@ -53,7 +67,11 @@ def lr_factor(step: int, spec: ScheduleSpec) -> float:
             return 1.0 - (1.0 - spec.final_factor) * (t - 0.5) / 0.4
         return spec.final_factor
     if spec.kind == "step":
-        return spec.gamma ** sum(t >= m for m in spec.milestones)
+        if spec.milestones is not None:
+            return spec.gamma ** sum(t >= m for m in spec.milestones)
+        epochs = spec.epochs or spec.total_steps
+        # epoch e of E starts at step e * total / E: compared in integers, exactly
+        return spec.gamma ** sum(step * epochs >= e * spec.total_steps for e in paper_milestones(epochs))
     warmup_steps = int(round(spec.warmup_frac * spec.total_steps))
     if step < warmup_steps:
         return (step + 1) / warmup_steps

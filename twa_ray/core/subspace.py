@@ -1,15 +1,26 @@
 """The subspace the candidates span: center, directions and a basis per block.
 
 Candidates W (n, m) cover a run of whole blocks (all of the model, or one worker's
-shard) with block sizes ``sizes`` (sum = m). The center is c = mean_i w_i and the
-directions d_i = w_i - c. Bases:
+shard) with block sizes ``sizes`` (sum = m). Two published algorithms:
 
-- ``normalized`` (journal paper): u_il = d_il / ||d_il|| per block.
+The journal algorithm (centred): the center is c = mean_i w_i (the SWA point, X = 0)
+and the directions d_i = w_i - c span n - 1 dimensions. Bases of the directions:
+
+- ``normalized`` (the journal paper): u_il = d_il / ||d_il|| per block.
 - ``orthonormal``: per block, an orthonormal basis of span{d_il} (Gram-Schmidt on the
   block's n x n Gram matrix in float64, applied twice as in CholeskyQR2).
-- ``orthonormal-global`` (ICLR paper): one orthonormal basis of the whole-model
-  directions, from the whole-model Gram matrix (summed across shards by ``all_reduce``),
-  restricted to each block without renormalisation.
+- ``orthonormal-global``: one orthonormal basis of the whole-model directions, from the
+  whole-model Gram matrix (summed across shards by ``all_reduce``), restricted to each
+  block without renormalisation.
+
+The ICLR'23 algorithm (Li et al., "Trainable Weight Averaging"):
+
+- ``checkpoints``: per block, an orthonormal basis of the *raw* candidates w_il (no
+  centring: n dimensions, so the center itself can be rescaled), w[B_l] = sum_i X_il u_il.
+  With granularity ``model`` (one block) it is the paper's basis exactly; with finer
+  granularity each block gets its own orthonormal basis, so P_l g and the weight decay
+  P_l (wd * w) stay exact per block. Its start point (``start_point``) is the mean, the
+  last or a chosen candidate; ``block_coords`` gives its coordinates.
 
 Dead directions (a zero direction, or one that depends linearly on earlier ones for the
 orthonormal bases) become zero rows: finite, and their coefficients get zero gradient.
@@ -23,7 +34,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BASES = ("normalized", "orthonormal", "orthonormal-global")
+# The journal algorithm's bases: centred directions, X = 0 is the SWA point, weight decay on X.
+JOURNAL_BASES = ("normalized", "orthonormal", "orthonormal-global")
+# The ICLR'23 algorithm's: the raw candidates' span, a start point, weight decay on the
+# weights (toward 0).
+RAW_BASES = ("checkpoints",)
+BASES = JOURNAL_BASES + RAW_BASES
+STARTS = ("mean", "last")  # or an integer index into the candidates
 
 # A direction whose norm is below ZERO_RTOL x the block's scale (center or largest
 # direction) is float32 rounding of the mean, i.e. a candidate equal to the center.
@@ -39,6 +56,32 @@ def check_basis(basis: str) -> str:
     if basis not in BASES:
         raise ValueError(f"basis {basis!r} is not one of {list(BASES)}")
     return basis
+
+
+def check_start(start: str | int, count: int | None = None) -> str | int:
+    """``start`` is "mean", "last" or an index 0 <= K < ``count`` (None: count unknown yet)."""
+    if isinstance(start, bool) or not isinstance(start, (str, int)):
+        raise ValueError(f"start {start!r} is not one of {list(STARTS)} or a candidate index")
+    if isinstance(start, str):
+        if start not in STARTS:
+            raise ValueError(f"start {start!r} is not one of {list(STARTS)} or a candidate index")
+        return start
+    if start < 0:
+        raise ValueError(f"start {start} is not a candidate index >= 0 (use 'last' for the last candidate)")
+    if count is not None and start >= count:
+        raise ValueError(f"start {start} is out of range: there are {count} candidates (indices 0..{count - 1})")
+    return start
+
+
+def start_point(w: torch.Tensor, start: str | int) -> torch.Tensor:
+    """The start point (m,) float32 of candidates w (n, m): their mean (accumulated in
+    float64), the last one, or candidate ``start``."""
+    check_start(start, w.shape[0])
+    if w.shape[0] == 0:
+        raise ValueError("no candidates to start from")
+    if start == "mean":
+        return (w.sum(dim=0, dtype=torch.float64) / w.shape[0]).float()
+    return w[-1 if start == "last" else start].float().clone()
 
 
 def center_and_directions(w: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +124,17 @@ def _apply_coeffs(coeffs: torch.Tensor, d: torch.Tensor) -> None:
     for a in range(0, d.shape[1], _CHUNK):
         blk = d[:, a : a + _CHUNK]
         blk.copy_(coeffs @ blk.double())
+
+
+def block_coords(u: torch.Tensor, s: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Coordinates of a point in a per-block basis: u (n, m), s (m,) -> (n, L) float64 with
+    [:, l] = u[:, B_l] @ s[B_l] (float64 over column chunks)."""
+    out = torch.zeros(u.shape[0], len(sizes), dtype=torch.float64, device=u.device)
+    for l, (a, b) in enumerate(_segments(sizes)):
+        for c in range(a, b, _CHUNK):
+            e = min(b, c + _CHUNK)
+            out[:, l] += u[:, c:e].double() @ s[c:e].double()
+    return out
 
 
 def block_grams(d: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -126,18 +180,23 @@ def _block_ref_norms(center: torch.Tensor, d: torch.Tensor, sizes: Sequence[int]
     return refs
 
 
-def _warn_degenerate(d: torch.Tensor, center: torch.Tensor, sizes: Sequence[int]) -> None:
-    """Warn when candidates coincide: their directions are dropped (the result stays finite)."""
+def _warn_degenerate(d: torch.Tensor, center: torch.Tensor, sizes: Sequence[int], centred: bool = True) -> None:
+    """Warn when candidates coincide: their directions are dropped (the result stays finite).
+
+    ``centred``: d are directions from ``center``; else d are the raw candidates."""
     if d.shape[0] == 0 or d.shape[1] == 0:
         return
     zero = _norm(d) <= ZERO_RTOL * max(float(_norm(center[None])[0]), float(_norm(d).max()), 1e-30)
     if bool(zero.all()):
-        log.warning("all %d candidates equal their center in these %d coordinates: TWA cannot move away "
-                    "from it (the result is the candidates' common value)", d.shape[0], d.shape[1])
+        if centred:
+            log.warning("all %d candidates equal their center in these %d coordinates: TWA cannot move away "
+                        "from it (the result is the candidates' common value)", d.shape[0], d.shape[1])
+        else:
+            log.warning("all %d candidates are zero in these %d coordinates: they stay zero", d.shape[0], d.shape[1])
         return
     if bool(zero.any()):
-        log.warning("candidate(s) %s equal the center: their directions are zero and stay unused",
-                    zero.nonzero().flatten().tolist())
+        log.warning("candidate(s) %s %s: their directions are zero and stay unused",
+                    zero.nonzero().flatten().tolist(), "equal the center" if centred else "are zero")
     rows = d[~zero]
     gram = _gram(rows)
     norms = gram.diagonal().sqrt()
@@ -145,6 +204,15 @@ def _warn_degenerate(d: torch.Tensor, center: torch.Tensor, sizes: Sequence[int]
     same = (cosine > 1 - 1e-10).sum() - rows.shape[0]
     if same > 0:
         log.warning("%d pair(s) of candidates are identical up to scale: they add no direction", int(same) // 2)
+
+
+def _orthonormalise_blocks(w: torch.Tensor, sizes: Sequence[int], refs: list[float]) -> None:
+    """Rows of each block of w (n, m) -> an orthonormal basis of their span, in place."""
+    for _ in range(2):  # the second pass restores orthogonality lost to rounding
+        grams = block_grams(w, sizes)
+        for (a, b), gram, ref in zip(_segments(sizes), grams, refs):
+            _apply_coeffs(gram_schmidt_coeffs(gram, ref), w[:, a:b])
+        refs = [1.0] * len(sizes)  # after one pass, kept rows have norm 1
 
 
 def build_basis(
@@ -158,12 +226,23 @@ def build_basis(
 
     ``sizes`` are the block sizes of this run of blocks. ``all_reduce`` sums a tensor
     over the shards of a sharded model (needed by ``orthonormal-global`` only; None
-    means this run of blocks is the whole model). ``center`` (m,) replaces the mean as
-    the origin (X = 0), e.g. the previous round's solution when candidates come in rounds.
+    means this run of blocks is the whole model); it is given float64 tensors on
+    ``w``'s device only. ``center`` (m,) replaces the mean as the origin (X = 0), e.g.
+    the previous round's solution when candidates come in rounds.
+
+    ``checkpoints`` spans the raw candidates: its center is zero (w = sum_i X_i u_i) and
+    ``center`` is not accepted (``build_projection``'s start point takes its place).
     """
     check_basis(basis)
     if sum(sizes) != w.shape[1]:
         raise ValueError(f"block sizes sum to {sum(sizes)}, candidates have {w.shape[1]} columns")
+    if basis in RAW_BASES:
+        if center is not None:
+            raise ValueError(f"basis {basis!r} spans the raw candidates and has no center; give a start point instead")
+        center = torch.zeros(w.shape[1], device=w.device)
+        _warn_degenerate(w, center, sizes, centred=False)
+        _orthonormalise_blocks(w, sizes, _block_ref_norms(center, w, sizes))
+        return center, w
     center = center_and_directions(w, center)
     _warn_degenerate(w, center, sizes)
     refs = _block_ref_norms(center, w, sizes)
@@ -176,14 +255,11 @@ def build_basis(
             blk.mul_(inv.float()[:, None])
         return center, w
     if basis == "orthonormal":
-        for _ in range(2):  # the second pass restores orthogonality lost to rounding
-            grams = block_grams(w, sizes)
-            for (a, b), gram, ref in zip(_segments(sizes), grams, refs):
-                _apply_coeffs(gram_schmidt_coeffs(gram, ref), w[:, a:b])
-            refs = [1.0] * len(sizes)  # after one pass, kept rows have norm 1
+        _orthonormalise_blocks(w, sizes, refs)
         return center, w
     # orthonormal-global: one Gram matrix over every block of every shard
-    ref2 = torch.tensor([sum(r * r for r in refs)], dtype=torch.float64)
+    # every tensor handed to all_reduce lives on the candidates' device (NCCL takes no CPU tensors)
+    ref2 = torch.tensor([sum(r * r for r in refs)], dtype=torch.float64, device=w.device)
     if all_reduce is not None:
         ref2 = all_reduce(ref2)
     ref = float(ref2.sqrt())

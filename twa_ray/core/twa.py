@@ -1,7 +1,21 @@
 """TWA: train the averaging coefficients X of saved candidates in a plain PyTorch loop.
 
-    w(X)[B_l] = c[B_l] + sum_i X[i, l] * Q_il         X: (n, L), starts at 0 (= SWA)
+    w(X)[B_l] = c[B_l] + sum_i X[i, l] * Q_il         X: (n, L), starts at X0
     dLoss/dX[i, l] = < Q_il , g[B_l] >                 g = dLoss/dw at w(X)
+
+Both published algorithms (``twa_ray.core.subspace``):
+
+- journal (bases ``normalized``, ``orthonormal``, ``orthonormal-global``): c is the SWA
+  point and X0 = 0. Weight decay acts on X (toward the SWA point), as the optimizer's.
+- ICLR'23 (basis ``checkpoints``): Q is an orthonormal basis of the raw candidates,
+  X0 its coordinates of the start point (``projection.start``). Weight decay acts on the
+  weights, toward 0: with SGD the coefficient gradient is
+
+      G = Q (g + wd * w(X))          (the projection of g and of wd * w)
+
+  and momentum runs on X. With b = 32 (Q orthonormal, c' outside its span) this is
+  G = Q g + wd * X: the paper's update of w = Q^T X, momentum included. AdamW keeps its
+  decoupled decay X <- (1 - lr * wd) X, the same shrinking of w projected on the span.
 
 One ``step()`` after ``loss.backward()``:
 
@@ -25,6 +39,7 @@ from .collectives import Collectives, LocalCollectives
 from .params import ParamLayout, assign_flat, flatten_grads, flatten_state, stack_flat
 from .projection import DEFAULT_CHUNK_BYTES, Projection, build_projection
 from .schedules import ScheduleSpec, make_optimizer, make_scheduler
+from .subspace import RAW_BASES
 
 
 class TWA:
@@ -32,22 +47,24 @@ class TWA:
 
     Args:
         model: the model whose trainable parameters are w (D values); it is moved to
-            the SWA point w(0) = c at construction.
+            the start point w(X0) at construction (the SWA point for the journal bases).
         projection: Q and c for this rank's run of blocks (all blocks with one process).
         num_blocks: L, the number of blocks of the whole model.
         block_range: (l0, l1), the blocks this rank's projection covers.
-        optimizer: "sgd" or "adamw" over X; lr, momentum, weight_decay, nesterov as usual.
+        optimizer: "sgd" or "adamw" over X; lr, momentum, nesterov as usual;
+            weight_decay where the projection's algorithm puts it (the module docstring).
         schedule: a ScheduleSpec (steps = ``step()`` calls); None = constant.
         grad_clip: clip the model gradient's global norm to this value (None = off).
         collectives: how ranks combine; default: one process.
 
-    Example:
-        >>> twa = TWA.from_candidates(model, [sd1, sd2, sd3], bits=4, lr=0.1)
-        >>> for x, y in loader:
-        ...     model.zero_grad()
-        ...     nn.functional.cross_entropy(model(x), y).backward()
-        ...     twa.step()
-        >>> torch.optim.swa_utils.update_bn(loader, model)
+    Example (the ``twa_ray.core`` docstring has a runnable one)::
+
+        twa = TWA.from_candidates(model, [sd1, sd2, sd3], bits=4, lr=0.1)
+        for x, y in loader:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            twa.step()
+        recalibrate_bn(model, loader)
     """
 
     def __init__(
@@ -82,7 +99,17 @@ class TWA:
         self.grad_clip = grad_clip
         device = projection.data.device
         self.X = torch.zeros(projection.n, num_blocks, device=device, requires_grad=True)
-        self.optimizer = make_optimizer([self.X], optimizer, lr, momentum, weight_decay, nesterov)
+        if projection.start is not None:  # every rank knows its blocks' start: summed, X0 everywhere
+            with torch.no_grad():
+                x0 = torch.zeros_like(self.X)
+                x0[:, self.block_range[0] : self.block_range[1]] = projection.start
+                self.X.copy_(self.comm.all_reduce_sum(x0))
+        # ICLR'23 with SGD: weight decay on w, through the coefficient gradient (not the optimizer's)
+        self.weight_decay_on_weights = (
+            weight_decay if projection.basis_name in RAW_BASES and optimizer == "sgd" and weight_decay else 0.0
+        )
+        opt_decay = 0.0 if self.weight_decay_on_weights else weight_decay
+        self.optimizer = make_optimizer([self.X], optimizer, lr, momentum, opt_decay, nesterov)
         self.scheduler = make_scheduler(self.optimizer, schedule or ScheduleSpec(kind="constant"))
         self.num_steps = 0
         self._grad = torch.empty(self.layout.num_params, device=device)
@@ -98,11 +125,13 @@ class TWA:
         bits: int = 32,
         granularity: str = "tensor",
         basis: str = "normalized",
+        start: str | int = "mean",
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         **kwargs: Any,
     ) -> "TWA":
         """One-process TWA from candidates: an (n, D) matrix, or a list of flat vectors
-        or state_dicts of ``model``'s architecture."""
+        or state_dicts of ``model``'s architecture. ``start`` ("mean", "last" or a candidate
+        index; ``checkpoints`` basis only) is where X starts."""
         layout = ParamLayout.from_model(model)
         if isinstance(candidates, torch.Tensor):
             w = candidates.float().clone()
@@ -115,7 +144,7 @@ class TWA:
             raise ValueError(f"candidates have {w.shape[1]} values, model has {layout.num_params}")
         device = next(model.parameters()).device
         blocks = make_blocks(layout.numels, granularity)
-        proj = build_projection(w.to(device), blocks.sizes, basis, bits, max_chunk_bytes=max_chunk_bytes)
+        proj = build_projection(w.to(device), blocks.sizes, basis, bits, max_chunk_bytes=max_chunk_bytes, start=start)
         return cls(model, proj, len(blocks), **kwargs)
 
     @property
@@ -124,16 +153,25 @@ class TWA:
 
     @torch.no_grad()
     def coefficient_grad(self) -> torch.Tensor:
-        """The coefficient gradient G (n, L) of the gradient now in the model (steps 1-3)."""
+        """The coefficient gradient G (n, L) of the gradient now in the model (steps 1-3),
+        with the ICLR'23 weight decay on the weights when it applies."""
         g = flatten_grads(self.model, self._grad)
         g_own = self.comm.reduce_scatter_sum(g)
         grad = torch.zeros_like(self.X)
         l0, l1 = self.block_range
-        grad[:, l0:l1] = self.projection.coef_grad(g_own)
+        clip = 1.0
         if self.grad_clip is not None:
             norm2 = self.comm.all_reduce_sum(g_own.double().pow(2).sum().reshape(1))
             clip = min(1.0, self.grad_clip / (float(norm2.sqrt()) + 1e-6))
-            grad.mul_(clip)
+        if self.weight_decay_on_weights:
+            # one projection of (clipped g) + wd * w: the decay is not clipped, as in torch's optimizers
+            start, end = self.comm.ranges[self.comm.rank]
+            w_own = self._weights[start:end]
+            grad[:, l0:l1] = self.projection.coef_grad(torch.add(g_own * clip, w_own, alpha=self.weight_decay_on_weights))
+        else:
+            grad[:, l0:l1] = self.projection.coef_grad(g_own)
+            if clip != 1.0:
+                grad.mul_(clip)
         return self.comm.all_reduce_sum(grad)
 
     def step(self) -> None:

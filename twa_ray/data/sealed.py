@@ -1,7 +1,7 @@
 """The test split sealed away from every stage that trains or selects.
 
 Training and selection stages get a ``SealedSplit`` in place of the test split: any read
-raises. Only the final evaluation unseals it (``builders.splits_from_config(...,
+raises. Only the final evaluation unseals it (``data.from_config.splits_from_config(...,
 include_test=True)``), and each unsealing is logged and, when the environment variable
 ``TWA_RAY_TEST_AUDIT`` names a file, appended to it (one line per read), so a sweep can
 prove that its trials never read the test split.

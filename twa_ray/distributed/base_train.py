@@ -1,7 +1,7 @@
 """Base training on Ray Train (data parallel): it saves the candidates TWA averages.
 
     from twa_ray.config import load_config
-    from twa_ray.ray_env import init_ray
+    from twa_ray.distributed.ray_env import init_ray
     from twa_ray.distributed.base_train import run_base_training
 
     init_ray()
@@ -19,10 +19,16 @@ The driver (:func:`run_base_training`) launches a ``TorchTrainer`` whose workers
 - Rank 0 writes candidates into the store at ``cfg.store_uri``: the initial weights
   (epoch 0), one per epoch, optionally every ``train.save_every_steps`` steps, all from
   ``train.save_from_epoch`` on. Each carries info {kind, epoch, step, lr, metrics}.
+- Rank 0 keeps an exponential moving average of the weights, updated after every
+  optimizer step (``core.baselines.ema_update_``, timm ModelEmaV3's decay with
+  ``baselines.ema_decay`` and ``baselines.ema_warmup``): the EMA baseline.
 - Every epoch all ranks report metrics; rank 0 attaches a checkpoint (model, optimizer,
-  scheduler, epoch, step, metrics history). A restarted worker group (FailureConfig) or
-  a re-run with the same run name resumes at the next epoch; candidates already in the
-  store (same global step) are not written twice.
+  scheduler, EMA, epoch, step, metrics history). A restarted worker group (FailureConfig)
+  or a re-run with the same run name resumes at the next epoch, exactly (the EMA too);
+  candidates already in the store (same global step) are not written twice.
+- The full-budget comparison (:func:`run_full_budget_training`) continues from base
+  training's last checkpoint to the end of the schedule and writes no candidates: its
+  first epochs are base training's by construction.
 
 Base training reads ``splits.train`` only. ``splits.val`` is evaluated each epoch for
 monitoring (val_acc, val_loss); it trains nothing here. The test split is never read.
@@ -38,22 +44,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from ..config import Config, config_from_dict, config_to_dict
+from ..core.baselines import ema_decay, ema_update_
+from ..core.params import ParamLayout, flatten_state, trainable_parameters
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
-from ..builders import model_from_config, splits_from_config
 from ..data import DataSplits
-from ..evaluation import evaluate
+from ..data.from_config import splits_from_config
+from ..models.from_config import model_from_config
+from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
-from .checkpoints import load_ray_checkpoint, ray_checkpoint
+from .checkpoints import CHECKPOINTS_TO_KEEP, load_ray_checkpoint
+from .worker import all_reduce_sum, evaluate_across_ranks, inject_fault, report, seed_rng, sync_batchnorm
 
 log = logging.getLogger(__name__)
 
 STAGE = "base_train"
-CHECKPOINTS_TO_KEEP = 2
 
 
 @dataclass
@@ -61,22 +69,34 @@ class BaseTrainResult:
     """What base training left behind.
 
     Attributes:
-        store_uri: the candidate store (absolute path or URI).
+        store_uri: the candidate store (absolute path or URI); None for the full-budget
+            continuation, which writes no candidates.
         num_candidates: candidates in the store after the run.
-        metrics: one dict per epoch run so far (including epochs of earlier, resumed
-            attempts): epoch, step, train_loss, train_acc, val_loss, val_acc (when there
-            is a val split), lr (of the epoch's last step), time (seconds of the epoch).
-        wall_time_s: seconds the driver spent in ``TorchTrainer.fit`` (start-up included).
+        metrics: one dict per epoch of this stage run so far (including epochs of earlier,
+            resumed attempts): epoch, step, train_loss, train_acc, val_loss, val_acc (when
+            there is a val split), lr (of the epoch's last step), time (seconds of the
+            epoch, its val evaluation included).
+        wall_time_s: seconds the driver spent in ``TorchTrainer.fit`` (start-up included;
+            0 when the result was reused).
         run_path: the Ray Train run folder (checkpoints), ``<storage_path>/<run_name>``.
         run_name: the Ray Train run name (deterministic: a re-run resumes it).
+        checkpoint_path: the last checkpoint (model, optimizer, scheduler, EMA, step), where
+            the full budget continues from and the EMA is read (:func:`read_final`); None
+            when it cannot be found.
     """
 
-    store_uri: str
+    store_uri: str | None
     num_candidates: int
     metrics: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     run_path: str = ""
     run_name: str = ""
+    checkpoint_path: str | None = None
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds inside the training loop: the sum of the epochs' times in ``metrics``."""
+        return float(sum(m.get("time", 0.0) for m in self.metrics))
 
 
 # ---------------------------------------------------------------------------- driver
@@ -90,6 +110,8 @@ def run_base_training(
     run_name: str | None = None,
     storage_path: str | None = None,
     cpus_per_worker: float | None = None,
+    init_checkpoint: str | None = None,
+    write_candidates: bool = True,
 ) -> BaseTrainResult:
     """Train ``cfg.model`` on ``cfg.data``'s train split with Ray Train and fill the candidate store.
 
@@ -103,28 +125,31 @@ def run_base_training(
         storage_path: Ray Train storage instead of ``<cfg.run_dir>/ray``.
         cpus_per_worker: CPUs reserved per worker; default: on a single-node cluster its
             CPUs shared by the workers (whole CPUs when there are enough), else 1.
+        init_checkpoint: a base-training checkpoint (path or URI) to continue from when the
+            run has none of its own yet.
+        write_candidates: False: save no candidates (the full-budget continuation).
 
-    Ray must be initialised (``twa_ray.ray_env.init_ray``). Raises ``ConfigError`` for an
+    Ray must be initialised (``twa_ray.distributed.ray_env.init_ray``). Raises ``ConfigError`` for an
     invalid config and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..ray_env import cluster_has_gpus, worker_runtime_env
+    from .ray_env import cluster_has_gpus, train_logging_config, worker_runtime_env
 
     raw = config_to_dict(cfg)
-    run_dir = _absolute(cfg.run_dir)
+    run_dir = store_fs.absolute(cfg.run_dir)
     raw["output_dir"] = run_dir
-    raw["store"] = _absolute(store_uri or cfg.store_uri)
-    raw["data"]["root"] = _absolute(cfg.data.root)  # workers run in another cwd
+    raw["store"] = store_fs.absolute(store_uri or cfg.store_uri)
+    raw["data"]["root"] = store_fs.absolute(cfg.data.root)  # workers run in another cwd
     if epochs is not None:
         raw["train"]["epochs"] = epochs
         raw["train"]["budget_epochs"] = cfg.train.schedule_epochs
     config_from_dict(raw, where="run_base_training")  # fail here, not in every worker
 
     name = run_name or f"{cfg.name}-base"
-    storage = _absolute(storage_path or os.path.join(run_dir, "ray"))
+    storage = store_fs.absolute(storage_path or os.path.join(run_dir, "ray"))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_has_gpus()
     workers = cfg.train.workers
     if cpus_per_worker is None:
@@ -132,7 +157,8 @@ def run_base_training(
     cpus = cpus_per_worker if cpus_per_worker is not None else _default_cpus_per_worker(workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": raw, "run_storage": store_fs.join(storage, name)},
+        train_loop_config={"config": raw, "run_storage": store_fs.join(storage, name),
+                           "init_checkpoint": init_checkpoint, "write_candidates": write_candidates},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
@@ -140,7 +166,7 @@ def run_base_training(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
-            worker_runtime_env=worker_runtime_env(),
+            worker_runtime_env=worker_runtime_env(), logging_config=train_logging_config(),
         ),
     )
     log.info("base training %s: %d worker(s) x %s CPU%s, %d epochs of a %d-epoch schedule, store %s",
@@ -154,28 +180,72 @@ def run_base_training(
     if result.checkpoint is not None:
         _, info = load_ray_checkpoint(result.checkpoint, with_state=False)
         history = info.get("history", [])
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
+    if not write_candidates:
+        log.info("%s done in %.1f s (%d epochs in all)", name, wall, len(history))
+        return BaseTrainResult(None, 0, history, wall, store_fs.join(storage, name), name, checkpoint_path)
     try:
         num_candidates = len(CandidateStore.open(raw["store"]))
     except FileNotFoundError:
         num_candidates = 0
     log.info("base training %s done in %.1f s: %d candidates in %s", name, wall, num_candidates, raw["store"])
-    return BaseTrainResult(raw["store"], num_candidates, history, wall, store_fs.join(storage, name), name)
+    return BaseTrainResult(raw["store"], num_candidates, history, wall, store_fs.join(storage, name), name,
+                           checkpoint_path)
 
 
-def run_full_budget_training(cfg: Config, **kwargs: Any) -> BaseTrainResult:
-    """Base training for the whole ``train.schedule_epochs`` budget (time-to-accuracy comparison).
+def run_full_budget_training(cfg: Config, base: BaseTrainResult | None = None, **kwargs: Any) -> BaseTrainResult:
+    """The run trained to the end of its schedule (``train.schedule_epochs``): the full-budget comparison.
 
-    Writes to its own store ``<run_dir>/full_budget_candidates`` and run ``<name>-full-budget``,
-    so the candidates of the main run are untouched. ``kwargs`` go to :func:`run_base_training`.
+    It continues ``base``'s last checkpoint (model, optimizer, scheduler, EMA, step; the data
+    order and augmentation follow from the epoch), so only the remaining epochs run and the
+    first ones are base training's by construction. Without that checkpoint it trains from
+    the start (a warning says so). It writes no candidates; its final weights are in the
+    result's ``checkpoint_path`` (:func:`read_final`). The result's ``metrics`` are the
+    epochs it ran itself. Run ``<name>-full-budget``; ``kwargs`` go to :func:`run_base_training`.
     """
-    kwargs.setdefault("store_uri", os.path.join(cfg.run_dir, "full_budget_candidates"))
+    start = base.checkpoint_path if base is not None else None
+    continued_from = int(checkpoint_info(start).get("epoch", 0)) if start is not None else 0
+    if start is None:
+        log.warning("full budget: no base-training checkpoint to continue from; training all %d epochs from "
+                    "the start", cfg.train.schedule_epochs)
+    elif continued_from >= cfg.train.schedule_epochs:  # base training already ran the whole budget
+        return BaseTrainResult(None, 0, [], 0.0, checkpoint_path=start)
     kwargs.setdefault("run_name", f"{cfg.name}-full-budget")
-    return run_base_training(cfg, epochs=cfg.train.schedule_epochs, **kwargs)
+    full = run_base_training(cfg, epochs=cfg.train.schedule_epochs, init_checkpoint=start, write_candidates=False,
+                             **kwargs)
+    full.metrics = [m for m in full.metrics if m.get("epoch", 0) > continued_from]
+    return full
 
 
-def _absolute(path: str) -> str:
-    """Local paths made absolute against the driver's cwd; URIs (s3://...) unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+def checkpoint_info(path: str) -> dict:
+    """The JSON info (epoch, step, history) of a base-training checkpoint at ``path`` (a path or URI)."""
+    import ray.train
+
+    return load_ray_checkpoint(ray.train.Checkpoint(path), with_state=False)[1]
+
+
+def latest_checkpoint(run_path: str) -> str | None:
+    """The latest checkpoint of the Ray Train run at ``run_path`` (a path or URI); None when
+    the run or its checkpoints are gone."""
+    import ray.train
+
+    try:
+        checkpoint = ray.train.Result.from_path(run_path).checkpoint
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        log.debug("no checkpoint in %s: %s", run_path, exc)
+        return None
+    return checkpoint.path if checkpoint is not None else None
+
+
+def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weights, EMA) of a base-training checkpoint as (D,) vectors in ``layout`` order (the
+    candidates' parameter order); the EMA is None in a checkpoint that holds none."""
+    import ray.train
+
+    state, _ = load_ray_checkpoint(ray.train.Checkpoint(checkpoint_path))
+    weights = flatten_state(state["model"], layout, source=checkpoint_path)
+    ema = state.get("ema")
+    return weights, None if ema is None else ema.float()
 
 
 def _default_cpus_per_worker(workers: int) -> float:
@@ -189,142 +259,15 @@ def _default_cpus_per_worker(workers: int) -> float:
     return float(math.floor(share)) if share >= 1 else share
 
 
-# ---------------------------------------------------------------------------- worker
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker of base training; ``config`` is {"config": config dict, "run_storage": path}."""
-    cfg = config_from_dict(config["config"], where="train_loop_config")
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if rank == 0:
-        _ensure_worker_logging()
-    device = ray.train.torch.get_device()
-    tc = cfg.train
-
-    if cfg.data.download and world > 1:  # one download per node, then the others read it
-        if ctx.get_local_rank() == 0:
-            splits = splits_from_config(cfg)
-        _barrier(device)
-        if ctx.get_local_rank() != 0:
-            splits = splits_from_config(cfg)
-    else:
-        splits = splits_from_config(cfg)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = model_from_config(cfg, splits)
-    if cfg.model.sync_bn and world > 1:
-        if device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
-            if rank == 0:
-                log.warning("model.sync_bn ignored: SyncBatchNorm needs GPUs; each CPU worker keeps its own batch statistics")
-        else:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-
-    num_train = len(splits.train)
-    drop_last = _drop_last(num_train, cfg.data.batch_size, world)
-    steps_per_epoch = batches_per_epoch(num_train, cfg.data.batch_size, drop_last)
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no batch of the {num_train} training images")
-    spec = ScheduleSpec(
-        kind=tc.schedule, total_steps=tc.schedule_epochs * steps_per_epoch, warmup_frac=tc.warmup,
-        milestones=list(tc.milestones), gamma=tc.gamma, final_factor=tc.final_lr_factor, swa_start=tc.swa_start,
-    )
-
-    state, info = None, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state, info = load_ray_checkpoint(checkpoint)
-        net.load_state_dict(state["model"])
-    start_epoch = int(info.get("epoch", 0)) + 1
-    step = int(info.get("step", 0))
-    history: list[dict] = list(info.get("history", []))
-
-    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; net stays the unwrapped module
-    optimizer = make_optimizer(net.parameters(), tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.nesterov)
-    scheduler = make_scheduler(optimizer, spec)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        del state
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, reduction="sum")
-
-    writer = _CandidateWriter(cfg, net, splits, steps_per_epoch, resumed=checkpoint is not None) if rank == 0 else None
-    if rank == 0:
-        log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
-                 world, device, num_train, steps_per_epoch, start_epoch, tc.epochs, tc.schedule_epochs)
-    if writer is not None and tc.save_initial and checkpoint is None:  # resumed: the initial weights are gone
-        writer.save(net, kind="initial", step=0, lr=optimizer.param_groups[0]["lr"], metrics={})
-
-    for epoch in range(start_epoch, tc.epochs + 1):
-        _maybe_fail(cfg, epoch, rank, world, config["run_storage"])
-        started = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)  # augmentation: resumable per epoch
-        sampler = ShardedBatchSampler(num_train, cfg.data.batch_size, rank, world, cfg.seed, epoch, drop_last=drop_last)
-        loader = loader_for(splits.train, sampler, num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda")
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples (this rank)
-        lr = optimizer.param_groups[0]["lr"]
-        for (x, y), global_size in zip(loader, sampler.global_sizes):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = optimizer.param_groups[0]["lr"]
-            out = model(x)  # (B_local, num_classes)
-            loss_sum = criterion(out, y)
-            # DDP averages over ranks: world / global_size makes it the global batch's mean loss
-            loss = loss_sum * (world / global_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            with torch.no_grad():
-                sums[0] += loss_sum.detach()
-                sums[1] += (out.argmax(1) == y).sum()
-                sums[2] += len(y)
-            if (writer is not None and tc.save_every_steps and step % tc.save_every_steps == 0
-                    and step != epoch * steps_per_epoch):  # the epoch's end is saved below
-                writer.save(net, kind="step", step=step, lr=lr, metrics={"train_loss": float(loss_sum) / max(1, len(y))})
-
-        sums = _all_reduce_sum(sums.cpu())
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": float(sums[0] / sums[2]),
-            "train_acc": float(100.0 * sums[1] / sums[2]),
-            **_val_metrics(net, splits, rank, world, device, cfg.data.eval_batch_size),
-            "lr": lr,
-            "time": time.perf_counter() - started,
-        }
-        history.append(metrics)
-        if writer is not None:
-            writer.save(net, kind="epoch", step=step, lr=lr, metrics=metrics)
-            log.info("epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %s, lr %.5g, %.1f s", epoch, tc.epochs,
-                     metrics["train_loss"], metrics["train_acc"],
-                     f"{metrics['val_acc']:.2f}%" if "val_acc" in metrics else "-", lr, metrics["time"])
-        ckpt_state = None
-        if rank == 0:
-            ckpt_state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step}
-        with ray_checkpoint(ckpt_state, {"epoch": epoch, "step": step, "history": history}) as ckpt:
-            ray.train.report(metrics, checkpoint=ckpt)  # every rank, once per epoch
-
-
-def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:
-    """Drop a last global batch so small that a rank would get fewer than 2 examples (BatchNorm)."""
-    remainder = num_examples % batch_size
-    return 0 < remainder < 2 * world
-
-
 class _CandidateWriter:
     """Rank 0's writes into the candidate store; skips steps the store already holds (resume)."""
 
-    def __init__(self, cfg: Config, net: nn.Module, splits: DataSplits, steps_per_epoch: int, resumed: bool) -> None:
+    def __init__(self, cfg: Config, net: nn.Module, splits: DataSplits, steps_per_epoch: int, resumed: bool,
+                 run_storage: str) -> None:
         meta = {
             "config": config_to_dict(cfg), "stage": STAGE, "model": cfg.model.name, "dataset": cfg.data.name,
             "num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size,
+            "base_run": run_storage,  # its last checkpoint: the EMA and where the full budget continues
         }
         self.store = CandidateStore.create_for_model(cfg.store_uri, net, meta=meta, exist_ok=True)
         self.steps_per_epoch = steps_per_epoch
@@ -349,17 +292,181 @@ class _CandidateWriter:
         log.debug("candidate %d: %s", index, info)
 
 
-def _val_metrics(net: nn.Module, splits: DataSplits, rank: int, world: int, device, batch_size: int) -> dict:
-    """Loss and accuracy on the val split (monitoring only), each rank evaluating every world-th image."""
-    if len(splits.val) == 0:
+# ---------------------------------------------------------------------------- worker
+
+
+@dataclass
+class _Trainer:
+    """One worker's training set-up and progress (``step``, ``history``)."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    splits: DataSplits
+    net: nn.Module  # the plain module (candidates, checkpoints)
+    model: nn.Module  # ``net`` wrapped in DDP when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    drop_last: bool
+    steps_per_epoch: int
+    writer: _CandidateWriter | None  # rank 0 only
+    start_epoch: int
+    step: int
+    history: list[dict]
+    ema: list[torch.Tensor] | None  # rank 0 only: the EMA of each trainable parameter
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker of base training; ``config`` is {"config": config dict, "run_storage": path}."""
+    t = _setup(config)
+    tc = t.cfg.train
+    if t.writer is not None and tc.save_initial and t.start_epoch == 1:  # a resumed run has no initial weights
+        t.writer.save(t.net, kind="initial", step=0, lr=t.optimizer.param_groups[0]["lr"], metrics={})
+    progress = Progress("base training", total=tc.epochs, steps_per_unit=t.steps_per_epoch, start=t.start_epoch - 1,
+                        logger=log)
+    for epoch in range(t.start_epoch, tc.epochs + 1):
+        inject_fault("base", "epoch", epoch, t.rank, t.world, config["run_storage"], fail_at=t.cfg.debug.fail_at_epoch)
+        metrics = _train_epoch(t, epoch, progress)
+        t.history.append(metrics)
+        if t.writer is not None:
+            t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics)
+            progress.done(epoch - 1, loss=metrics["train_loss"], train_acc=metrics["train_acc"],
+                          val_acc=metrics.get("val_acc", "-"), lr=metrics["lr"])
+        state = None
+        if t.rank == 0:
+            state = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
+                     "scheduler": t.scheduler.state_dict(), "epoch": epoch, "step": t.step,
+                     "ema": torch.cat([e.reshape(-1) for e in t.ema]).cpu()}
+        report(metrics, state, {"epoch": epoch, "step": t.step, "history": t.history})  # every rank, once per epoch
+
+
+def _setup(config: dict) -> _Trainer:
+    """Data, model, optimizer and schedule of this worker, resumed from the latest checkpoint if any."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["config"], where="train_loop_config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    setup_logging(rank=rank)  # one narrating rank, every rank warns
+    device = ray.train.torch.get_device()
+    splits = _load_splits(cfg, ctx.get_local_rank(), world, device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    net = sync_batchnorm(model_from_config(cfg, splits), cfg.model.sync_bn, device, rank, world)
+    num_train, tc = len(splits.train), cfg.train
+    drop_last = _drop_last(num_train, cfg.data.batch_size, world)
+    steps_per_epoch = batches_per_epoch(num_train, cfg.data.batch_size, drop_last)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no batch of the {num_train} training images")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("init_checkpoint"):  # the full budget continues base training
+        checkpoint = ray.train.Checkpoint(config["init_checkpoint"])
+    state, info = load_ray_checkpoint(checkpoint) if checkpoint is not None else (None, {})
+    if state is not None:
+        net.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; net stays the unwrapped module
+    optimizer = make_optimizer(net.parameters(), tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.nesterov)
+    scheduler = make_scheduler(optimizer, ScheduleSpec(
+        kind=tc.schedule, total_steps=tc.schedule_epochs * steps_per_epoch, warmup_frac=tc.warmup,
+        milestones=tc.milestones, gamma=tc.gamma, final_factor=tc.final_lr_factor, swa_start=tc.swa_start,
+        epochs=tc.schedule_epochs,
+    ))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    writer = None
+    if rank == 0 and config.get("write_candidates", True):
+        writer = _CandidateWriter(cfg, net, splits, steps_per_epoch, checkpoint is not None, config["run_storage"])
+    ema = _load_ema(net, state) if rank == 0 else None
+    start_epoch = int(info.get("epoch", 0)) + 1
+    if rank == 0:
+        log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
+                 world, device, num_train, steps_per_epoch, start_epoch, tc.epochs, tc.schedule_epochs)
+    return _Trainer(cfg, rank, world, device, splits, net, model, optimizer, scheduler, drop_last, steps_per_epoch,
+                    writer, start_epoch, int(info.get("step", 0)), list(info.get("history", [])), ema)
+
+
+def _load_ema(net: nn.Module, state: dict | None) -> list[torch.Tensor]:
+    """The EMA of each trainable parameter of ``net``: the checkpoint's, or a copy of the
+    weights (the first update overwrites it: its decay is 0)."""
+    params = trainable_parameters(net)
+    if state is not None and state.get("ema") is not None:
+        flat = state["ema"].to(params[0].device)
+        return [v.view_as(p).clone() for v, p in zip(flat.split([p.numel() for p in params]), params)]
+    if state is not None:
+        log.warning("the checkpoint holds no EMA of the weights (made by an older version): the EMA restarts "
+                    "from its weights")
+    return [p.detach().clone() for p in params]
+
+
+def _load_splits(cfg: Config, local_rank: int, world: int, device: torch.device) -> DataSplits:
+    """The data splits; with ``data.download``, one download per node, then the others read it."""
+    if not (cfg.data.download and world > 1):
+        return splits_from_config(cfg)
+    if local_rank == 0:
+        splits = splits_from_config(cfg)
+    _barrier(device)
+    return splits if local_rank == 0 else splits_from_config(cfg)
+
+
+def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
+    """One epoch of data-parallel SGD; its metrics (train loss and accuracy over all ranks, val, lr, time)."""
+    tc, started = t.cfg.train, time.perf_counter()
+    seed_rng(t.cfg.seed, epoch, t.rank)  # augmentation: resumable per epoch
+    sampler = ShardedBatchSampler(len(t.splits.train), t.cfg.data.batch_size, t.rank, t.world, t.cfg.seed, epoch,
+                                  drop_last=t.drop_last)
+    loader = loader_for(t.splits.train, sampler, num_workers=t.cfg.data.loader_workers,
+                        pin_memory=t.device.type == "cuda")
+    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, reduction="sum")
+    t.model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=t.device)  # loss sum, correct, examples (this rank)
+    lr = t.optimizer.param_groups[0]["lr"]
+    for (x, y), global_size in zip(loader, sampler.global_sizes):
+        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        lr = t.optimizer.param_groups[0]["lr"]
+        out = t.model(x)  # (B_local, num_classes)
+        loss_sum = criterion(out, y)
+        # DDP averages over ranks: world / global_size makes it the global batch's mean loss
+        loss = loss_sum * (t.world / global_size)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip is not None:
+            nn.utils.clip_grad_norm_(t.net.parameters(), tc.grad_clip)
+        t.optimizer.step()
+        t.scheduler.step()
+        if t.ema is not None:
+            b = t.cfg.baselines
+            ema_update_(t.ema, trainable_parameters(t.net), ema_decay(t.step, b.ema_decay, b.ema_warmup))
+        t.step += 1
+        progress.step(epoch - 1, t.step - (epoch - 1) * t.steps_per_epoch)  # a line now and then on long epochs
+        with torch.no_grad():
+            sums[0] += loss_sum.detach()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
+        if (t.writer is not None and tc.save_every_steps and t.step % tc.save_every_steps == 0
+                and t.step != epoch * t.steps_per_epoch):  # the epoch's end is saved by the caller
+            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum) / max(1, len(y))})
+    sums = all_reduce_sum(sums, t.device).cpu()
+    return {
+        "epoch": epoch, "step": t.step,
+        "train_loss": float(sums[0] / sums[2]), "train_acc": float(100.0 * sums[1] / sums[2]),
+        **_val_metrics(t), "lr": lr, "time": time.perf_counter() - started,
+    }
+
+
+def _val_metrics(t: _Trainer) -> dict:
+    """Loss and accuracy on the val split (monitoring only), shared across ranks."""
+    if len(t.splits.val) == 0:
         return {}
-    part = Subset(splits.val, list(range(rank, len(splits.val), world)))
-    res = evaluate(net, part, device, batch_size=batch_size)
-    sums = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
-    if res.count:
-        sums = torch.tensor([res.loss * res.count, res.accuracy * res.count / 100.0, res.count], dtype=torch.float64)
-    sums = _all_reduce_sum(sums)
-    return {"val_loss": float(sums[0] / sums[2]), "val_acc": float(100.0 * sums[1] / sums[2])}
+    res = evaluate_across_ranks(t.net, t.splits.val, t.rank, t.world, t.device, t.cfg.data.eval_batch_size)
+    return {"val_loss": res.loss, "val_acc": res.accuracy}
+
+
+def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:
+    """Drop a last global batch so small that a rank would get fewer than 2 examples (BatchNorm)."""
+    remainder = num_examples % batch_size
+    return 0 < remainder < 2 * world
 
 
 def _barrier(device: torch.device) -> None:
@@ -371,43 +478,3 @@ def _barrier(device: torch.device) -> None:
         dist.barrier(device_ids=[device.index])
     else:
         dist.barrier()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of a small CPU tensor over ranks (identity without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    if dist.get_backend() == "nccl":
-        out = t.to("cuda", torch.float64)
-        dist.all_reduce(out)
-        return out.cpu()
-    dist.all_reduce(t)
-    return t
-
-
-def _maybe_fail(cfg: Config, epoch: int, rank: int, world: int, run_storage: str) -> None:
-    """Drills and tests: the last rank raises once at the start of ``debug.fail_at_epoch``.
-
-    A marker file in the run's storage folder makes the failure happen only once, so the
-    restarted worker group (FailureConfig) gets past it.
-    """
-    if cfg.debug.fail_at_epoch != epoch or rank != world - 1:
-        return
-    loc = store_fs.resolve(run_storage)
-    loc.fs.create_dir(loc.path, recursive=True)
-    marker = store_fs.join(loc.path, f"debug-failed-at-epoch-{epoch}")
-    if store_fs.write_bytes_atomic(loc.fs, marker, b"", overwrite=False):
-        raise RuntimeError(f"debug.fail_at_epoch={epoch}: injected failure on rank {rank} (once; marker {marker})")
-
-
-def _ensure_worker_logging() -> None:
-    """Ray worker processes have no INFO handler: give this package's logger one (rank 0 only)."""
-    pkg = logging.getLogger("twa_ray")
-    if not pkg.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        pkg.addHandler(handler)
-        pkg.setLevel(logging.INFO)
-        pkg.propagate = False

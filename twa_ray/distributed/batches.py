@@ -5,6 +5,11 @@ run seed and the epoch), cuts it into global batches of ``batch_size``, and take
 contiguous slice of each: rank r gets positions [r*B/k, (r+1)*B/k) of a global batch.
 So k workers see exactly the batches one worker would, and a run resumed at step s of
 an epoch skips the first s batches.
+
+A last global batch too small to give every rank an example would leave a rank with an
+empty slice: that rank would skip the forward pass while the others wait in
+SyncBatchNorm's collective. Base training drops such a batch (``drop_last``); TWA folds it
+into the previous batch (``min_last``), so the epoch still covers every example once.
 """
 from __future__ import annotations
 
@@ -25,8 +30,24 @@ def local_slice(global_size: int, rank: int, world_size: int) -> tuple[int, int]
     return global_size * rank // world_size, global_size * (rank + 1) // world_size
 
 
-def batches_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False) -> int:
-    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
+def global_batch_sizes(num_examples: int, batch_size: int, drop_last: bool = False, min_last: int = 0) -> list[int]:
+    """Sizes of an epoch's global batches: full batches, then the remainder.
+
+    ``drop_last`` drops a remainder; otherwise a remainder smaller than ``min_last``
+    joins the previous batch (when there is one).
+    """
+    sizes = [batch_size] * (num_examples // batch_size)
+    remainder = num_examples % batch_size
+    if remainder and not drop_last:
+        if remainder < min_last and sizes:
+            sizes[-1] += remainder
+        else:
+            sizes.append(remainder)
+    return sizes
+
+
+def batches_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False, min_last: int = 0) -> int:
+    return len(global_batch_sizes(num_examples, batch_size, drop_last, min_last))
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -34,11 +55,14 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     ``global_sizes[j]`` is the size of the j-th yielded global batch: dividing a summed
     local loss by it makes the sum over workers the global batch's mean loss.
+    ``drop_last`` and ``min_last`` treat a small last batch as in :func:`global_batch_sizes`;
+    with ``min_last`` a global batch still smaller than it raises ValueError (the whole
+    epoch is one such batch).
     """
 
     def __init__(
         self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int,
-        epoch: int, start_batch: int = 0, drop_last: bool = False,
+        epoch: int, start_batch: int = 0, drop_last: bool = False, min_last: int = 0,
     ) -> None:
         self.num_examples = num_examples
         self.batch_size = batch_size
@@ -49,10 +73,14 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.start_batch = start_batch
         self.drop_last = drop_last
         self.global_sizes: list[int] = []
+        sizes = global_batch_sizes(num_examples, batch_size, drop_last, min_last)
+        if sizes and min(sizes) < min_last:
+            raise ValueError(f"{num_examples} examples in batches of {batch_size} leave a global batch of "
+                             f"{min(sizes)}, fewer than {min_last}")
         order = epoch_order(num_examples, seed, epoch)
         self._batches = []
-        for b in range(start_batch, batches_per_epoch(num_examples, batch_size, drop_last)):
-            batch = order[b * batch_size : (b + 1) * batch_size]
+        for b in range(start_batch, len(sizes)):
+            batch = order[b * batch_size : b * batch_size + sizes[b]]
             lo, hi = local_slice(len(batch), rank, world_size)
             self._batches.append(batch[lo:hi].tolist())
             self.global_sizes.append(len(batch))

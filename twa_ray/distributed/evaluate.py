@@ -1,25 +1,65 @@
-"""Test-split evaluation of weight vectors (candidates, SWA, TWA) in one Ray task.
+"""Evaluation: accuracy and loss of a model on a dataset (plain PyTorch, every stage uses
+it), and the test-split evaluation of weight vectors (candidates, SWA, EMA, TWA, soups)
+in Ray tasks.
 
-Each vector is loaded into a fresh model, BatchNorm is recalibrated on the training
-data (``train_eval``: train indices, eval transform), and the model is evaluated on
-the test split. The task asks for a GPU when the cluster has one.
+For the test split, each vector is loaded into the task's model, BatchNorm is
+recalibrated on ``twa.bn_batches`` shuffled, seeded batches of the training data
+(``train_eval``: train indices, eval transform; ``data.calibration_loader``), and the
+model is evaluated on the test split. Every model gets the same recalibration batches
+and ``update_bn`` resets the statistics first, so a model's result does not depend on
+which task evaluates it or after which other model: :func:`evaluate_parallel` spreads
+the models over tasks with results identical to one task. A task asks for a GPU when
+the cluster has one.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from ..builders import model_from_config, splits_from_config
-from ..config import Config, config_from_dict, config_to_dict
+from ..config import Config
+from ..core.baselines import recalibrate_bn, swa_vector
+from ..core.params import assign_flat
 from ..data import calibration_loader
-from ..core import assign_flat, recalibrate_bn, swa_vector
-from ..evaluation import evaluate
+from ..data.from_config import splits_from_config
+from ..models.from_config import model_from_config
+from ..output.console import Progress
 from ..store import CandidateStore
+from .tasks import run_task, task_device, task_slots
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # percent
+    loss: float
+    count: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader, device: torch.device | str = "cpu", batch_size: int = 512) -> EvalResult:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``data``."""
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    return EvalResult(100.0 * correct / total, loss_sum / total, total)
+
 
 # A source of weights: a store candidate index, the SWA of several, or a (D,) vector.
 Source = Union[int, list, torch.Tensor]
@@ -30,6 +70,7 @@ class Evaluated:
     accuracy: float  # percent
     loss: float
     state_dict: dict | None = None  # with recalibrated BatchNorm, when asked for
+    time_s: float = 0.0  # loading the weights, recalibrating BatchNorm and the test pass
 
 
 def _vector(source: Source, store: CandidateStore | None) -> torch.Tensor:
@@ -47,19 +88,20 @@ def evaluate_sources(
     keep_state: tuple[str, ...] = (),
 ) -> dict[str, Evaluated]:
     """Evaluate each named source on the test split (in this process)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = task_device()
     splits = splits_from_config(cfg, cwd, include_test=True, reason=f"test accuracy of {', '.join(sources)}")
     model = model_from_config(cfg, splits).to(device)
     store = CandidateStore.open(store_uri) if store_uri else None
     bn_loader = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
-    out = {}
-    for name, source in sources.items():
+    out, progress = {}, Progress("evaluation", total=len(sources), unit="model", logger=log)
+    for i, (name, source) in enumerate(sources.items()):
+        started = time.perf_counter()
         assign_flat(model, _vector(source, store).to(device))
         recalibrate_bn(model, bn_loader, device)
         result = evaluate(model, splits.test, device, cfg.data.eval_batch_size)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if name in keep_state else None
-        out[name] = Evaluated(result.accuracy, result.loss, state)
-        log.info("test accuracy of %s: %.2f%% (loss %.4f)", name, result.accuracy, result.loss)
+        out[name] = Evaluated(result.accuracy, result.loss, state, time.perf_counter() - started)
+        progress.done(i, model=name, test_acc=round(result.accuracy, 2), test_loss=result.loss)
     return out
 
 
@@ -70,12 +112,45 @@ def evaluate_on_ray(
     """``evaluate_sources`` in a Ray task (on a GPU when the cluster has one)."""
     import ray
 
-    from ..ray_env import cluster_has_gpus, worker_runtime_env
+    return ray.get(run_task(evaluate_sources, cfg, sources, store_uri, cwd, keep_state))
 
-    def task(cfg_dict, sources, store_uri, cwd, keep_state):
-        logging.basicConfig(level=logging.INFO)
-        return evaluate_sources(config_from_dict(cfg_dict), sources, store_uri, cwd, keep_state)
 
-    resources = {"num_gpus": 1} if cluster_has_gpus() else {"num_cpus": 1}
-    remote = ray.remote(**resources, runtime_env=worker_runtime_env() or None)(task)
-    return ray.get(remote.remote(config_to_dict(cfg), sources, store_uri, cwd, keep_state))
+@dataclass
+class EvaluationRun:
+    """The results of :func:`evaluate_parallel` and what they cost.
+
+    Attributes:
+        results: per source name (in the order given) its result.
+        tasks: the Ray tasks the sources were spread over.
+        wall_s: the driver's seconds from submitting the tasks to having every result.
+        compute_s: the longest task's seconds inside its evaluation loop (the tasks run
+            side by side); ``wall_s - compute_s`` is start-up (workers, data, the store).
+    """
+
+    results: dict[str, Evaluated] = field(default_factory=dict)
+    tasks: int = 0
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+
+
+def evaluate_parallel(
+    cfg: Config, sources: dict[str, Source], store_uri: str | None = None, cwd: str | None = None,
+    keep_state: tuple[str, ...] = (), max_tasks: int | None = None,
+) -> EvaluationRun:
+    """``evaluate_sources`` spread over concurrent Ray tasks, one per model up to
+    ``max_tasks`` (default: as many as the cluster's CPUs, or GPUs, allow); the results
+    equal one task's (see the module docstring)."""
+    import ray
+
+    names = list(sources)
+    parts = max(1, min(task_slots(max_tasks), len(names)))
+    chunks = [names[k::parts] for k in range(parts)]
+    started = time.perf_counter()
+    refs = [run_task(evaluate_sources, cfg, {n: sources[n] for n in chunk}, store_uri, cwd, keep_state)
+            for chunk in chunks]
+    done = ray.get(refs)
+    wall = time.perf_counter() - started
+    merged = {k: v for part in done for k, v in part.items()}
+    compute = max((sum(r.time_s for r in part.values()) for part in done), default=0.0)
+    log.info("evaluated %d models in %d task(s): %.1f s (%.1f s of it evaluating)", len(names), parts, wall, compute)
+    return EvaluationRun({n: merged[n] for n in names}, parts, wall, compute)

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from ..config import TWAConfig
-from ..core import TWA, Blocks, ParamLayout, ScheduleSpec, ShardPlan, build_projection, make_blocks, plan_shards
+from ..core import TWA, ScheduleSpec
+from ..core.blocks import Blocks, ShardPlan, make_blocks, plan_shards
+from ..core.params import ParamLayout
+from ..core.projection import build_projection
 from ..core.collectives import LocalCollectives
-from ..store import CandidateStore
+from ..store import CandidateStore, parameter_mismatch
 from .collectives import TorchCollectives
 
 log = logging.getLogger(__name__)
@@ -31,13 +34,9 @@ class ShardSetup:
 def check_store_matches(store: CandidateStore, model: nn.Module) -> ParamLayout:
     """The model's parameter layout; raises ValueError naming the store and parameter on mismatch."""
     layout = ParamLayout.from_model(model)
-    if list(layout.names) != list(store.names):
-        missing = sorted(set(store.names) - set(layout.names))
-        extra = sorted(set(layout.names) - set(store.names))
-        raise ValueError(f"candidate store {store.uri}: parameters differ from the model: store only {missing}, model only {extra}")
-    for name, a, b in zip(layout.names, layout.shapes, store.shapes):
-        if tuple(a) != tuple(b):
-            raise ValueError(f"candidate store {store.uri}: parameter {name!r} has shape {list(b)}, the model {list(a)}")
+    problem = parameter_mismatch(store.names, store.shapes, layout.names, layout.shapes, "store", "model")
+    if problem:
+        raise ValueError(f"candidate store {store.uri}: {problem}")
     return layout
 
 
@@ -67,14 +66,15 @@ def build_shard_twa(
     w = store.read(columns=list(range(t0, t1)), candidates=candidate_indices).to(device)  # (n, end - start)
     proj = build_projection(
         w, blocks.sizes[l0:l1], cfg.basis, cfg.bits, all_reduce=comm.all_reduce_sum,
-        max_chunk_bytes=cfg.max_chunk_bytes, center=None if center is None else center[start:end],
+        max_chunk_bytes=cfg.max_chunk_bytes, center=None if center is None else center[start:end], start=cfg.start,
     )
     del w
     twa = TWA(
         model, proj, len(blocks), (l0, l1),
         optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov, grad_clip=cfg.grad_clip, collectives=comm,
-        schedule=ScheduleSpec(kind=cfg.schedule, total_steps=max(1, total_steps), warmup_frac=cfg.warmup),
+        schedule=ScheduleSpec(kind=cfg.schedule, total_steps=max(1, total_steps), warmup_frac=cfg.warmup,
+                              epochs=cfg.epochs),
     )
     log.debug("rank %d: blocks %d-%d, %d coordinates, %d projection bytes", rank, l0, l1, end - start, proj.nbytes)
     return ShardSetup(twa, blocks, plan, list(candidate_indices))

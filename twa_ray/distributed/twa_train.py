@@ -2,220 +2,274 @@
 
 Each of k workers holds a full model replica, its slice of every global batch and the
 packed projection of its own blocks (``twa_shard``). Every epoch (and every
-``twa.checkpoint_every_steps``) rank 0 reports a checkpoint of the tiny coefficient
-state, so a restarted worker group resumes at the same step with the same data order.
+``twa.checkpoint_every_steps``) rank 0 reports a checkpoint of the run state
+(:class:`TWARunState`: the coefficients and every rank's BatchNorm buffers), so a
+restarted worker group resumes at the same step with the same data order; each step
+seeds torch's generators, so it also replays the same augmentations and dropout masks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from ..builders import model_from_config, splits_from_config, twa_datasets
-from ..config import Config, config_from_dict, config_to_dict, select_candidates
-from ..core import make_blocks
+from ..config import Config, check_twa_start, config_from_dict, config_to_dict, select_candidates, settings_fingerprint
+from ..core import TWA
 from ..core.baselines import recalibrate_bn
+from ..core.blocks import make_blocks
 from ..data import calibration_loader
+from ..data.from_config import splits_from_config, twa_datasets
+from ..models.from_config import model_from_config
+from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
+from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
+from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint
 from .twa_shard import build_shard_twa, candidate_rounds
+from .worker import (all_reduce_sum, evaluate_across_ranks, gather_from_ranks, inject_fault, report, seed_rng,
+                     sync_batchnorm)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "twa_state.pt"
-FINAL_FILE = "twa_final.pt"
+FINAL_FILE = "twa_final.pt"  # in the last checkpoint: the result run_twa and Tune's best_weights read
 
 
 # ---------------------------------------------------------------- worker side
 
 
-def _load_state(checkpoint) -> dict | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+@dataclass
+class TWARunState:
+    """Where a TWA run stands. Every checkpoint holds one (:meth:`to_checkpoint`): its
+    tensors in the state file, the rest in the JSON info, both read without pickled code."""
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("twa", "center", "coefficients", "buffers")
+
+    round: int = 0  # the round to run next (len(rounds): all done)
+    epoch: int = 0  # the epoch of that round to run next
+    batch: int = 0  # the batch of that epoch to run next
+    twa: dict | None = None  # TWA.state_dict() inside a round: X (n, L), optimizer, scheduler, num_steps
+    center: torch.Tensor | None = None  # (D,) w(X) of the last finished round: the next round's origin
+    coefficients: list[torch.Tensor] = field(default_factory=list)  # per finished round: X (n_r, L)
+    buffers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per rank: the model's buffers
+    history: list[dict] = field(default_factory=list)  # metrics of each finished epoch
+    projection_bytes: list[int] = field(default_factory=list)  # per rank, in the latest round
+    elapsed_s: float = 0.0  # inside the workers, all attempts together
+    done: bool = False
+    data_seed: int | None = None  # cfg.seed of the run: the data order follows from it
+
+    def to_checkpoint(self) -> tuple[dict, dict]:
+        """(state, info) for ``checkpoints.ray_checkpoint``."""
+        state = {name: getattr(self, name) for name in self.TENSORS}
+        info = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
+        return state, info
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, info: dict) -> TWARunState:
+        return cls(**state, **info)
 
 
-def _report(metrics: dict, state: dict | None, final: dict | None = None) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (state and optional final result)."""
-    import ray.train
+@dataclass
+class _Worker:
+    """One worker's fixed set-up: config, place in the group, model, data."""
 
-    if state is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save(state, Path(folder) / STATE_FILE)
-        if final is not None:
-            torch.save(final, Path(folder) / FINAL_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _maybe_fail(cfg: Config, step: int, rank: int, world_size: int, marker_dir: str) -> None:
-    """Fault injection, each at most once per run folder (a marker file remembers it):
-    ``debug.fail_at_step`` makes the last rank fail at that step; ``debug.pause_at_step``
-    makes it stall there (up to 10 minutes), so a drill can interrupt a run mid-training."""
-    if rank != world_size - 1:
-        return
-    for kind, at in (("failed", cfg.debug.fail_at_step), ("paused", cfg.debug.pause_at_step)):
-        marker = Path(marker_dir) / f"twa-{kind}-at-step-{step}"
-        if at is None or step != at or marker.exists():
-            continue
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        if kind == "failed":
-            raise RuntimeError(f"debug.fail_at_step: injected failure of rank {rank} at TWA step {step}")
-        time.sleep(600)
-
-
-@torch.no_grad()
-def _evaluate_sharded(model: nn.Module, data, rank: int, world_size: int, comm, device, batch_size: int) -> dict:
-    """Accuracy/loss on ``data``, each rank taking every k-th example, summed across ranks."""
-    from torch.utils.data import DataLoader, Subset
-
-    part = Subset(data, list(range(rank, len(data), world_size)))
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
-    for x, y in DataLoader(part, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        sums[0] += (out.argmax(1) == y).sum()
-        sums[1] += nn.functional.cross_entropy(out, y, reduction="sum")
-        sums[2] += len(y)
-    model.train()
-    sums = comm.all_reduce_sum(sums)
-    count = max(1.0, float(sums[2]))
-    return {"select_acc": 100.0 * float(sums[0]) / count, "select_loss": float(sums[1]) / count}
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    store: CandidateStore
+    rounds: list[list[int]]
+    train_data: Dataset
+    select_data: Dataset | None
+    calibration: DataLoader  # BatchNorm recalibration before each selection evaluation
+    batch_size: int  # global
+    steps_per_round: int
+    marker_dir: str
+    started: float = field(default_factory=time.time)
 
 
 def twa_train_loop(config: dict) -> None:
-    """Ray Train ``train_loop_per_worker`` for sharded TWA."""
+    """Ray Train ``train_loop_per_worker`` for sharded TWA: rounds of epochs of steps."""
+    import ray.train
+
+    w = _setup(config)
+    run = _resume(w, ray.train.get_checkpoint())
+    epochs = w.cfg.twa.epochs
+    progress = Progress("TWA", total=len(w.rounds) * epochs, steps_per_unit=w.steps_per_round // epochs,
+                        start=run.round * epochs + run.epoch, logger=log)
+    for r in range(run.round, len(w.rounds)):
+        twa = _start_round(w, run, r)
+        for epoch in range(run.epoch, epochs):
+            metrics = _train_epoch(w, run, twa, r, epoch, progress)
+            if metrics is None:
+                return  # a non-finite loss, reported with the last good coefficients: no retry
+            run.history.append(metrics)
+            run.batch = 0
+            if r < len(w.rounds) - 1 or epoch < w.cfg.twa.epochs - 1:  # the last one goes with the result
+                _report(metrics, _snapshot(w, run, twa, round=r, epoch=epoch + 1, batch=0))
+        run.coefficients.append(twa.X.detach().cpu().clone())
+        run.center = twa.weights().detach().cpu().clone()
+        run.round, run.epoch, run.batch, run.twa = r + 1, 0, 0, None
+    _report_final(w, run)
+
+
+def _setup(config: dict) -> _Worker:
     import ray.train
     import ray.train.torch
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
+    setup_logging(rank=rank)  # one narrating rank, every rank warns
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-
     splits = splits_from_config(cfg, config["cwd"])
     train_data, select_data = twa_datasets(cfg, splits)
-    calibration = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
-    model = model_from_config(cfg, splits)
-    if cfg.model.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    store = CandidateStore.open(config["store_uri"])
-    rounds = candidate_rounds(config["candidates"], cfg.twa.candidates_per_round)
+    model = sync_batchnorm(model_from_config(cfg, splits), cfg.model.sync_bn, device, rank, world).to(device)
     batch_size = cfg.twa.batch_size or cfg.data.batch_size
-    steps_per_epoch = batches_per_epoch(len(train_data), batch_size)
-    steps_per_round = steps_per_epoch * cfg.twa.epochs
+    return _Worker(
+        cfg, rank, world, device, model, CandidateStore.open(config["store_uri"]),
+        candidate_rounds(config["candidates"], cfg.twa.candidates_per_round), train_data, select_data,
+        calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed), batch_size,
+        batches_per_epoch(len(train_data), batch_size, min_last=world) * cfg.twa.epochs, config["marker_dir"],
+    )
 
-    state = _load_state(ray.train.get_checkpoint()) or {
-        "round": 0, "epoch": 0, "batch": 0, "twa": None, "center": None,
-        "coefficients": [], "history": [], "buffers": None, "done": False,
-        "projection_bytes": [], "elapsed_s": 0.0,
+
+def _resume(w: _Worker, checkpoint) -> TWARunState:
+    """The run state of the latest checkpoint (this rank's buffers loaded), or a fresh one."""
+    if checkpoint is None:
+        return TWARunState(data_seed=w.cfg.seed)
+    run = TWARunState.from_checkpoint(*load_ray_checkpoint(checkpoint))
+    if run.data_seed != w.cfg.seed:
+        raise ValueError(f"the checkpoint was made with seed {run.data_seed}, this run has seed {w.cfg.seed}")
+    if run.buffers:
+        if len(run.buffers) != w.world:
+            raise ValueError(f"the checkpoint holds the buffers of {len(run.buffers)} workers, this run has {w.world}")
+        w.model.load_state_dict(run.buffers[w.rank], strict=False)
+    return run
+
+
+def _start_round(w: _Worker, run: TWARunState, r: int) -> TWA:
+    """This rank's TWA of round r (resumed from ``run.twa`` when set); records projection bytes."""
+    setup = build_shard_twa(w.model, w.store, w.rounds[r], w.cfg.twa, w.steps_per_round, w.rank, w.world,
+                            center=run.center)
+    twa = setup.twa
+    if run.twa is not None:
+        twa.load_state_dict(run.twa)
+    nbytes = torch.zeros(w.world, dtype=torch.float64)
+    nbytes[w.rank] = twa.projection.nbytes
+    run.projection_bytes = [int(v) for v in all_reduce_sum(nbytes, w.device).tolist()]
+    if w.rank == 0:
+        log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s",
+                 r + 1, len(w.rounds), len(w.rounds[r]), len(setup.blocks), run.projection_bytes)
+    return twa
+
+
+def _train_epoch(w: _Worker, run: TWARunState, twa: TWA, r: int, epoch: int, progress: Progress) -> dict | None:
+    """Epoch ``epoch`` of round r from batch ``run.batch`` on: its metrics, or None when the
+    loss became non-finite (then reported with the last good coefficients)."""
+    cfg, t0 = w.cfg, time.time()
+    sampler = ShardedBatchSampler(len(w.train_data), w.batch_size, w.rank, w.world, cfg.seed, 1000 * r + epoch,
+                                  start_batch=run.batch, min_last=w.world)  # no rank's slice is empty
+    batches = iter(loader_for(w.train_data, sampler))
+    sums = torch.zeros(2, dtype=torch.float64, device=w.device)  # loss sum, examples (this rank)
+    for j, global_size in enumerate(sampler.global_sizes):
+        step = r * w.steps_per_round + twa.num_steps
+        inject_fault("twa", "step", step, w.rank, w.world, w.marker_dir,
+                     fail_at=cfg.debug.fail_at_step, pause_at=cfg.debug.pause_at_step)
+        seed_rng(cfg.seed, step, w.rank)  # before the batch is drawn: its augmentation, then dropout
+        loss_sum, count = _forward_backward(w, *next(batches), global_size, step)
+        sums[0] += loss_sum
+        sums[1] += count
+        try:
+            twa.step()
+        except FloatingPointError:
+            # the gradient was all-reduced, so every rank stops here; X is still the last good one
+            if w.rank == 0:
+                log.error("TWA step %d: the loss is not finite; stopping with the last good coefficients", step)
+            _report({"nonfinite_at_step": step}, _snapshot(w, run, twa, round=r, epoch=epoch, batch=run.batch + j))
+            return None
+        progress.step(r * w.cfg.twa.epochs + epoch, run.batch + j + 1)  # a line now and then on long epochs
+        every = cfg.twa.checkpoint_every_steps
+        if every and twa.num_steps % every == 0 and j + 1 < len(sampler):
+            _report({"round": r, "epoch": epoch, "step": twa.num_steps},
+                    _snapshot(w, run, twa, round=r, epoch=epoch, batch=run.batch + j + 1))
+    sums = all_reduce_sum(sums, w.device)
+    metrics = {
+        "round": r, "epoch": epoch + 1, "step": twa.num_steps, "lr": twa.lr,
+        "train_loss": float(sums[0]) / max(1.0, float(sums[1])), "epoch_time_s": time.time() - t0,
+        **_select_metrics(w),
     }
-    if state.get("data_seed", cfg.seed) != cfg.seed:
-        raise ValueError(f"the checkpoint was made with seed {state['data_seed']}, this run has seed {cfg.seed}")
-    if state["buffers"] is not None:
-        model.load_state_dict(state["buffers"], strict=False)
-    started = time.time()
-    for r in range(state["round"], len(rounds)):
-        setup = build_shard_twa(model, store, rounds[r], cfg.twa, steps_per_round, rank, world, center=state["center"])
-        twa = setup.twa
-        if state["twa"] is not None:
-            twa.load_state_dict(state["twa"])
-        nbytes = torch.zeros(world, dtype=torch.float64, device=twa.X.device)
-        nbytes[rank] = twa.projection.nbytes
-        state["projection_bytes"] = [int(v) for v in twa.comm.all_reduce_sum(nbytes).tolist()]
-        if rank == 0:
-            log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s",
-                     r + 1, len(rounds), len(rounds[r]), len(setup.blocks), state["projection_bytes"])
+    floats = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "epoch_time_s"}
+    progress.done(r * cfg.twa.epochs + epoch, **({"round": r + 1} if len(w.rounds) > 1 else {}), **floats)
+    return metrics
 
-        def snapshot(epoch: int, batch: int) -> dict:
-            buffers = {k: v.cpu() for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
-            return {**state, "round": r, "epoch": epoch, "batch": batch, "twa": twa.state_dict(), "buffers": buffers,
-                    "elapsed_s": state["elapsed_s"] + time.time() - started, "data_seed": cfg.seed}
 
-        for epoch in range(state["epoch"], cfg.twa.epochs):
-            t0 = time.time()
-            sampler = ShardedBatchSampler(
-                len(train_data), batch_size, rank, world, cfg.seed, 1000 * r + epoch, start_batch=state["batch"]
-            )
-            sums = torch.zeros(2, dtype=torch.float64, device=twa.X.device)  # loss sum, count
-            for j, (x, y) in enumerate(loader_for(train_data, sampler)):
-                _maybe_fail(cfg, r * steps_per_round + twa.num_steps, rank, world, config["marker_dir"])
-                model.train()
-                for p in model.parameters():
-                    p.grad = None
-                if len(y):
-                    x, y = x.to(device), y.to(device)
-                    loss = nn.functional.cross_entropy(
-                        model(x), y, reduction="sum", label_smoothing=cfg.twa.label_smoothing
-                    ) / sampler.global_sizes[j]
-                    if cfg.debug.nan_at_step == r * steps_per_round + twa.num_steps:
-                        loss = loss * float("nan")  # drill: a loss that became NaN
-                    loss.backward()
-                    sums[0] += float(loss.detach()) * sampler.global_sizes[j]
-                    sums[1] += len(y)
-                try:
-                    twa.step()
-                except FloatingPointError:
-                    # the gradient was all-reduced, so every rank stops here; X is still the
-                    # last good one: keep it as the checkpoint and end without retrying
-                    bad = r * steps_per_round + twa.num_steps
-                    if rank == 0:
-                        log.error("TWA step %d: the loss is not finite; stopping with the last good coefficients", bad)
-                    _report({"nonfinite_at_step": bad}, snapshot(epoch, state["batch"] + j) if rank == 0 else None)
-                    return
-                every = cfg.twa.checkpoint_every_steps
-                if every and twa.num_steps % every == 0 and j + 1 < len(sampler):
-                    _report({"round": r, "epoch": epoch, "step": twa.num_steps},
-                            snapshot(epoch, state["batch"] + j + 1) if rank == 0 else None)
-            sums = twa.comm.all_reduce_sum(sums)
-            metrics = {
-                "round": r, "epoch": epoch + 1, "step": twa.num_steps, "lr": twa.lr,
-                "train_loss": float(sums[0]) / max(1.0, float(sums[1])), "epoch_time_s": time.time() - t0,
-            }
-            if select_data is not None:
-                # the same recalibration as the final evaluation, identical on every rank, so
-                # the selection ranks the weights that are reported
-                recalibrate_bn(model, calibration, device)
-                metrics.update(_evaluate_sharded(model, select_data, rank, world, twa.comm, device, cfg.data.eval_batch_size))
-            state["history"].append(metrics)
-            state["batch"] = 0
-            if rank == 0:
-                log.info("TWA round %d epoch %d/%d: %s", r + 1, epoch + 1, cfg.twa.epochs,
-                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-            last = r == len(rounds) - 1 and epoch == cfg.twa.epochs - 1
-            if not last:
-                _report(metrics, snapshot(epoch + 1, 0) if rank == 0 else None)
-        state["coefficients"].append(twa.X.detach().cpu().clone())
-        state["center"] = twa.weights().detach().cpu().clone()
-        state.update(round=r + 1, epoch=0, batch=0, twa=None)
+def _forward_backward(w: _Worker, x: torch.Tensor, y: torch.Tensor, global_size: int, step: int) -> tuple[torch.Tensor, int]:
+    """Back-propagate this rank's share of the global batch's mean loss (x: (B_local, ...)).
 
-    if not state["done"]:
-        state.update(done=True, elapsed_s=state["elapsed_s"] + time.time() - started)
-    metrics = {**(state["history"][-1] if state["history"] else {}), "twa_complete": True}  # not "done": Tune reads that key
-    if rank == 0:
+    Returns (this rank's summed loss, B_local). Every rank runs it at every step: with
+    SyncBatchNorm the forward pass is a collective.
+    """
+    w.model.train()
+    for p in w.model.parameters():
+        p.grad = None
+    x, y = x.to(w.device), y.to(w.device)
+    loss = nn.functional.cross_entropy(w.model(x), y, reduction="sum", label_smoothing=w.cfg.twa.label_smoothing)
+    loss = loss / global_size
+    if w.cfg.debug.nan_at_step == step:
+        loss = loss * float("nan")  # drill: a loss that became NaN
+    loss.backward()
+    return loss.detach().double() * global_size, len(y)
+
+
+def _select_metrics(w: _Worker) -> dict:
+    """select_acc and select_loss on the selection data ({} without it)."""
+    if w.select_data is None:
+        return {}
+    # the same recalibration as the final evaluation, identical on every rank, so the
+    # selection ranks the weights that are reported
+    recalibrate_bn(w.model, w.calibration, w.device)
+    res = evaluate_across_ranks(w.model, w.select_data, w.rank, w.world, w.device, w.cfg.data.eval_batch_size)
+    return {"select_acc": res.accuracy, "select_loss": res.loss}
+
+
+def _snapshot(w: _Worker, run: TWARunState, twa: TWA | None, **where: int) -> TWARunState | None:
+    """The run state to checkpoint, positioned at ``where`` (round, epoch, batch), on rank 0;
+    None on the others. A collective: it gathers every rank's buffers."""
+    params = {name for name, _ in w.model.named_parameters()}
+    buffers = gather_from_ranks({k: v for k, v in w.model.state_dict().items() if k not in params}, w.device)
+    if w.rank != 0:
+        return None
+    elapsed = run.elapsed_s if run.done else run.elapsed_s + time.time() - w.started
+    return replace(run, twa=None if twa is None else twa.state_dict(), buffers=buffers, elapsed_s=elapsed, **where)
+
+
+def _report(metrics: dict, snapshot: TWARunState | None, final: dict | None = None) -> None:
+    state, info = snapshot.to_checkpoint() if snapshot is not None else (None, None)
+    report(metrics, state, info, None if final is None else {FINAL_FILE: final})
+
+
+def _report_final(w: _Worker, run: TWARunState) -> None:
+    """The last report: the last epoch's metrics, the final state and (rank 0) FINAL_FILE."""
+    if not run.done:
+        run.done, run.elapsed_s = True, run.elapsed_s + time.time() - w.started
+    metrics = {**(run.history[-1] if run.history else {}), "twa_complete": True}  # not "done": Tune reads that key
+    snapshot = _snapshot(w, run, None)
+    final = None
+    if w.rank == 0:
         final = {
-            "weights": state["center"], "coefficients": state["coefficients"], "rounds": rounds,
-            "history": state["history"], "projection_bytes": state["projection_bytes"],
-            "block_names": _block_names(store, cfg.twa.granularity), "time_s": state["elapsed_s"],
+            "weights": run.center, "coefficients": run.coefficients, "rounds": w.rounds, "history": run.history,
+            "projection_bytes": run.projection_bytes, "block_names": _block_names(w.store, w.cfg.twa.granularity),
+            "time_s": run.elapsed_s,
         }
-        _report(metrics, state, final)
-    else:
-        _report(metrics, None)
+    _report(metrics, snapshot, final)
 
 
 def _block_names(store: CandidateStore, granularity: str) -> list[str]:
@@ -252,17 +306,16 @@ def chosen_candidates(cfg: Config, store: CandidateStore) -> list[int]:
             f"TWA needs at least two candidates to span a subspace; twa.candidates={cfg.twa.candidates!r} "
             f"selects {len(chosen)} of the {len(available)} in the store at {store.uri}"
         )
+    check_twa_start(cfg.twa, len(chosen))
     return chosen
 
 
 def twa_run_name(cfg: Config, store_uri: str, candidates: list[int]) -> str:
     """Deterministic per (TWA settings, data, model, candidates): a re-run resumes, a change starts afresh."""
-    key = json.dumps(
-        {"twa": config_to_dict(cfg)["twa"], "data": config_to_dict(cfg)["data"], "model": config_to_dict(cfg)["model"],
-         "seed": cfg.seed, "store": store_uri, "candidates": candidates, "debug": config_to_dict(cfg)["debug"]},
-        sort_keys=True,
-    )
-    return f"{cfg.name}-twa-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    raw = config_to_dict(cfg)
+    key = {"twa": raw["twa"], "data": raw["data"], "model": raw["model"], "seed": cfg.seed, "store": store_uri,
+           "candidates": candidates, "debug": raw["debug"]}
+    return f"{cfg.name}-twa-{settings_fingerprint(key)}"
 
 
 def run_twa(
@@ -274,14 +327,13 @@ def run_twa(
     callbacks: list | None = None,
 ) -> TWAResult:
     """Run sharded TWA on ``cfg.twa.workers`` Ray Train workers and return the result."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..ray_env import cluster_has_gpus, worker_runtime_env
+    from .ray_env import cluster_has_gpus, train_logging_config, worker_runtime_env
 
     store_uri = store_uri or cfg.store_uri
-    if "://" not in store_uri:
-        store_uri = str(Path(store_uri).resolve())
+    store_uri = store_fs.absolute(store_uri)
     store = CandidateStore.open(store_uri)
     candidates = chosen_candidates(cfg, store)
     num_blocks = len(make_blocks(store.numels, cfg.twa.granularity))
@@ -290,14 +342,18 @@ def run_twa(
             f"twa.workers={cfg.twa.workers} is more than the {num_blocks} block(s) of granularity "
             f"{cfg.twa.granularity!r}: each worker owns whole blocks; use a finer granularity or fewer workers"
         )
+    batch_size = cfg.twa.batch_size or cfg.data.batch_size
+    if batch_size < cfg.twa.workers:
+        raise ValueError(f"a global batch of {batch_size} (twa.batch_size or data.batch_size) leaves some of the "
+                         f"twa.workers={cfg.twa.workers} workers without an example")
     use_gpu = cfg.twa.use_gpu if cfg.twa.use_gpu is not None else cluster_has_gpus()
-    run_dir = Path(cfg.run_dir).resolve()
-    storage = storage_path or str(run_dir / "ray")
+    run_dir = store_fs.absolute(cfg.run_dir)
+    storage = storage_path or store_fs.join(run_dir, "ray")
     trainer = TorchTrainer(
         twa_train_loop,
         train_loop_config={
             "cfg": config_to_dict(cfg), "store_uri": store_uri, "candidates": candidates,
-            "cwd": os.getcwd(), "marker_dir": str(run_dir / "debug"),
+            "cwd": os.getcwd(), "marker_dir": store_fs.join(run_dir, "debug"),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.twa.workers, use_gpu=use_gpu,
@@ -306,7 +362,8 @@ def run_twa(
         run_config=RunConfig(
             name=run_name or twa_run_name(cfg, store_uri, candidates), storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.twa.max_failures), callbacks=callbacks,
-            worker_runtime_env=worker_runtime_env(),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),  # the latest: the final one
+            worker_runtime_env=worker_runtime_env(), logging_config=train_logging_config(),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
@@ -321,7 +378,7 @@ def run_twa(
             f"(try a smaller twa.lr or twa.grad_clip); the last good coefficients are in {result.checkpoint.path}"
         )
     with result.checkpoint.as_directory() as folder:
-        final = torch.load(Path(folder) / FINAL_FILE, weights_only=True)
+        final = load_checkpoint(folder, name=FINAL_FILE)
     return TWAResult(
         weights=final["weights"], coefficients=final["coefficients"], rounds=final["rounds"],
         block_names=final["block_names"], history=final["history"],

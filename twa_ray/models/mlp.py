@@ -11,15 +11,19 @@ class MLP(nn.Module):
 
     Input (B, in_channels, image_size, image_size); output (B, num_classes) logits. The
     forward pass is a function of the parameters only (no buffers, no batch statistics),
-    so the data-parallel mean gradient equals the single-process gradient.
+    so the data-parallel mean gradient equals the single-process gradient. ``dropout`` > 0
+    adds dropout after each hidden layer (randomness for exact-resume tests).
     """
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, ...] = (64,)):
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, ...] = (64,),
+                 dropout: float = 0.0):
         super().__init__()
         dims = [in_channels * image_size * image_size, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(dims[-1], num_classes))
         self.net = nn.Sequential(*layers)
 

@@ -5,11 +5,11 @@ with ``store.json`` and one Arrow IPC file per candidate, one column per paramet
 tensor. Workers read only the columns of their shard (column projection).
 """
 
-from .candidate_store import CandidateInfo, CandidateStore, candidate_file_name
+from .candidate_store import CandidateInfo, CandidateStore, candidate_file_name, parameter_mismatch
 from .exporters import export_state_dict, save_state_dict, state_dict_from_vector
 from .fs import ResolvedLocation, resolve
 from .importers import CheckpointError, UnsafeCheckpointError, find_checkpoints, import_checkpoints, load_state_dict
 
-__all__ = ["CandidateStore", "CandidateInfo", "candidate_file_name", "ResolvedLocation", "resolve",
+__all__ = ["CandidateStore", "CandidateInfo", "candidate_file_name", "parameter_mismatch", "ResolvedLocation", "resolve",
            "CheckpointError", "UnsafeCheckpointError", "find_checkpoints", "import_checkpoints", "load_state_dict",
            "export_state_dict", "save_state_dict", "state_dict_from_vector"]

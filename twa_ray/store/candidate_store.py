@@ -180,12 +180,10 @@ class CandidateStore:
         if not exist_ok:
             raise FileExistsError(f"a candidate store already exists at {loc.uri} (pass exist_ok=True to reuse it)")
         store = cls._open_location(loc)
-        want_names, want_shapes = metadata["names"], [tuple(s) for s in metadata["shapes"]]
-        if store.names != want_names or store.shapes != want_shapes:
-            raise ValueError(
-                f"the candidate store at {store.uri} has different parameters: "
-                f"{_describe_difference(store.names, store.shapes, want_names, want_shapes)}"
-            )
+        problem = parameter_mismatch(store.names, store.shapes, metadata["names"], metadata["shapes"],
+                                     "stored", "requested")
+        if problem:
+            raise ValueError(f"the candidate store at {store.uri} has different parameters: {problem}")
         if store.dtypes != metadata["dtypes"]:
             logger.warning("candidate store at %s was created with dtypes %s, now given %s; keeping the stored ones",
                            store.uri, store.dtypes, metadata["dtypes"])
@@ -636,14 +634,20 @@ def _metadata_problem(md: Any) -> str | None:
     return None
 
 
-def _describe_difference(have_names, have_shapes, want_names, want_shapes) -> str:
-    if have_names != want_names:
-        missing = [n for n in want_names if n not in have_names]
-        extra = [n for n in have_names if n not in want_names]
-        if missing or extra:
-            return f"stored names lack {missing} and have extra {extra}"
-        return "same names in a different order"
-    for n, a, b in zip(have_names, have_shapes, want_shapes):
-        if a != b:
-            return f"parameter {n!r} has stored shape {a}, requested {b}"
-    return "unknown difference"  # pragma: no cover
+def parameter_mismatch(
+    names: Sequence[str], shapes: Sequence[Sequence[int]], other_names: Sequence[str],
+    other_shapes: Sequence[Sequence[int]], label: str = "store", other_label: str = "model",
+) -> str | None:
+    """How two parameter lists (names in order, and their shapes) differ, naming the first
+    difference; None when they agree. ``label`` / ``other_label`` name the two sides."""
+    names, other_names = list(names), list(other_names)
+    if names != other_names:
+        only = [n for n in names if n not in other_names]
+        other_only = [n for n in other_names if n not in names]
+        if not (only or other_only):
+            return "same parameter names in a different order"
+        return f"parameters differ: {label} only {only}, {other_label} only {other_only}"
+    for name, a, b in zip(names, shapes, other_shapes):
+        if tuple(a) != tuple(b):
+            return f"parameter {name!r}: {label} shape {list(a)}, {other_label} shape {list(b)}"
+    return None

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ResolvedLocation",
+    "absolute",
     "resolve",
     "join",
     "exists",
@@ -53,6 +54,13 @@ class ResolvedLocation:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute against this process's cwd (``~`` expanded); a URI
+    (``s3://...``, ``file://...``) unchanged. Drivers pass locations to workers, which
+    run in another cwd, in this form."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
 def resolve(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> ResolvedLocation:
     """Resolve a plain path or a URI into (filesystem, path).
 
@@ -72,7 +80,7 @@ def resolve(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -
             path = os.path.abspath(os.path.expanduser(path))
         return ResolvedLocation(filesystem, path, path)
     if "://" not in uri:
-        path = os.path.abspath(os.path.expanduser(uri))
+        path = absolute(uri)
         return ResolvedLocation(pafs.LocalFileSystem(), path, path)
     try:
         fs, path = pafs.FileSystem.from_uri(uri)

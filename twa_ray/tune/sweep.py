@@ -4,7 +4,7 @@ Each trial is a Tune function (the driver) that launches the library's sharded T
 TorchTrainer (``run_twa``) and forwards its per-epoch metrics to Tune with
 ``TuneReportCallback``; ASHA stops poor trials early. Trials select on data that
 trained nothing in them (``twa.select_ratio`` / the val split; see
-``builders.twa_datasets``) and never see the test split, which is read once, for the
+``data.from_config.twa_datasets``) and never see the test split, which is read once, for the
 best trial's final weights.
 
 Running the same sweep again restores it (``Tuner.restore``). A trial trains at most
@@ -29,7 +29,7 @@ import torch
 from ray.train import UserCallback
 
 from ..config import Config, config_to_dict, select_candidates
-from ..run_folder import write_json
+from ..output.atomic import write_json
 from ..store import CandidateStore
 from .search_space import apply_params, max_epochs, param_space, trial_concurrency
 

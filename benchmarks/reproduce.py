@@ -1,0 +1,531 @@
+"""The paper's claims on real data, each over several seeds: mean ± std, and each target met or not.
+
+    python benchmarks/reproduce.py [--claims head,tail,bits,soups] [--seeds 3] [--out DIR] [--work DIR]
+    python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
+    python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
+
+Each run is the real job in a subprocess (a local Ray per job, or the cluster in RAY_ADDRESS),
+seeds 0 .. N-1 (``seed=`` override):
+
+1. head (configs/head_stage.yaml, ``twa-ray run``): candidates from the first half of the
+   schedule. One run trains them, TWA-t and the full budget (compare_full_budget=true); a
+   second trains TWA-v on the same candidate store. Methods: last, swa, ema, best_k, twa_t,
+   twa_v, full_budget; ratios: cost_ratio and wall_ratio of each TWA against the full budget.
+2. tail (configs/tail_stage.yaml): TWA against SWA and EMA of the constant-lr tail's candidates.
+3. bits: the head stage's TWA-t with twa.bits 1/2/4/8/32, and twa.basis normalized /
+   orthonormal / checkpoints, on each seed's head-stage candidate store: base training runs
+   once per seed, only TWA and evaluation run again.
+4. soups (configs/soup_quickstart.yaml, ``twa-ray soup``): TWA-v against the greedy soup, the
+   uniform soup and the best single fine-tuned model.
+
+Writes to --out (default benchmarks/results; with --quick or --smoke, the --work folder):
+reproduce.jsonl (one JSON line per run, also printed on stdout), reproduce.md (mean ± std per
+claim and method, with the command, date and machine; then the targets) and reproduce.png.
+Accuracies are test accuracies in percent; std is the sample standard deviation over the
+seeds (none for one seed). The targets compare means over the seeds; each is printed on
+stderr beside its measurement, met or not met.
+
+Run folders go to --work (default runs/reproduce/<mode>). A run already complete there for the
+same config is not run again (the job's own check), so an interrupted reproduction resumes;
+--fresh empties --work first. --quick: at most 4000 training images, a few epochs.
+--smoke: tiny synthetic data and models (the test): mostly Ray start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from _common import ROOT, common_args, emit, machine, note
+
+CLAIMS = ("head", "tail", "bits", "soups")  # the order they run in: bits reuses head's candidates
+CONFIGS = {"head": "configs/head_stage.yaml", "tail": "configs/tail_stage.yaml",
+           "bits": "configs/head_stage.yaml", "soups": "configs/soup_quickstart.yaml"}
+COMMANDS = {"head": "run", "tail": "run", "bits": "run", "soups": "soup"}  # python -m twa_ray COMMAND
+SEEDS = {"full": 3, "quick": 1, "smoke": 1}
+BITS = (1, 2, 4, 8, 32)
+BASES = ("normalized", "orthonormal", "checkpoints")
+# TWA-v trains on the 6k val images: 9 epochs of them are as many examples as TWA-t's one
+# epoch over the 54k training images, so the two cost alike
+TWA_V = ("twa.data=val", "twa.epochs=9")
+# Copied from each summary.json into its run's line when present: how the numbers came about
+CONTEXT = ("num_candidates", "num_models", "bits", "basis", "granularity", "twa_data", "trained_on", "epochs",
+           "swa_candidates", "best_k_candidates", "twa_includes_initial", "ema_decay", "full_budget_continued",
+           "best_individual", "greedy_soup_members", "time_s")
+WORK_MARK = ".reproduce-work"  # --fresh only empties a folder this script made
+
+QUICK_DATA = ["data.limit_train=4000", "data.limit_val=1000", "data.limit_test=2000"]
+SMOKE_DATA = [
+    "data.name=synthetic", "data.batch_size=32", "data.augment=false",
+    "data.synthetic={num_train: 320, num_test: 128, num_classes: 3, channels: 1, image_size: 8}",
+    "data.limit_train=null", "data.limit_val=null", "data.limit_test=null",
+    "model.kwargs={widths: [4, 8, 8]}", "twa.bn_batches=2",
+]
+# Per mode and claim, overrides of the claim's config (bits: the head stage's, for the same
+# candidates). Quick: 40 steps per epoch (4000 images, batch 100), smoke: 9 (288 synthetic
+# training images, batch 32); candidates every quarter / third of an epoch.
+QUICK_HEAD = QUICK_DATA + ["train.epochs=2", "train.budget_epochs=4", "train.save_every_steps=10"]
+SMOKE_HEAD = SMOKE_DATA + ["train.epochs=2", "train.budget_epochs=4", "train.save_every_steps=3"]
+MODE_OVERRIDES = {
+    "full": {claim: [] for claim in CLAIMS},
+    "quick": {
+        "head": QUICK_HEAD, "bits": QUICK_HEAD,
+        "tail": QUICK_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
+                              "train.save_every_steps=10", "twa.epochs=1"],
+        "soups": QUICK_DATA + ["finetune.pretrain_epochs=2", "finetune.num_models=4", "finetune.epochs=1",
+                               "twa.epochs=2"],
+    },
+    "smoke": {
+        "head": SMOKE_HEAD, "bits": SMOKE_HEAD,
+        "tail": SMOKE_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
+                              "train.save_every_steps=3", "twa.epochs=1"],
+        "soups": SMOKE_DATA + ["finetune.pretrain_epochs=1", "finetune.pretrain_classes=[0, 1]",
+                               "finetune.num_models=3", "finetune.epochs=1", "twa.epochs=1"],
+    },
+}
+
+
+# ---------------------------------------------------------------- summaries
+
+
+class SummaryError(ValueError):
+    """A job's summary.json lacks a key (or value) this benchmark reads."""
+
+
+def need(summary: dict, key: str, source: str):
+    """``summary``'s value at the dotted ``key``; SummaryError naming the key and file when it is
+    missing or null (null: the method did not run)."""
+    node = summary
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise SummaryError(f"{source}: summary.json has no {key}, which benchmarks/reproduce.py reads "
+                               "(the job's summary does not have the keys this benchmark expects)")
+        node = node[part]
+    if node is None:
+        raise SummaryError(f"{source}: {key} is null in summary.json (that method did not run)")
+    return node
+
+
+def pick(summary: dict, keys: dict[str, str], source: str) -> dict[str, float]:
+    """{name: float(summary[dotted key])} for each entry of ``keys``."""
+    return {name: float(need(summary, key, source)) for name, key in keys.items()}
+
+
+def check_twa_data(summary: dict, expected: str, source: str) -> None:
+    """TWA trained its coefficients on ``expected`` ("train": TWA-t, "val": TWA-v)."""
+    got = need(summary, "twa_data", source)
+    if got != expected:
+        raise SummaryError(f"{source}: twa_data is {got!r}, expected {expected!r}")
+
+
+def stage_seconds(summary: dict, stage: str, source: str, wall: bool) -> float:
+    """A stage's compute seconds, or with ``wall`` its start-up + compute."""
+    compute = float(need(summary, f"time_s.{stage}.compute", source))
+    return compute + (float(need(summary, f"time_s.{stage}.startup", source)) if wall else 0.0)
+
+
+def swap_twa_stage(ratio: float, base_s: float, twa_s: float, other_twa_s: float) -> float:
+    """(base + TWA) / full  ->  (base + other TWA) / full: the same base training and full budget,
+    another TWA run on the same candidates."""
+    return ratio * (base_s + other_twa_s) / (base_s + twa_s)
+
+
+HEAD_ACC = {"last": "test_acc.last", "swa": "test_acc.swa", "ema": "test_acc.ema", "best_k": "test_acc.best_k",
+            "full_budget": "test_acc.full_budget", "twa_t": "test_acc.twa"}
+HEAD_RATIOS = {"cost_ratio_twa_t": "cost_ratio", "wall_ratio_twa_t": "wall_ratio",
+               "twa_epoch_vs_sgd_epoch": "twa_epoch_vs_sgd_epoch"}
+TAIL_ACC = {"last": "test_acc.last", "swa": "test_acc.swa", "ema": "test_acc.ema", "twa": "test_acc.twa"}
+SOUP_ACC = {"best_individual": "test_acc.best_individual", "uniform_soup": "test_acc.uniform_soup",
+            "greedy_soup": "test_acc.greedy_soup", "twa_v": "test_acc.twa"}
+
+
+def head_twa_t(summary: dict, source: str) -> tuple[dict, dict]:
+    """(accuracies, ratios) of the head stage's TWA-t run (which also ran the full budget)."""
+    check_twa_data(summary, "train", source)
+    if stage_seconds(summary, "base_train", source, wall=False) <= 0:
+        raise SummaryError(f"{source}: time_s.base_train.compute is 0: no base-training compute to put in the "
+                           "cost ratios (run again with --fresh)")
+    return pick(summary, HEAD_ACC, source), pick(summary, HEAD_RATIOS, source)
+
+
+def head_twa_v(summary: dict, twa_t_summary: dict, source: str, twa_t_source: str) -> tuple[dict, dict]:
+    """(accuracies, ratios) of the head stage's TWA-v run: its cost replaces TWA-t's TWA stage
+    in the TWA-t run's ratios (the same base training and full budget)."""
+    check_twa_data(summary, "val", source)
+    ratios = {}
+    for name, wall in (("cost_ratio", False), ("wall_ratio", True)):
+        ratios[f"{name}_twa_v"] = swap_twa_stage(
+            float(need(twa_t_summary, name, twa_t_source)),
+            stage_seconds(twa_t_summary, "base_train", twa_t_source, wall),
+            stage_seconds(twa_t_summary, "twa", twa_t_source, wall),
+            stage_seconds(summary, "twa", source, wall))
+    return {"twa_v": float(need(summary, "test_acc.twa", source))}, ratios
+
+
+def tail_run(summary: dict, source: str) -> tuple[dict, dict]:
+    return pick(summary, TAIL_ACC, source), {}
+
+
+def soups_run(summary: dict, source: str) -> tuple[dict, dict]:
+    check_twa_data(summary, "val", source)
+    return pick(summary, SOUP_ACC, source), {}
+
+
+def bits_run(summary: dict, source: str, labels: tuple[str, ...]) -> tuple[dict, dict]:
+    """TWA's accuracy, under each label the run stands for (e.g. bits=8 and basis=normalized)."""
+    acc = float(need(summary, "test_acc.twa", source))
+    return {label: acc for label in labels}, {}
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One job run of a claim for one seed; its folder is <work>/seed<seed>/<name>."""
+
+    claim: str
+    name: str
+    overrides: tuple[str, ...]
+    shared_store: bool  # the seed's head-stage candidate store (head and bits runs)
+    labels: tuple[str, ...] = ()  # bits: the metrics its TWA accuracy stands for (bits=8, basis=normalized)
+
+
+def plan(claim: str, mode: str) -> list[Run]:
+    """The runs of ``claim`` for one seed, in order."""
+    base = tuple(MODE_OVERRIDES[mode][claim])
+    if claim == "head":
+        return [Run("head", "head_twa_t", base + ("compare_full_budget=true",), True),
+                Run("head", "head_twa_v", base + ("compare_full_budget=false",) + TWA_V, True)]
+    if claim == "bits":
+        from twa_ray.config import load_config
+
+        default = load_config(ROOT / CONFIGS["bits"], list(base)).twa
+        fixed = base + ("compare_full_budget=false",)
+        runs = [Run("bits", f"bits_{bits}", fixed + (f"twa.bits={bits}",), True,
+                    (f"bits={bits}",) + ((f"basis={default.basis}",) if bits == default.bits else ()))
+                for bits in BITS]
+        runs += [Run("bits", f"bits_basis_{b}", fixed + (f"twa.basis={b}",), True, (f"basis={b}",))
+                 for b in BASES if b != default.basis]
+        return runs
+    return [Run(claim, claim, base, False)]
+
+
+def job_command(run: Run, seed: int, work: Path) -> tuple[list[str], Path]:
+    seed_dir = work / f"seed{seed}"
+    run_dir = seed_dir / run.name
+    cmd = [sys.executable, "-m", "twa_ray", COMMANDS[run.claim], "--config", CONFIGS[run.claim],  # run in ROOT
+           f"seed={seed}", f"output_dir={run_dir}"]
+    if run.shared_store:
+        cmd.append(f"store={seed_dir / 'head_candidates'}")
+    return cmd + list(run.overrides), run_dir
+
+
+def execute(cmd: list[str], threads: int | None) -> tuple[float, bool]:
+    """Run a job (its stderr shows as it goes); (wall seconds, whether it found its run complete)."""
+    env = dict(os.environ)
+    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
+        env.setdefault(key, value)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    note("running: " + shlex.join(cmd))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    note(proc.stdout.rstrip())
+    if proc.returncode != 0:
+        raise SystemExit(f"the job failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+    return wall, "already complete for this config" in proc.stdout
+
+
+def record(run: Run, seed: int, mode: str, summary: dict, summary_path: Path, acc: dict, ratios: dict,
+           cmd: list[str], wall: float, reused: bool, invocation: str) -> dict:
+    """One run's JSON line."""
+    finished = datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc)
+    return {
+        "benchmark": "reproduce", "mode": mode, "claim": run.claim, "seed": seed, "run": run.name,
+        "acc": acc, "ratios": ratios,
+        "context": {key: summary[key] for key in CONTEXT if key in summary},
+        "summary": str(summary_path), "command": shlex.join(["python", *cmd[1:]]), "invocation": invocation,
+        "job_wall_s": round(wall, 2), "reused": reused,  # reused: an earlier invocation ran it
+        "date": finished.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+    }
+
+
+def measure(run: Run, summary: dict, source: str, head_t: tuple[dict, str] | None) -> tuple[dict, dict]:
+    """(accuracies, ratios) of a finished run; ``head_t``: the seed's head TWA-t (summary, path)."""
+    if run.name == "head_twa_t":
+        return head_twa_t(summary, source)
+    if run.name == "head_twa_v":
+        return head_twa_v(summary, *head_t, source)
+    if run.claim == "bits":
+        return bits_run(summary, source, run.labels)
+    return {"tail": tail_run, "soups": soups_run}[run.claim](summary, source)
+
+
+def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl: Path, threads: int | None,
+               invocation: str) -> list[dict]:
+    """Every run of every claim and seed, each record written to ``jsonl`` (and stdout) as it comes."""
+    records: list[dict] = []
+    head_t: dict[int, tuple[dict, str]] = {}  # seed -> the TWA-t run's (summary, path): TWA-v's cost
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with jsonl.open("w") as out:
+        for claim in claims:
+            for seed in seeds:
+                for run in plan(claim, mode):
+                    cmd, run_dir = job_command(run, seed, work)
+                    wall, reused = execute(cmd, threads)
+                    path = run_dir / "summary.json"
+                    summary, source = json.loads(path.read_text()), str(path)
+                    if run.name == "head_twa_t":
+                        head_t[seed] = (summary, source)
+                    acc, ratios = measure(run, summary, source, head_t.get(seed))
+                    rec = record(run, seed, mode, summary, path, acc, ratios, cmd, wall, reused, invocation)
+                    out.write(json.dumps(rec) + "\n")
+                    out.flush()
+                    emit(rec)
+                    records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------- aggregation and targets
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per claim and metric (in the order they first appear): mean, std, n over the seeds,
+    with the dates, machines and invocations of the runs behind it."""
+    groups: dict[tuple[str, str, str], dict] = {}
+    for rec in records:
+        for kind in ("acc", "ratios"):
+            for metric, value in rec[kind].items():
+                group = groups.setdefault((rec["claim"], kind, metric),
+                                          {"values": {}, "dates": set(), "machines": set(), "invocations": set()})
+                if rec["seed"] in group["values"]:
+                    raise ValueError(f"two runs give {rec['claim']} {metric} for seed {rec['seed']}")
+                group["values"][rec["seed"]] = float(value)
+                group["dates"].add(rec["date"][:10])
+                group["machines"].add(machine_label(rec["machine"]))
+                group["invocations"].add(rec["invocation"])
+    rows = []
+    for (claim, kind, metric), group in groups.items():
+        seeds = sorted(group["values"])
+        mean, std = mean_std([group["values"][s] for s in seeds])
+        dates = sorted(group["dates"])
+        rows.append({"claim": claim, "kind": kind, "metric": metric, "mean": mean, "std": std, "n": len(seeds),
+                     "seeds": seeds, "date": dates[0] if len(dates) == 1 else f"{dates[0]} .. {dates[-1]}",
+                     "machine": "; ".join(sorted(group["machines"])),
+                     "command": "; ".join(sorted(group["invocations"]))})
+    return rows
+
+
+def machine_label(m: dict) -> str:
+    return f"{m.get('cpu')}, {m.get('cores')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+
+
+def format_mean_std(row: dict) -> str:
+    digits, unit = (2, " %") if row["kind"] == "acc" else (3, "")
+    std = "n/a" if row["std"] is None else f"{row['std']:.{digits}f}"
+    return f"{row['mean']:.{digits}f} ± {std}{unit}"
+
+
+@dataclass(frozen=True)
+class Target:
+    claim: str
+    text: str
+    check: Callable[[Callable[[str], float]], tuple[bool, str]]  # (mean of a metric) -> (met, measured)
+
+
+def _versus(a_name: str, a: float, b_name: str, b: float) -> str:
+    return f"{a_name} {a:.2f}% vs {b_name} {b:.2f}% ({a - b:+.2f} points)"
+
+
+def _near_full_budget(twa: str) -> Target:
+    label = twa.replace("twa_", "TWA-")
+
+    def check(m):
+        gap, cost = m(twa) - m("full_budget"), m(f"cost_ratio_{twa}")
+        return gap >= -0.3 and cost <= 0.6, f"{_versus(label, m(twa), 'full budget', m('full_budget'))}, cost_ratio {cost:.3f}"
+    return Target("head", f"{label} within 0.3 points of the full budget (>= full budget - 0.3) at cost_ratio <= 0.6", check)
+
+
+def _beats_swa(twa: str) -> Target:
+    label = twa.replace("twa_", "TWA-")
+    return Target("head", f"{label} >= SWA + 0.3 points",
+                  lambda m: (m(twa) >= m("swa") + 0.3, _versus(label, m(twa), "SWA", m("swa"))))
+
+
+def _soups(m) -> tuple[bool, str]:
+    twa, greedy, best = m("twa_v"), m("greedy_soup"), m("best_individual")
+    return (twa >= greedy >= best,
+            f"TWA-v {twa:.2f}%, greedy soup {greedy:.2f}%, best single model {best:.2f}%")
+
+
+TARGETS = (
+    _near_full_budget("twa_t"), _near_full_budget("twa_v"), _beats_swa("twa_t"), _beats_swa("twa_v"),
+    Target("tail", "TWA >= SWA", lambda m: (m("twa") >= m("swa"), _versus("TWA", m("twa"), "SWA", m("swa")))),
+    Target("bits", "4-bit within 0.2 points of 32-bit (>= 32-bit - 0.2)",
+           lambda m: (m("bits=4") >= m("bits=32") - 0.2, _versus("4-bit", m("bits=4"), "32-bit", m("bits=32")))),
+    Target("soups", "TWA-v >= greedy soup >= best single model", _soups),
+)
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """Each target of a claim in ``rows``, on the means: {claim, target, measured, met, n}."""
+    means = {(r["claim"], r["metric"]): r for r in rows}
+    out = []
+    for target in TARGETS:
+        if not any(claim == target.claim for claim, _ in means):
+            continue  # the claim did not run
+
+        def mean(metric: str, claim: str = target.claim) -> float:
+            if (claim, metric) not in means:
+                raise ValueError(f"target {claim!r} {target.text!r} needs {metric}, which no run of {claim} gave")
+            return means[(claim, metric)]["mean"]
+        met, measured = target.check(mean)
+        n = min(r["n"] for (claim, _), r in means.items() if claim == target.claim)
+        out.append({"claim": target.claim, "target": target.text, "measured": measured, "met": met, "n": n})
+    return out
+
+
+def target_line(t: dict) -> str:
+    return f"target {t['claim']}: {t['target']} | {t['measured']} (means, n = {t['n']}) | " + (
+        "met" if t["met"] else "not met")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_markdown(path: Path, rows: list[dict], targets: list[dict], modes: list[str]) -> None:
+    from twa_ray.output.atomic import atomic_path
+
+    lines = ["# The paper's claims, reproduced", "",
+             f"Written by `benchmarks/reproduce.py` (mode: {', '.join(modes)}). Accuracies: test accuracy (%), "
+             "mean ± sample std over the seeds. cost_ratio / wall_ratio: (base training + TWA) / full budget, "
+             "in compute / wall seconds; twa_epoch_vs_sgd_epoch: a TWA epoch's compute per example over a "
+             "base-training epoch's.", "",
+             "| claim | method | mean ± std | n seeds | command | date | machine |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['claim']} | {r['metric']} | {format_mean_std(r)} | {r['n']} | `{r['command']}` | {r['date']} "
+              f"| {r['machine']} |" for r in rows]
+    lines += ["", "## Targets (means over the seeds)", "", "| claim | target | measured | |", "|---|---|---|---|"]
+    lines += [f"| {t['claim']} | {t['target']} | {t['measured']} | {'met' if t['met'] else 'not met'} |"
+              for t in targets]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    """One panel per claim: each method's mean test accuracy, the std as an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from twa_ray.output.atomic import atomic_path
+
+    claims = list(dict.fromkeys(r["claim"] for r in rows if r["kind"] == "acc"))
+    fig, axes = plt.subplots(1, max(1, len(claims)), figsize=(4.2 * max(1, len(claims)), 4.2), squeeze=False)
+    for ax, claim in zip(axes[0], claims):
+        acc = [r for r in rows if r["claim"] == claim and r["kind"] == "acc"]
+        means, stds = [r["mean"] for r in acc], [r["std"] or 0.0 for r in acc]
+        bars = ax.bar(range(len(acc)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.7)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center")
+        ax.set_xticks(range(len(acc)), [r["metric"] for r in acc], rotation=45, ha="right", fontsize=8)
+        low = min(m - s for m, s in zip(means, stds))
+        high = max(m + s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, low - 0.2 * (high - low) - 0.5), min(100.0, high + 0.1 * (high - low) + 0.5))
+        n = min(r["n"] for r in acc)
+        ax.set_title(f"{claim} ({n} seed{'s' if n > 1 else ''})")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def report(records: list[dict], out: Path) -> list[dict]:
+    """reproduce.md and reproduce.png in ``out``, the table and targets on stderr; returns the targets."""
+    rows = aggregate(records)
+    targets = evaluate_targets(rows)
+    width = max(len(f"{r['claim']} {r['metric']}") for r in rows)
+    for r in rows:
+        note(f"{(r['claim'] + ' ' + r['metric']).ljust(width)}  {format_mean_std(r)}  (n={r['n']})")
+    for t in targets:
+        note(target_line(t))
+    write_markdown(out / "reproduce.md", rows, targets, sorted({rec["mode"] for rec in records}))
+    write_plot(out / "reproduce.png", rows)
+    note(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.png'}")
+    return targets
+
+
+# ---------------------------------------------------------------- main
+
+
+def prepare_work(work: Path, fresh: bool) -> None:
+    if fresh and work.exists():
+        if not (work / WORK_MARK).exists():
+            raise SystemExit(f"--fresh: {work} was not made by benchmarks/reproduce.py ({WORK_MARK} missing): "
+                             "not removing it")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).touch()
+
+
+def parse_claims(text: str) -> list[str]:
+    wanted = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CLAIMS]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown claims {unknown or text!r}: choose from {','.join(CLAIMS)}")
+    return [c for c in CLAIMS if c in wanted]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(parser)
+    parser.add_argument("--claims", type=parse_claims, default=list(CLAIMS), help=f"comma-separated: {','.join(CLAIMS)}")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default 3; 1 with --quick, --smoke)")
+    parser.add_argument("--out", default=None, help="where reproduce.{jsonl,md,png} go")
+    parser.add_argument("--work", default=None, help="run folders (default runs/reproduce/<mode>)")
+    parser.add_argument("--fresh", action="store_true", help="empty --work first: run everything again")
+    parser.add_argument("--results", default=None, help="a reproduce.jsonl: only write its tables, plot and targets")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.results:
+        lines = Path(args.results).read_text().splitlines()
+        report([json.loads(line) for line in lines if line.strip()], Path(args.out or Path(args.results).parent))
+        return 0
+    work = Path(args.work or ROOT / "runs" / "reproduce" / mode).resolve()
+    out = Path(args.out or (ROOT / "benchmarks" / "results" if mode == "full" else work)).resolve()
+    seeds = list(range(args.seeds if args.seeds is not None else SEEDS[mode]))
+    if not seeds:
+        parser.error("--seeds must be >= 1")
+    prepare_work(work, args.fresh)
+    invocation = shlex.join(["python", "benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        records = run_claims(args.claims, seeds, mode, work, out / "reproduce.jsonl", args.threads, invocation)
+    except SummaryError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    report(records, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Every benchmark runs (smallest setting, in a subprocess) and prints valid JSON lines.
+
+No timing is asserted: only that each measurement is there, well formed, and that the
+exact quantities (bytes, correctness against the dense reference) are right.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 300) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, f"{name} printed nothing"
+    records = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+    assert all(r["benchmark"] == name for r in records)
+    return records
+
+
+def test_projection():
+    records = run_benchmark("projection", "--smoke", "--threads", "1")
+    checks = [r for r in records if r["measure"] == "correctness"]
+    assert {r["bits"] for r in checks} == {1, 4, 32}
+    assert all(r["check_rel_err"] < 1e-4 for r in checks)
+    rows = [r for r in records if r["measure"] == "throughput"]
+    assert {(r["op"], r["bits"]) for r in rows} == {(op, b) for op in ("coef_grad", "reconstruct") for b in (1, 4, 32)}
+    for r in rows:
+        assert r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["ratio_to_memcpy"] > 0
+        assert r["projection_bytes"] == r["n"] * ((r["D"] * r["bits"] + 7) // 8)
+        assert r["bytes_ratio_to_ideal"] <= r["target_bytes_ratio"] and r["meets_bytes_target"]
+        assert r["bytes_ratio_to_paper"] == pytest.approx(r["bits"] / 8 if r["bits"] < 32 else 1.0, rel=1e-3)
+        assert (r["target_ratio_to_memcpy"] == 0.6) == (r["bits"] == 4)
+
+
+@pytest.mark.skipif(os.environ.get("TWA_RAY_TEST_COMPILE") != "1", reason="torch.compile takes ~20 s: TWA_RAY_TEST_COMPILE=1")
+def test_projection_compiled_kernel():
+    records = run_benchmark("projection", "--smoke", "--kernel", "compiled", "--bits", "2", "4", "--repeats", "1")
+    assert all(r["check_rel_err"] < 1e-4 for r in records if r["measure"] == "correctness")
+
+
+def test_step_overhead():
+    (r,) = run_benchmark("step_overhead", "--smoke")
+    assert r["sgd_step_s"] > 0 and r["twa_step_s"] > 0 and r["ratio_twa_to_sgd"] > 0
+    assert r["target_ratio"] == 1.10 and r["mode"] == "smoke" and r["bits"] == 4 and r["candidates"] == 20
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.models import build_model
+
+    numels = ParamLayout.from_model(build_model("small_cnn", 10, 3, 8)).numels
+    assert r["num_params"] == sum(numels)
+    assert r["projection_bytes"] == 20 * sum((m * 4 + 7) // 8 for m in numels)  # one block per tensor, 4 bits
+
+
+def test_comm():
+    records = run_benchmark("comm", "--smoke")
+    assert [r["rank"] for r in records] == [0, 1]
+    for r in records:
+        d = r["num_params"]
+        assert r["one_all_reduce_payload_bytes"] == 4 * d
+        assert r["payload_bytes_per_step"] == r["planned_payload_bytes_per_step"]  # the planner predicts the run
+        assert r["wire_bytes_per_step"] == pytest.approx(r["planned_wire_bytes_per_step"])
+        assert r["paper_payload_bytes_per_step"] == 2 * 4 * d and r["paper_payload_ratio"] == 2.0
+        assert set(r["payload_by_op"]) == {"reduce_scatter", "all_reduce", "all_gather"}
+        assert r["first_step_weight_diff"] <= 1e-4 * r["first_step_weight_change"] + 1e-6  # the same weights
+
+
+def test_scaling():
+    one, two = run_benchmark("scaling", "--smoke")
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert two["projection_bytes_total"] == one["projection_bytes_total"]  # shards add up to the whole
+    assert two["projection_bytes_per_worker"] == two["planned_projection_bytes_per_worker"]
+    assert two["max_over_even_share"] >= 1.0 and two["speedup_over_1_worker"] > 0

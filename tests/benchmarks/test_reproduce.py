@@ -1,0 +1,138 @@
+"""benchmarks/reproduce.py: the aggregation and targets as pure functions (no Ray), and one
+``--smoke`` run of the tail claim through the real job (Ray)."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.append(str(ROOT / "benchmarks"))  # reproduce imports its sibling _common
+
+import reproduce  # noqa: E402
+
+
+def records(claim: str, per_seed: list[dict], ratios: list[dict] | None = None) -> list[dict]:
+    """Run records of ``claim`` as reproduce.record writes them, one per seed."""
+    return [{"claim": claim, "seed": seed, "mode": "full", "run": claim, "acc": acc, "ratios": (ratios or [{}] * len(per_seed))[seed],
+             "date": f"2026-12-0{seed + 1} 10:00 UTC", "invocation": "python benchmarks/reproduce.py",
+             "machine": {"cpu": "test cpu", "cores": 2, "gpu": None}}
+            for seed, acc in enumerate(per_seed)]
+
+
+HEAD = records(
+    "head",
+    [{"twa_t": 90.0, "twa_v": 89.0, "full_budget": 91.1, "swa": 90.5},
+     {"twa_t": 91.0, "twa_v": 89.5, "full_budget": 91.2, "swa": 90.8},
+     {"twa_t": 92.0, "twa_v": 88.5, "full_budget": 91.3, "swa": 90.5}],
+    [{"cost_ratio_twa_t": 0.55, "cost_ratio_twa_v": 0.52}, {"cost_ratio_twa_t": 0.56, "cost_ratio_twa_v": 0.53},
+     {"cost_ratio_twa_t": 0.57, "cost_ratio_twa_v": 0.51}],
+)
+
+
+def reference_mean_std(xs):
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def test_mean_std_is_the_sample_std():
+    xs = [90.0, 91.25, 92.5, 89.75]
+    mean, std = reproduce.mean_std(xs)
+    ref_mean, ref_std = reference_mean_std(xs)
+    assert mean == pytest.approx(ref_mean, abs=1e-12) and std == pytest.approx(ref_std, abs=1e-12)
+    assert reproduce.mean_std([88.5]) == (88.5, None)
+    with pytest.raises(ValueError):
+        reproduce.mean_std([])
+
+
+def test_aggregate_groups_each_claim_and_metric_over_the_seeds():
+    rows = {(r["claim"], r["metric"]): r for r in reproduce.aggregate(HEAD)}
+    for metric in ("twa_t", "twa_v", "full_budget", "swa", "cost_ratio_twa_t", "cost_ratio_twa_v"):
+        values = [rec["acc" if not metric.startswith("cost") else "ratios"][metric] for rec in HEAD]
+        mean, std = reference_mean_std(values)
+        row = rows[("head", metric)]
+        assert row["mean"] == pytest.approx(mean, abs=1e-12) and row["std"] == pytest.approx(std, abs=1e-12)
+        assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
+    assert rows[("head", "twa_t")]["date"] == "2026-12-01 .. 2026-12-03"
+    assert rows[("head", "twa_t")]["machine"] == "test cpu, 2 cores"
+    assert reproduce.format_mean_std(rows[("head", "twa_t")]) == "91.00 ± 1.00 %"
+    assert reproduce.format_mean_std(rows[("head", "cost_ratio_twa_t")]) == "0.560 ± 0.010"
+    with pytest.raises(ValueError, match="seed 0"):
+        reproduce.aggregate(HEAD + HEAD[:1])  # one seed twice
+
+
+def test_targets_compare_the_means():
+    targets = {t["target"]: t for t in reproduce.evaluate_targets(reproduce.aggregate(HEAD))}
+    # TWA-t 91.00 vs full budget 91.20 at cost 0.56: met; TWA-v 89.00 is 2.2 points short: not met
+    assert targets["TWA-t within 0.3 points of the full budget (>= full budget - 0.3) at cost_ratio <= 0.6"]["met"] is True
+    assert targets["TWA-v within 0.3 points of the full budget (>= full budget - 0.3) at cost_ratio <= 0.6"]["met"] is False
+    assert targets["TWA-t >= SWA + 0.3 points"]["met"] is True  # 91.00 >= 90.60 + 0.3
+    assert targets["TWA-v >= SWA + 0.3 points"]["met"] is False
+    assert "TWA-t 91.00% vs full budget 91.20% (-0.20 points), cost_ratio 0.560" in [
+        t["measured"] for t in targets.values()]
+    assert {t["claim"] for t in targets.values()} == {"head"}  # claims that did not run have no target
+    soups = records("soups", [{"twa_v": 80.0, "greedy_soup": 79.0, "uniform_soup": 70.0, "best_individual": 79.5}])
+    (soup_target,) = reproduce.evaluate_targets(reproduce.aggregate(soups))
+    assert soup_target["met"] is False  # greedy soup 79.0 < best single model 79.5
+    assert reproduce.target_line(soup_target).endswith("| not met")
+
+
+def test_missing_summary_keys_are_named():
+    with pytest.raises(reproduce.SummaryError, match=r"no test_acc\.ema"):
+        reproduce.need({"test_acc": {"twa": 90.0}}, "test_acc.ema", "run/summary.json")
+    with pytest.raises(reproduce.SummaryError, match=r"test_acc\.ema is null"):
+        reproduce.need({"test_acc": {"ema": None}}, "test_acc.ema", "run/summary.json")
+    with pytest.raises(reproduce.SummaryError, match=r"twa_data is 'train', expected 'val'"):
+        reproduce.check_twa_data({"twa_data": "train"}, "val", "s")
+
+
+def test_twa_v_cost_replaces_the_twa_stage():
+    # (10 + 2) / 20 = 0.6 -> (10 + 1) / 20
+    assert reproduce.swap_twa_stage(0.6, 10.0, 2.0, 1.0) == pytest.approx(0.55, abs=1e-12)
+
+
+def test_bits_runs_cover_every_width_and_basis_once():
+    runs = reproduce.plan("bits", "full")
+    labels = [label for run in runs for label in run.labels]
+    assert sorted(labels) == sorted([f"bits={b}" for b in reproduce.BITS] + [f"basis={b}" for b in reproduce.BASES])
+    assert all(run.shared_store and "compare_full_budget=false" in run.overrides for run in runs)
+    head = reproduce.plan("head", "full")
+    assert [r.shared_store for r in head] == [True, True]  # base training once per seed
+
+
+def test_results_file_gives_table_plot_and_targets(tmp_path, capsys):
+    jsonl = tmp_path / "reproduce.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in HEAD))
+    assert reproduce.main(["--results", str(jsonl), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "| head | twa_t | 91.00 ± 1.00 % | 3 | `python benchmarks/reproduce.py` | 2026-12-01 .. 2026-12-03 |" in md
+    assert (tmp_path / "reproduce.png").stat().st_size > 0
+    assert sum(line.startswith("target head:") for line in capsys.readouterr().err.splitlines()) == 4
+
+
+@pytest.mark.ray
+def test_smoke_run_of_the_tail_claim(tmp_path):
+    from conftest import ray_subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--smoke", "--claims", "tail",
+         "--out", str(tmp_path), "--work", str(tmp_path / "runs")],
+        cwd=ROOT, env=ray_subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = (tmp_path / "reproduce.jsonl").read_text().splitlines()
+    (rec,) = [json.loads(line) for line in lines]
+    assert rec["claim"] == "tail" and rec["seed"] == 0 and rec["mode"] == "smoke"
+    assert set(rec["acc"]) == {"last", "swa", "ema", "twa"}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == rec  # the same line on stdout
+    targets = [line for line in proc.stderr.splitlines() if line.startswith("target ")]
+    assert len(targets) == 1 and targets[0].startswith("target tail: TWA >= SWA |")
+    assert targets[0].endswith(("| met", "| not met")) and re.search(r"\d+\.\d\d%", targets[0])
+    met = rec["acc"]["twa"] >= rec["acc"]["swa"]
+    assert targets[0].endswith("| met" if met else "| not met")
+    md = (tmp_path / "reproduce.md").read_text()
+    assert f"| tail | twa | {rec['acc']['twa']:.2f} ± n/a % | 1 |" in md  # one seed: no std
+    assert (tmp_path / "reproduce.png").stat().st_size > 0

@@ -1,0 +1,76 @@
+"""Ray's console switches (quiet_ray, train_logging_config), checked without starting Ray."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from twa_ray.distributed.ray_env import QUIET_DRIVER_ENV, QUIET_WORKER_ENV, quiet_ray, train_logging_config
+
+CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in [*QUIET_DRIVER_ENV, *QUIET_WORKER_ENV, "TWA_RAY_VERBOSE"]:
+        monkeypatch.delenv(key, raising=False)
+    yield monkeypatch
+
+
+def record(name: str, level: int, msg: str) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+
+def test_verbose_keeps_rays_defaults(clean_env):
+    assert quiet_ray(verbose=True) == {}
+    assert all(key not in os.environ for key in [*QUIET_DRIVER_ENV, *QUIET_WORKER_ENV])
+    assert train_logging_config().log_level == "INFO"
+
+
+def test_quiet_sets_the_switches_and_a_worker_hook(clean_env):
+    kwargs = quiet_ray(verbose=False)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_DISABLE_WORKER_LOG_PREFIX"] == "1"
+    assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert train_logging_config().log_level == "WARNING"
+    assert train_logging_config(verbose=True).log_level == "INFO"
+
+    import ray
+
+    cleaner = logging.getLogger(CLEANER)
+    context = logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
+                                             "execution", "context.py"))
+    filters, level = list(cleaner.filters), context.level
+    try:
+        kwargs["runtime_env"]["worker_process_setup_hook"]()  # what every Ray worker runs first
+        state_api = record(CLEANER, logging.WARNING, "Failed to query Ray Train Controller actor state. State API ...")
+        cleanup = record(CLEANER, logging.WARNING, "Detected that the Ray Train controller actor (x) is dead.")
+        assert not cleaner.filter(state_api) and cleaner.filter(cleanup)
+        assert not context.isEnabledFor(logging.INFO) and context.isEnabledFor(logging.WARNING)
+    finally:
+        cleaner.filters[:] = filters
+        context.setLevel(level)
+
+
+def test_a_users_own_setting_wins(clean_env):
+    clean_env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    kwargs = quiet_ray(verbose=False)
+    assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
+def test_the_hook_runs_where_twa_ray_cannot_be_imported(clean_env, tmp_path):
+    """Ray workers of a driver started outside the checkout run the hook without twa_ray."""
+    import cloudpickle
+
+    hook = quiet_ray(verbose=False)["runtime_env"]["worker_process_setup_hook"]
+    (tmp_path / "hook.pkl").write_bytes(cloudpickle.dumps(hook))
+    script = (
+        "import logging, pickle, sys\n"
+        "sys.modules['twa_ray'] = None  # any import of twa_ray now fails\n"
+        "pickle.load(open('hook.pkl', 'rb'))()\n"
+        f"print(len(logging.getLogger({CLEANER!r}).filters))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"

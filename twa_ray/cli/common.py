@@ -1,0 +1,61 @@
+"""What every job command shares: its flags, loading the config, and turning an expected
+failure into one ``error:`` line and an exit status."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from ..config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+# Failures a user can fix (missing data, a bad store or checkpoint folder, a diverged run):
+# one line, no traceback (--verbose logs the traceback at debug level).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: bool = True, verbose: bool = True,
+                      overrides_help: str = "config overrides a.b=value") -> None:
+    """--config, [--force], [--verbose] and the a.b=value overrides of a job command."""
+    parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+    if force:
+        parser.add_argument("--force", action="store_true", help="start afresh: discard this run folder's earlier results")
+    if verbose:
+        parser.add_argument("--verbose", action="store_true", help="debug lines, and Ray's own console lines")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+
+
+def load_job_config(args: argparse.Namespace, check: Callable[[Config], None] | None = None) -> Config | None:
+    """The config ``args`` name, overrides applied (and ``check`` passed); None after
+    printing the errors (each naming the field) to stderr."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if check is not None:
+            check(cfg)
+        return cfg
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def report_errors(run: Callable[[], int]) -> int:
+    """``run()``'s exit status; a USER_ERRORS exception becomes ``error: ...`` on stderr and 1."""
+    try:
+        return run()
+    except USER_ERRORS as exc:
+        log.debug("details", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def standalone(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None], command: Command,
+               argv: list[str] | None = None) -> int:
+    """Run one command with its own parser (the ``jobs/*.py`` scripts): the same flags as
+    its ``twa-ray`` subcommand."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

@@ -1,0 +1,64 @@
+"""Ray Tune sweep over TWA settings: subspace size, coefficient learning rate, optimizer, bits...
+
+    twa-ray tune --config configs/tune_quickstart.yaml [a.b=value ...] [--force] [--verbose]
+    python jobs/tune_twa.py --config configs/tune_quickstart.yaml       (the same, from a checkout)
+    ray job submit --working-dir . -- python jobs/tune_twa.py --config configs/tune_quickstart.yaml
+
+Candidates are made once (base training, or the store already there) and read by every
+trial. Running the same command again resumes an interrupted sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..output.console import setup_logging
+from ..output.report import write_report
+from ..tune.report import write_sweep_outputs
+from ..tune.search_space import validate_space
+from .common import add_job_arguments, load_job_config, standalone
+
+log = logging.getLogger(__name__)
+
+HELP = "a Ray Tune sweep over TWA settings on one shared candidate store"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser, "configs/tune_quickstart.yaml (with a tune: section)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from ..distributed.ray_env import init_ray
+    from ..pipelines.main import ensure_candidates
+    from ..pipelines.runs import prepare_run_dir
+    from ..pipelines.sweep import evaluate_best_trial
+
+    setup_logging(args.verbose)
+    cfg = load_job_config(args, validate_space)
+    if cfg is None:
+        return 2
+    run_dir = prepare_run_dir(cfg, force=args.force)
+
+    init_ray(dashboard=True, verbose=args.verbose)  # ASHA's early stops free Train resources through the State API
+    from ..tune.sweep import run_sweep  # imports Ray: after init_ray
+
+    # 1. candidates, made once and shared read-only by every trial
+    base = ensure_candidates(cfg)
+
+    # 2. the sweep: each trial runs sharded TWA on Ray Train; ASHA stops poor trials
+    sweep = run_sweep(cfg, base.store_uri)
+
+    # 3. the test split, read once: the best trial's final weights
+    result = evaluate_best_trial(cfg, sweep)
+
+    # 4. the run folder: tune_results.parquet, best.json, plots/tune.png (+ TensorBoard events)
+    write_sweep_outputs(run_dir, sweep, cfg.tune.metric, tensorboard=cfg.report.tensorboard)
+    print(f"report: {write_report(run_dir)}")
+    log.info("best trial %s: %s=%.4g, test accuracy %.2f%%, params %s", sweep.best["trial_id"],
+             cfg.tune.metric, sweep.best["selection_metric"], result.accuracy, sweep.best["params"])
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone(__doc__, add_arguments, command, argv)

@@ -1,0 +1,170 @@
+"""Starting or joining Ray the same way from jobs, tests and notebooks.
+
+- ``RAY_ADDRESS`` set (a cluster, or ``ray job submit``): ``ray.init()`` joins it with
+  no resource arguments (passing them to an existing cluster raises).
+- Otherwise a local Ray starts bound to 127.0.0.1 only, quiet and lean: no usage
+  stats, a 256 MiB object store, the dashboard only when asked (Tune's early stopping
+  needs its State API).
+- Either way quiet unless ``verbose`` (``quiet_ray``; ``train_logging_config`` for each
+  Ray Train run): on a healthy run the console shows this package's lines, not Ray's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else worker prints show twice
+    # Ray resolves "127.0.0.1" to the machine's outward address unless it runs as a
+    # single-node cluster; this keeps every Ray process (and gloo) on the loopback.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Token auth guards a cluster others can reach; a loopback-only local Ray is ours.
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def prepare_local_env() -> None:
+    """Set the environment for a local loopback Ray; call before ``import ray``."""
+    if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+# Ray's console switches (Ray 2.60): each removes lines a healthy run printed by the dozen.
+QUIET_DRIVER_ENV = {
+    # Worker lines reach the console as logged (one format), without "(RayTrainWorker pid=...)".
+    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
+}
+QUIET_WORKER_ENV = {
+    # The watcher actor only logs node drains, and starting it logs a core_worker.cc error
+    # (constructor arguments in the object store with max_restarts > 0) on every run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+TRAIN_LOG_LEVEL = "WARNING"
+
+
+def quiet_ray(verbose: bool = False) -> dict:
+    """Ray's console switches for this process and every Ray worker of the job; returns the
+    extra ``ray.init`` arguments (``init_ray`` applies them). ``verbose``: Ray's defaults.
+
+    Call before ``import ray`` (Ray reads the worker-prefix switch at import). Train's own
+    INFO lines (worker-group start, one per checkpoint) go with ``train_logging_config``.
+    """
+    os.environ["TWA_RAY_VERBOSE"] = "1" if verbose else "0"  # train_logging_config in Tune trials
+    if verbose:
+        return {}
+    for key, value in {**QUIET_DRIVER_ENV, **QUIET_WORKER_ENV}.items():
+        os.environ.setdefault(key, value)
+
+    def quiet_worker() -> None:  # runs in every Ray worker process of the job
+        import logging
+        import os
+
+        import ray
+
+        # A local Ray without the dashboard has no State API: the placement-group cleaner
+        # warns every second that it cannot reach it. Its other warnings stay.
+        logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+            lambda record: not record.getMessage().startswith("Failed to query Ray Train Controller actor state"))
+        # "Reporting training result ..." (per report, per rank) is logged under the file's
+        # path, out of reach of Train's LoggingConfig.
+        context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(context).setLevel(logging.WARNING)
+
+    # env_vars reach the drivers of Tune trials too, which start Train runs of their own.
+    # The hook is a closure, pickled by value: workers need not import twa_ray to run it.
+    env_vars = {key: os.environ[key] for key in QUIET_WORKER_ENV}
+    return {"runtime_env": {"worker_process_setup_hook": quiet_worker, "env_vars": env_vars}}
+
+
+def train_logging_config(verbose: bool | None = None):
+    """``RunConfig(logging_config=...)`` for Ray Train runs: Train's INFO lines (worker-group
+    start, "Checkpoint successfully created" per report) only when verbose. ``None``: as
+    ``quiet_ray`` was told in this process (or in the driver that started this Tune trial)."""
+    import ray.train
+
+    if verbose is None:
+        verbose = os.environ.get("TWA_RAY_VERBOSE") == "1"
+    return ray.train.LoggingConfig(log_level="INFO" if verbose else TRAIN_LOG_LEVEL)
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int = 256,
+             verbose: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray on 127.0.0.1; quiet (``quiet_ray``)
+    unless ``verbose``."""
+    prepare_local_env()
+    quiet = quiet_ray(verbose)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(**quiet)
+        return
+    log.info("starting a local Ray on 127.0.0.1 (%s CPUs)", num_cpus or os.cpu_count())
+    kwargs = {}
+    if dashboard:
+        # Ray's own actors (Train's placement-group cleaner, which frees the resources of
+        # an early-stopped Tune trial) find the State API through this variable; without
+        # it they guess, and fail when another Ray runs on the same machine.
+        port = _free_port()
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        object_store_memory=object_store_mb << 20,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        **kwargs,
+        **quiet,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def cluster_has_gpus() -> bool:
+    return cluster_gpus() > 0
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1)
+
+
+def worker_runtime_env() -> dict:
+    """Let Ray workers import twa_ray when the driver found it in a source checkout.
+
+    Ray puts the driver's cwd (or a job's working_dir) on the workers' sys.path; a driver
+    started elsewhere (``python /path/to/jobs/x.py``) needs the checkout on PYTHONPATH.
+    """
+    from pathlib import Path
+
+    import ray
+
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the twa_ray package
+    if (os.path.basename(root) in ("site-packages", "dist-packages") or os.path.abspath(os.getcwd()) == root
+            or ray.get_runtime_context().runtime_env.get("working_dir")):
+        return {}
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}

@@ -1,0 +1,248 @@
+"""What a run prints: one log format, progress lines with an ETA, the final results table.
+
+- ``setup_logging``: the ``twa_ray`` logger's one handler and format, in drivers and in
+  Ray workers alike (``HH:MM:SS twa_ray.<module>: message``);
+- ``Progress``: a line per epoch (or per model, per trial) and, on long epochs, every
+  ``every_steps`` steps or ``interval_s`` seconds, with the elapsed time and an ETA;
+- ``method_rows`` / ``results_table``: the results of a run folder's ``summary.json``,
+  one row per method (also the report page's table and the CLI's ``show``).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+PACKAGE = "twa_ray"
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+WORKER_LOG_FORMAT = "%(asctime)s %(name)s [rank %(rank)s]: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(verbose: bool = False, rank: int | None = None, stream=None) -> logging.Logger:
+    """Give the ``twa_ray`` logger its one handler; returns that logger.
+
+    Safe to call again (in a Ray worker that runs several loops): the handler is replaced,
+    never added twice. The logger does not propagate, so whatever Ray or a job puts on the
+    root logger neither repeats nor reformats these lines. ``rank``: a Ray Train worker's
+    world rank; rank 0 logs like a driver, other ranks only warnings (tagged with their
+    rank), unless ``verbose``. ``verbose`` also turns on DEBUG lines.
+    """
+    logger = logging.getLogger(PACKAGE)
+    for handler in [h for h in logger.handlers if getattr(h, "_twa_ray", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler._twa_ray = True  # marks the handler this function owns
+    if rank:
+        handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT, DATE_FORMAT))
+        handler.addFilter(_RankFilter(rank))
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    logger.addHandler(handler)
+    if verbose:
+        logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.WARNING if rank else logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"`` (whole seconds)."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Progress:
+    """Progress lines of one stage: one per finished unit (epoch, model, trial) and, within
+    a long unit, one every ``every_steps`` steps or ``interval_s`` seconds.
+
+    The ETA assumes the remaining work goes at the pace of the work done in this process
+    (``start`` units done before, e.g. on resume, count as neither). Work is counted in
+    steps when ``steps_per_unit`` is known, else in units.
+
+        progress = Progress("TWA", total=epochs, steps_per_unit=len(loader), start=first_epoch)
+        for epoch in range(first_epoch, epochs):
+            for step, batch in enumerate(loader, 1):
+                ...
+                progress.step(epoch, step, loss=loss.item())
+            progress.done(epoch, val_acc=acc)
+
+    logs ``TWA epoch 3/10: val_acc 91.2 | 0:42 elapsed, ETA 1:38`` (``epoch`` is 0-based in
+    the calls, 1-based in the lines).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        unit: str = "epoch",
+        steps_per_unit: int | None = None,
+        start: int = 0,
+        every_steps: int | None = None,
+        interval_s: float | None = 30.0,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stage, self.total, self.unit = stage, int(total), unit
+        self.steps_per_unit = steps_per_unit if steps_per_unit and steps_per_unit > 0 else None
+        self.start, self.every_steps, self.interval_s = int(start), every_steps, interval_s
+        self.log = logger or logging.getLogger(f"{PACKAGE}.progress")
+        self.clock = clock
+        self.started = self.last_line = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def eta(self, done_fraction_units: float) -> float | None:
+        """Seconds left once ``done_fraction_units`` units (fractional) are done; None before any."""
+        done = done_fraction_units - self.start
+        if done <= 0:
+            return None
+        return self.elapsed() / done * max(0.0, self.total - done_fraction_units)
+
+    def step(self, unit: int, step: int, **metrics: Any) -> bool:
+        """After ``step`` (1-based) of ``unit`` (0-based): logs when a step line is due; returns whether it logged."""
+        due_by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        due_by_time = self.interval_s is not None and self.clock() - self.last_line >= self.interval_s
+        last_step = self.steps_per_unit is not None and step >= self.steps_per_unit
+        if last_step or not (due_by_steps or due_by_time):
+            return False  # the unit's own line follows
+        where = f"step {step}/{self.steps_per_unit}" if self.steps_per_unit else f"step {step}"
+        fraction = unit + step / self.steps_per_unit if self.steps_per_unit else float(unit)
+        self._line(f"{self.unit} {unit + 1}/{self.total}, {where}", fraction, metrics)
+        return True
+
+    def done(self, unit: int, **metrics: Any) -> None:
+        """After ``unit`` (0-based) finished: its line."""
+        self._line(f"{self.unit} {unit + 1}/{self.total}", unit + 1.0, metrics)
+
+    def _line(self, where: str, done_units: float, metrics: Mapping[str, Any]) -> None:
+        self.last_line = self.clock()
+        values = ", ".join(f"{k} {_format_value(v)}" for k, v in metrics.items())
+        eta = self.eta(done_units)
+        timing = f"{format_duration(self.elapsed())} elapsed" + (f", ETA {format_duration(eta)}" if eta is not None else "")
+        self.log.info("%s %s: %s| %s", self.stage, where, f"{values} " if values else "", timing)
+
+
+# ---------------------------------------------------------------- the results table
+
+METHOD_NAMES = {
+    "last": "last", "swa": "SWA", "ema": "EMA", "best_k": "best-k", "twa": "TWA", "full_budget": "full budget",
+    "best_individual": "best individual", "uniform_soup": "uniform soup", "greedy_soup": "greedy soup",
+}
+COLUMNS = ("method", "test acc (%)", "test loss", "epochs", "compute (s)", "trained on")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _compute(stage: Any) -> float | None:
+    """A stage's seconds: a number, or the ``compute`` of a {"startup", "compute"} record."""
+    return _number(stage.get("compute")) if isinstance(stage, Mapping) else _number(stage)
+
+
+def _seconds(times: Mapping[str, Any], *keys: str) -> float | None:
+    """Sum of the stage times present among ``keys`` (None when none is)."""
+    present = [_compute(times.get(k)) for k in keys]
+    present = [t for t in present if t is not None]
+    return sum(present) if present else None
+
+
+def _main_job_method(summary: Mapping[str, Any], method: str) -> tuple[float | None, float | None, str | None]:
+    """(epochs, compute seconds, trained on) of a method of the main job (base training -> TWA)."""
+    times = summary.get("time_s") or {}
+    base, twa_epochs, budget = (_number(summary.get(k)) for k in ("base_epochs", "twa_epochs", "budget_epochs"))
+    dataset = summary.get("dataset")
+    train = f"{dataset} train" if dataset else "train"
+    twa_data = summary.get("twa_data")
+    if method == "twa":
+        epochs = base + twa_epochs if base is not None and twa_epochs is not None else None
+        on = f"{train}; TWA on {twa_data}" if twa_data else train
+        return epochs, _seconds(times, "base_train", "twa"), on
+    if method == "full_budget":  # a continuation of base training costs base training too
+        keys = ("base_train", "full_budget") if summary.get("full_budget_continued") else ("full_budget",)
+        return budget, _seconds(times, *keys), train
+    return base, _seconds(times, "base_train"), train
+
+
+def _soup_job_method(summary: Mapping[str, Any], method: str) -> tuple[float | None, float | None, str | None]:
+    """(epochs, compute seconds, trained on) of a method of the soup job (fine-tuned models -> soups, TWA)."""
+    times = summary.get("time_s") or {}
+    n = summary.get("num_models")
+    models = f"{n} fine-tuned models" if n is not None else "fine-tuned models"
+    if method == "twa":
+        twa_data = summary.get("twa_data")
+        on = f"{models}; TWA on {twa_data}" if twa_data else models
+        return _number(summary.get("twa_epochs")), _seconds(times, "pretrain", "finetune", "twa"), on
+    return None, _seconds(times, "pretrain", "finetune", "soups"), f"{models}, chosen on val"
+
+
+def method_rows(summary: Mapping[str, Any]) -> list[dict]:
+    """One row per method with a test accuracy in ``summary["test_acc"]``, in its order:
+    {'method', 'key', 'test_acc', 'test_loss', 'epochs', 'compute_s', 'trained_on'}; what the
+    summary does not say is None. Works for the main job's and the soup job's summaries."""
+    accuracies = summary.get("test_acc") or {}
+    losses = summary.get("test_loss") or {}
+    describe = _soup_job_method if "num_models" in summary else _main_job_method
+    rows = []
+    for key, acc in accuracies.items():
+        if _number(acc) is None:
+            continue
+        epochs, compute, trained_on = describe(summary, key)
+        rows.append({
+            "method": METHOD_NAMES.get(key, key.replace("_", " ")), "key": key,
+            "test_acc": float(acc), "test_loss": _number(losses.get(key)),
+            "epochs": epochs, "compute_s": compute, "trained_on": trained_on,
+        })
+    return rows
+
+
+def row_cells(row: Mapping[str, Any]) -> list[str]:
+    """A ``method_rows`` row as the table's text cells (``-`` for what is unknown)."""
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+    epochs = row["epochs"]
+    return [
+        row["method"], fmt(row["test_acc"], ".2f"), fmt(row["test_loss"], ".4f"),
+        "-" if epochs is None else (f"{epochs:.0f}" if float(epochs).is_integer() else f"{epochs:g}"),
+        fmt(row["compute_s"], ".1f"), row["trained_on"] or "-",
+    ]
+
+
+def results_table(summary: Mapping[str, Any]) -> str:
+    """The final results table of a run (``summary.json``'s content) as aligned text lines."""
+    rows = [list(COLUMNS)] + [row_cells(r) for r in method_rows(summary)]
+    if len(rows) == 1:
+        return "no test results in this summary"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    numeric = {1, 2, 3, 4}
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+__all__ = ["setup_logging", "Progress", "format_duration", "method_rows", "results_table", "row_cells", "COLUMNS"]

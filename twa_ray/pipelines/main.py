@@ -1,0 +1,293 @@
+"""The main job's five stages (jobs/cifar_twa.py), one call each:
+
+    ensure_candidates  base training on Ray Train -> the candidate store (or the store it already filled)
+    train_twa          sharded TWA on Ray Train over the stored candidates
+    train_full_budget  optional: base training continued to the end of its schedule (the full budget)
+    evaluate_run       test accuracy of last, SWA, EMA, best-k, TWA (and the full budget), in parallel tasks
+    write_run          the run folder (``output.run_folder``), then config.json: the run is complete
+
+Ray must be running (``distributed.ray_env.init_ray``) before the first stage.
+
+Every model gets the same BatchNorm recalibration (``twa.bn_batches`` shuffled training
+batches). The baselines:
+
+    last         the last candidate TWA chose
+    swa          the uniform average of the chosen candidates taken after training began
+                 (never the random initial weights)
+    ema          the EMA of the weights kept at every base-training step (timm ModelEmaV3)
+    best_k       the uniform average of the baselines.best_k chosen candidates with the best
+                 val accuracy (timm avg_checkpoints): it selects on val
+    full_budget  base training continued from its last checkpoint to the end of the schedule
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config, config_to_dict, differing_settings
+from ..core.baselines import INITIAL_KIND, after_start, best_k
+from ..core.params import ParamLayout
+from ..data.from_config import splits_from_config
+from ..distributed.evaluate import Evaluated, EvaluationRun, evaluate_parallel
+from ..models.from_config import model_spec
+from ..output.mixing import run_mixing
+from ..output.plots import plot_accuracy
+from ..output.run_folder import stage_rows, write_run_folder
+from ..store import CandidateStore
+from ..store import fs as store_fs
+from .runs import record_config
+
+log = logging.getLogger(__name__)
+
+# Config sections that decide what base training produces: a store made with other
+# values holds other candidates.
+CANDIDATE_SECTIONS = ("seed", "data", "model", "train")
+# ... and the EMA base training keeps beside them (compared when the store recorded them)
+EMA_KEYS = ("ema_decay", "ema_warmup")
+
+METHODS = ("last", "swa", "ema", "best_k", "full_budget", "twa")  # summary.json's test_acc, in this order
+
+
+def _candidate_settings(raw: dict) -> dict:
+    out = {k: raw.get(k) for k in CANDIDATE_SECTIONS}
+    if isinstance(out.get("data"), dict):
+        data = dict(out["data"])
+        data["root"] = store_fs.absolute(data.get("root") or "")  # base training records it so
+        out["data"] = data
+    if isinstance(raw.get("baselines"), dict):
+        out["baselines"] = {k: raw["baselines"].get(k) for k in EMA_KEYS}
+    return out
+
+
+def ensure_candidates(cfg: Config):
+    """Stage 1: the base-training result behind ``cfg.store_uri``: reused when the store is
+    complete for the same settings (its last checkpoint found through the store's record of
+    the run), else (re)made by base training on Ray Train (which resumes a partial run). A
+    store made with different settings is an error naming the section."""
+    from ..distributed.base_train import BaseTrainResult, checkpoint_info, latest_checkpoint, run_base_training
+
+    uri = store_fs.absolute(cfg.store_uri)
+    try:
+        store = CandidateStore.open(uri)
+    except FileNotFoundError:
+        return run_base_training(cfg)
+    stored = _candidate_settings(store.meta.get("config", {}))
+    keys = CANDIDATE_SECTIONS + (("baselines",) if "baselines" in stored else ())
+    differ = differing_settings(stored, _candidate_settings(config_to_dict(cfg)), keys)
+    if differ:
+        raise ValueError(
+            f"the candidate store {uri} was made with other settings ({', '.join(differ)} differ): "
+            "run with --force to start afresh, or choose another output_dir or store"
+        )
+    infos = [c.info for c in store.list_candidates()]
+    epochs = [i for i in infos if i.get("kind") == "epoch"]
+    if not any(i.get("epoch") == cfg.train.epochs for i in epochs):
+        return run_base_training(cfg)
+    checkpoint = latest_checkpoint(store.meta["base_run"]) if store.meta.get("base_run") else None
+    if checkpoint is not None and checkpoint_info(checkpoint).get("epoch") != cfg.train.epochs:
+        checkpoint = None
+    if checkpoint is None:
+        log.warning("base training's last checkpoint is gone: no EMA, and the full budget (if compared) trains "
+                    "from the start")
+    log.info("reusing the %d candidates in %s", len(infos), uri)
+    return BaseTrainResult(uri, len(infos), [i.get("metrics", {}) for i in epochs], 0.0, checkpoint_path=checkpoint)
+
+
+def train_twa(cfg: Config, base):
+    """Stage 2: TWA on ``cfg.twa.workers`` Ray Train workers, each with a column shard of the projection."""
+    from ..distributed.twa_train import run_twa
+
+    return run_twa(cfg, base.store_uri)
+
+
+def train_full_budget(cfg: Config, base):
+    """Stage 3: with ``compare_full_budget``, base training continued from ``base``'s last
+    checkpoint to the end of its schedule (no candidates kept); else None."""
+    if not cfg.compare_full_budget:
+        return None
+    from ..distributed.base_train import run_full_budget_training
+
+    return run_full_budget_training(cfg, base)
+
+
+@dataclass
+class RunEvaluation:
+    """What stage 4 measured: ``run.results`` per method (and "cand:<index>" with
+    ``eval.candidates``), and the candidates behind each averaged baseline."""
+
+    run: EvaluationRun
+    members: dict[str, list[int]] = field(default_factory=dict)  # "last", "swa", "best_k", "twa"
+    initial: list[int] = field(default_factory=list)  # the stored initial weights' indices
+
+    @property
+    def results(self) -> dict[str, Evaluated]:
+        return self.run.results
+
+
+def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
+    """Stage 4: test accuracy of last, SWA, EMA, best-k, TWA (with its state_dict) and the
+    full budget, each once, in parallel Ray tasks; with ``eval.candidates`` every stored
+    candidate too ("cand:<index>", and "last" is the last chosen one's result). A baseline
+    with nothing to average (no val accuracies for best-k, no EMA) is left out."""
+    from ..distributed.base_train import read_final
+
+    store = CandidateStore.open(base.store_uri)
+    infos = {c.index: c.info for c in store.list_candidates()}
+    chosen = sorted({c for r in twa.rounds for c in r})
+    pairs = [(c, infos.get(c, {})) for c in chosen]
+    members = {"last": [chosen[-1]], "swa": after_start(pairs), "best_k": best_k(pairs, cfg.baselines.best_k),
+               "twa": chosen}
+    sources: dict = {}
+    if cfg.eval.candidates:
+        sources.update({f"cand:{c}": c for c in infos})
+    else:
+        sources["last"] = chosen[-1]
+    for name in ("swa", "best_k"):
+        if members[name]:
+            sources[name] = members[name]
+    layout = ParamLayout(tuple(store.names), tuple(tuple(s) for s in store.shapes))
+    if base.checkpoint_path is not None:
+        ema = read_final(base.checkpoint_path, layout)[1]
+        if ema is not None:
+            sources["ema"] = ema
+    if full is not None:
+        sources["full_budget"] = read_final(full.checkpoint_path, layout)[0]
+    sources["twa"] = twa.weights
+    run = evaluate_parallel(cfg, sources, base.store_uri, os.getcwd(), keep_state=("twa",),
+                            max_tasks=cfg.eval.workers)
+    if cfg.eval.candidates:
+        run.results["last"] = run.results[f"cand:{chosen[-1]}"]  # the same model: evaluated once
+    initial = [i for i, info in infos.items() if info.get("kind") == INITIAL_KIND]
+    return RunEvaluation(run, members, initial)
+
+
+def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvaluation) -> dict:
+    """Stage 5: the run folder (summary.json, metrics, coefficients, model.pt, plots), then
+    config.json, which with summary.json marks the run complete. Returns the summary."""
+    summary = twa_summary(cfg, base, twa, full, evaluation)
+    summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
+    metrics = stage_rows("base_train", base.metrics) + stage_rows("twa", twa.history)
+    if full is not None:
+        metrics += stage_rows("full_budget", full.metrics)
+    curves = {"candidates: val accuracy (base training)": val_curve(base.metrics)}
+    if cfg.eval.candidates:
+        curves["candidates: test accuracy"] = candidate_curve(base.store_uri, evaluation.results)
+    marks = {k: summary["test_acc"][k] for k in METHODS}
+    mixing = run_mixing(base.store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
+    write_run_folder(run_dir, summary, metrics, mixing, evaluation.results["twa"].state_dict,
+                     lambda path: plot_accuracy(path, curves, marks))
+    record_config(cfg, run_dir)
+    return summary
+
+
+def val_curve(metrics: list[dict]) -> tuple[list, list]:
+    """(epochs, val accuracies) that base training recorded at the end of each epoch."""
+    points = [(float(m["epoch"]), m["val_acc"]) for m in metrics if m.get("val_acc") is not None and "epoch" in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def candidate_curve(store_uri: str, results: dict[str, Evaluated], prefix: str = "cand:") -> tuple[list, list]:
+    """(epochs, test accuracies) of the candidates evaluated under ``prefix``."""
+    store = CandidateStore.open(store_uri)
+    points = sorted(
+        (float(c.info.get("epoch", c.index)), results[f"{prefix}{c.index}"].accuracy)
+        for c in store.list_candidates() if f"{prefix}{c.index}" in results
+    )
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+# ---------------------------------------------------------------- summary.json
+
+
+def stage_time(wall_s: float, compute_s: float) -> dict:
+    """{"startup", "compute"} seconds of a stage: compute inside its loops (earlier, resumed
+    or reused attempts included), start-up the rest of the wall time it took in this run
+    (worker group, data, store; 0 when the stage was reused)."""
+    return {"startup": max(0.0, wall_s - compute_s), "compute": compute_s}
+
+
+def _total(times: dict) -> float:
+    return times["startup"] + times["compute"]
+
+
+def cost_ratios(times: dict, continued: bool = True) -> tuple[float | None, float | None]:
+    """(cost_ratio, wall_ratio): base training + TWA over the full budget, in compute
+    seconds and in wall seconds (start-up included). The full budget costs base training
+    plus its continuation (``continued``), or its own run alone when it trained from the start."""
+    base, twa, full = times["base_train"], times["twa"], times.get("full_budget")
+    if full is None:
+        return None, None
+    shared = base if continued else {"startup": 0.0, "compute": 0.0}
+    cost = (base["compute"] + twa["compute"]) / (shared["compute"] + full["compute"])
+    wall = (_total(base) + _total(twa)) / (_total(shared) + _total(full))
+    return cost, wall
+
+
+def epoch_cost_ratio(base_metrics: list[dict], sgd_examples: int, twa_history: list[dict],
+                     twa_examples: int) -> float | None:
+    """A TWA epoch's compute per example over a base-training (SGD) epoch's: each side's
+    mean measured epoch time (its monitoring evaluation included) over its epoch's examples."""
+    sgd = [m["time"] for m in base_metrics if m.get("time")]
+    twa = [h["epoch_time_s"] for h in twa_history if h.get("epoch_time_s")]
+    if not (sgd and twa and sgd_examples and twa_examples):
+        return None
+    return (sum(twa) / len(twa) / twa_examples) / (sum(sgd) / len(sgd) / sgd_examples)
+
+
+def _epoch_examples(cfg: Config) -> tuple[int, int]:
+    """(examples of a base-training epoch, examples of a TWA epoch)."""
+    from ..data.from_config import splits_from_config, twa_datasets
+
+    splits = splits_from_config(cfg)
+    return len(splits.train), len(twa_datasets(cfg, splits)[0])
+
+
+def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict:
+    """summary.json of the main job (README "What a run leaves behind" explains each key)."""
+    results, members = evaluation.results, evaluation.members
+    continued = full is not None and not any(m.get("epoch") == 1 for m in full.metrics)
+    times = {
+        "base_train": stage_time(base.wall_time_s, base.compute_s),
+        "twa": stage_time(twa.wall_time_s, sum(h.get("epoch_time_s", 0.0) for h in twa.history)),
+        "full_budget": None if full is None else stage_time(full.wall_time_s, full.compute_s),
+        "evaluation": stage_time(evaluation.run.wall_s, evaluation.run.compute_s),
+    }
+    cost, wall = cost_ratios(times, continued)
+    sgd_examples, twa_examples = _epoch_examples(cfg)
+    twa_on = "train" if cfg.twa.data == "train" else "train+val"
+    return {
+        "config": cfg.name,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "num_candidates": len(members["twa"]),
+        "rounds": len(twa.rounds),
+        "bits": cfg.twa.bits,
+        "granularity": cfg.twa.granularity,
+        "basis": cfg.twa.basis,
+        "twa_data": cfg.twa.data,
+        "workers": cfg.twa.workers,
+        "base_epochs": cfg.train.epochs,
+        "budget_epochs": cfg.train.schedule_epochs,
+        "twa_epochs": cfg.twa.epochs,
+        "epochs": {"base": cfg.train.epochs, "twa": cfg.twa.epochs * len(twa.rounds),
+                   "full_budget": cfg.train.schedule_epochs if full is not None else None},
+        "test_acc": {k: results[k].accuracy if k in results else None for k in METHODS},
+        "test_loss": {k: results[k].loss if k in results else None for k in METHODS},
+        "trained_on": {"last": "train", "swa": "train", "ema": "train", "best_k": "train", "full_budget": "train",
+                       "twa": twa_on},
+        "selected_on": {"best_k": "val"},
+        "swa_candidates": len(members["swa"]),
+        "best_k_candidates": members["best_k"],
+        "twa_includes_initial": any(i in members["twa"] for i in evaluation.initial),
+        "ema_decay": cfg.baselines.ema_decay,
+        "ema_warmup": cfg.baselines.ema_warmup,
+        "time_s": times,
+        "full_budget_continued": continued if full is not None else None,
+        "cost_ratio": cost,
+        "wall_ratio": wall,
+        "twa_epoch_vs_sgd_epoch": epoch_cost_ratio(base.metrics, sgd_examples, twa.history, twa_examples),
+        "projection_bytes_per_worker": [int(b) for b in twa.projection_bytes],
+        "store": base.store_uri,
+    }

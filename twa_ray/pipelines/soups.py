@@ -1,0 +1,298 @@
+"""The soup job's stages (jobs/soup_twa.py), one call each:
+
+    fine-tuned models ──► candidate store ──► TWA-v (on the val split)
+    (a folder, or made:      (import)     ──► soups selected on val: best individual,
+     pipelines.finetune)                       uniform soup, greedy soup
+                                          ──► test split: every model, soup and TWA ──► run folder
+
+Held-out selection (best individual, greedy soup) uses the val split; the test split is
+read once, by the final evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_to_dict, differing_settings
+from ..core.soups import Soup, best_individual, greedy_soup, individual_scores, uniform_soup, weights_scorer
+from ..data import calibration_loader
+from ..data.from_config import splits_from_config
+from ..distributed.evaluate import Evaluated, evaluate, evaluate_on_ray
+from ..distributed.ray_env import init_ray
+from ..distributed.tasks import run_task, task_device, task_slots
+from ..models.from_config import model_from_config, model_spec
+from ..output.mixing import run_mixing
+from ..output.plots import plot_soups
+from ..output.run_folder import stage_rows, write_run_folder
+from ..store import CandidateStore, find_checkpoints, import_checkpoints
+from ..store import fs as store_fs
+from .finetune import FinetuneResult, make_finetuned
+from .runs import record_config
+
+log = logging.getLogger(__name__)
+
+METHODS = ("best_individual", "uniform_soup", "greedy_soup", "twa")
+
+
+# ---------------------------------------------------------------- the stages
+
+
+@dataclass
+class SoupModels:
+    """The fine-tuned models: ``folder`` of checkpoints, and how they were made (None: given)."""
+
+    folder: str
+    finetuned: FinetuneResult | None = None
+
+
+def fine_tuned_models(cfg: Config, run_dir: str | Path, times: dict) -> SoupModels:
+    """Stage 1: ``checkpoints_dir`` when set, else pretrain + fine-tune in Ray tasks
+    (``pipelines.finetune``; Ray starts only then, so a bad folder fails before it)."""
+    if cfg.checkpoints_dir is not None:
+        if cfg.finetune is not None:
+            log.info("checkpoints_dir is set: using %s, the finetune section is ignored", cfg.checkpoints_dir)
+        return SoupModels(cfg.checkpoints_dir)
+    init_ray()
+    finetuned = make_finetuned(cfg, run_dir)
+    times.update(finetuned.time_s)
+    return SoupModels(finetuned.folder, finetuned)
+
+
+def import_models(cfg: Config, models: SoupModels, times: dict) -> str:
+    """Stage 2: the candidate store, one row per model (``import_candidates``); returns its URI."""
+    started = time.perf_counter()
+    store_uri = import_candidates(cfg, models.folder)
+    times["import"] = time.perf_counter() - started
+    return store_uri
+
+
+def select_soups_and_train_twa(cfg: Config, store_uri: str, times: dict):
+    """Stage 3: the soups selected on val (a Ray task) while TWA-v trains on Ray Train.
+    Returns (``SoupSelection``, ``TWAResult``)."""
+    init_ray()  # joins or starts Ray once
+    import ray
+
+    from ..distributed.twa_train import run_twa
+
+    selecting = start_soup_selection(cfg, store_uri)
+    twa = run_twa(cfg, store_uri)
+    selection = ray.get(selecting)
+    times.update(twa=twa.wall_time_s, twa_in_workers=twa.time_s, soups=selection.time_s)
+    return selection, twa
+
+
+def evaluate_all(cfg: Config, store_uri: str, selection: SoupSelection, twa, times: dict) -> dict[str, Evaluated]:
+    """Stage 4: the test split scores every model, the soups and TWA (``evaluate_soups``)."""
+    started = time.perf_counter()
+    results = evaluate_soups(cfg, store_uri, selection, twa.weights)
+    times["evaluate"] = time.perf_counter() - started
+    return results
+
+
+def write_run(cfg: Config, run_dir: str | Path, models: SoupModels, selection: SoupSelection, twa,
+              results: dict[str, Evaluated], store_uri: str, times: dict) -> dict:
+    """Stage 5: the run folder (``output.run_folder``, plus models/<method>.{pt,safetensors}),
+    then config.json, which with summary.json marks the run complete. Returns the summary."""
+    finetuned = models.finetuned
+    summary = soup_summary(cfg, finetuned, selection, twa, results, store_uri, times)
+    summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
+    metrics = stage_rows("twa", twa.history) + stage_rows("soups", selection.soups["greedy_soup"].trace)
+    if finetuned is not None:
+        metrics = (stage_rows("pretrain", finetuned.pretrain["history"]) + stage_rows("finetune", finetuned.models)
+                   + metrics)
+    model_acc = [results[f"cand:{c}"].accuracy for c in selection.indices]
+    mixing = run_mixing(store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
+    write_run_folder(
+        run_dir, summary, metrics, mixing, results["twa"].state_dict,
+        lambda path: plot_soups(path, model_acc, {m: results[m].accuracy for m in METHODS}),
+        models={m: results[m].state_dict for m in METHODS},
+    )
+    record_config(cfg, run_dir)
+    return summary
+
+
+# ---------------------------------------------------------------- config
+
+
+def soup_config_problems(cfg: Config) -> list[str]:
+    """What keeps ``cfg`` from running the soup job, one line per problem (empty: fine)."""
+    problems = []
+    if cfg.checkpoints_dir is None and cfg.finetune is None:
+        problems.append("checkpoints_dir / finetune: give a folder of fine-tuned checkpoints "
+                        "(checkpoints_dir=PATH) or a finetune: section to make them")
+    if cfg.data.val_ratio <= 0:
+        problems.append("data.val_ratio: the soups select on the val split; it must be > 0")
+    ft = cfg.finetune
+    if cfg.checkpoints_dir is None and ft is not None:
+        if ft.num_models < 2:
+            problems.append(f"finetune.num_models: {ft.num_models} is not >= 2 (a soup needs two models)")
+        if ft.epochs < 1 or ft.pretrain_epochs < 0:
+            problems.append(f"finetune.epochs / pretrain_epochs: {ft.epochs} / {ft.pretrain_epochs} are not >= 1 / >= 0")
+        for key in ("lrs", "weight_decays", "augment", "label_smoothing"):
+            if not getattr(ft, key):
+                problems.append(f"finetune.{key}: give at least one value")
+        if any(v <= 0 for v in ft.lrs) or any(v < 0 for v in ft.weight_decays):
+            problems.append(f"finetune.lrs / weight_decays: {ft.lrs} / {ft.weight_decays} must be > 0 / >= 0")
+        if any(not 0 <= v < 1 for v in ft.label_smoothing):
+            problems.append(f"finetune.label_smoothing: {ft.label_smoothing} must be in [0, 1)")
+        if ft.pretrain_classes is not None and not ft.pretrain_classes:
+            problems.append("finetune.pretrain_classes: give at least one class, or null for all")
+        if ft.max_concurrent is not None and ft.max_concurrent < 1:
+            problems.append(f"finetune.max_concurrent: {ft.max_concurrent} is not >= 1")
+    return problems
+
+
+# ---------------------------------------------------------------- import
+
+
+def _signature(folder: str | Path) -> list[list]:
+    """[entry, size, mtime_ns] of every checkpoint in ``folder``: tells a changed folder apart."""
+    return [[c.entry, c.path.stat().st_size, c.path.stat().st_mtime_ns] for c in find_checkpoints(folder)]
+
+
+def import_candidates(cfg: Config, folder: str | Path) -> str:
+    """The candidate store (at ``cfg.store_uri``) holding the checkpoints of ``folder``.
+
+    Imports them (see ``twa_ray.store.importers``) unless the store exists for exactly
+    these files; a store with other content is an error. Returns the store's URI.
+    """
+    uri = store_fs.absolute(cfg.store_uri)
+    signature = _signature(folder)
+    try:
+        store = CandidateStore.open(uri)
+    except FileNotFoundError:
+        splits = splits_from_config(cfg)
+        store = import_checkpoints(folder, uri, model_from_config(cfg, splits),
+                                   meta={"config": config_to_dict(cfg), "signature": signature,
+                                         "num_classes": splits.num_classes})
+        return store.uri
+    recorded = {"signature": store.meta.get("signature"), "model": store.meta.get("config", {}).get("model")}
+    wanted = {"signature": signature, "model": config_to_dict(cfg)["model"]}
+    if differing_settings(recorded, wanted) or len(store) != len(signature):
+        raise ValueError(f"the candidate store {uri} holds other checkpoints than {folder} (or another model): "
+                         "run with --force to start afresh, or choose another output_dir or store")
+    log.info("reusing the %d imported candidates in %s", len(store), uri)
+    return store.uri
+
+
+# ---------------------------------------------------------------- soups (held-out selection)
+
+
+@dataclass
+class SoupSelection:
+    """The soups chosen on the val split. ``members`` of each soup are store indices."""
+
+    indices: list[int]  # store indices of the models, in row order
+    entries: list[str]  # their checkpoint names in the imported folder (e.g. model_3.pt)
+    val_acc: list[float]  # per model (BatchNorm recalibrated), percent
+    soups: dict[str, Soup]  # best_individual, uniform_soup, greedy_soup
+    time_s: float = 0.0
+
+
+def select_soups(cfg: Config, store_uri: str, cwd: str | None = None) -> SoupSelection:
+    """Best individual, uniform and greedy soup of the store's models, by val accuracy
+    after BatchNorm recalibration on ``twa.bn_batches`` shuffled batches of training data."""
+    started, device = time.perf_counter(), task_device()
+    splits = splits_from_config(cfg, cwd)
+    model = model_from_config(cfg, splits).to(device)
+    store = CandidateStore.open(store_uri)
+    infos = store.list_candidates()
+    indices = [c.index for c in infos]
+    candidates = store.read(candidates=indices)  # (n, D)
+    bn_data = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
+    score = weights_scorer(model, lambda m: evaluate(m, splits.val, device, cfg.data.eval_batch_size).accuracy, bn_data)
+    scores = individual_scores(candidates, score)
+    soups = {
+        "best_individual": best_individual(candidates, scores=scores),
+        "uniform_soup": uniform_soup(candidates, score),
+        "greedy_soup": greedy_soup(candidates, score, scores=scores),
+    }
+    for soup in soups.values():  # rows -> store indices
+        soup.members = [indices[r] for r in soup.members]
+        soup.trace = [{**t, "candidate": indices[t["candidate"]]} for t in soup.trace]
+    log.info("val accuracy: models %s; best individual %.2f%%, uniform soup %.2f%%, greedy soup %.2f%% (members %s)",
+             [round(s, 2) for s in scores], soups["best_individual"].score, soups["uniform_soup"].score,
+             soups["greedy_soup"].score, soups["greedy_soup"].members)
+    entries = [str(c.info.get("entry", c.index)) for c in infos]
+    return SoupSelection(indices, entries, scores, soups, time.perf_counter() - started)
+
+
+def start_soup_selection(cfg: Config, store_uri: str):
+    """``select_soups`` as a Ray task (an ObjectRef): it can run while TWA trains."""
+    return run_task(select_soups, cfg, store_uri, os.getcwd())
+
+
+def evaluate_soups(cfg: Config, store_uri: str, selection: SoupSelection, twa_weights: torch.Tensor) -> dict[str, Evaluated]:
+    """Test accuracy of every model ("cand:<index>"), the three soups and TWA (with their
+    recalibrated state_dicts), in concurrent Ray tasks (one per CPU, at most four).
+
+    A soup of one model (the best individual, often the greedy soup) is that model:
+    it is evaluated once, under both names.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources: dict = {f"cand:{i}": i for i in selection.indices}
+    aliases = {}
+    for name, soup in selection.soups.items():
+        if len(soup.members) == 1:
+            aliases[name] = f"cand:{soup.members[0]}"
+        else:
+            sources[name] = soup.weights
+    sources["twa"] = twa_weights
+    keep = tuple(METHODS) + tuple(aliases.values())
+    names = list(sources)
+    parts = max(1, min(4, task_slots(cfg.finetune.max_concurrent if cfg.finetune else None), len(names)))
+    chunks = [{n: sources[n] for n in names[k::parts]} for k in range(parts)]
+    with ThreadPoolExecutor(parts) as pool:
+        done = pool.map(lambda chunk: evaluate_on_ray(cfg, chunk, store_uri, os.getcwd(), keep_state=keep), chunks)
+        results = {k: v for part in done for k, v in part.items()}
+    results.update({name: results[target] for name, target in aliases.items()})
+    return results
+
+
+# ---------------------------------------------------------------- summary
+
+
+def soup_summary(cfg: Config, finetuned: FinetuneResult | None, selection: SoupSelection, twa,
+                 results: dict[str, Evaluated], store_uri: str, time_s: dict) -> dict:
+    """summary.json of the soup job: test accuracies (percent) of the four methods, and how they came about."""
+    soups = selection.soups
+    return {
+        "config": cfg.name,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "source": "checkpoints_dir" if finetuned is None else "finetune",
+        "checkpoints_dir": cfg.checkpoints_dir if finetuned is None else finetuned.folder,
+        "num_models": len(selection.indices),
+        "bits": cfg.twa.bits,
+        "granularity": cfg.twa.granularity,
+        "basis": cfg.twa.basis,
+        "twa_data": cfg.twa.data,
+        "twa_epochs": cfg.twa.epochs,
+        "workers": cfg.twa.workers,
+        "test_acc": {m: results[m].accuracy for m in METHODS},
+        "test_loss": {m: results[m].loss for m in METHODS},
+        "val_acc": {m: soups[m].score for m in ("best_individual", "uniform_soup", "greedy_soup")},
+        "best_individual": soups["best_individual"].members[0],
+        "greedy_soup_members": soups["greedy_soup"].members,
+        "models": _model_rows(finetuned, selection, results),
+        "time_s": time_s,
+        "projection_bytes_per_worker": [int(b) for b in twa.projection_bytes],
+        "store": store_uri,
+    }
+
+
+def _model_rows(finetuned: FinetuneResult | None, selection: SoupSelection, results: dict[str, Evaluated]) -> list[dict]:
+    """Per model: candidate index, checkpoint name, val and test accuracy (and its fine-tuning settings)."""
+    made = {m["file"]: m for m in finetuned.models} if finetuned is not None else {}
+    keys = ("lr", "weight_decay", "augment", "label_smoothing", "seed")
+    return [
+        {"candidate": c, "entry": e, "val_acc": v, "test_acc": results[f"cand:{c}"].accuracy,
+         **{k: made[e][k] for k in keys if e in made}}
+        for c, e, v in zip(selection.indices, selection.entries, selection.val_acc)
+    ]

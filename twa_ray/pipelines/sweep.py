@@ -1,0 +1,19 @@
+"""The sweep job's last stage (jobs/tune_twa.py): the test split, read once, for the best trial."""
+from __future__ import annotations
+
+import os
+
+from ..config import Config, config_to_dict
+from ..distributed.evaluate import Evaluated, evaluate_on_ray
+from ..tune.search_space import apply_params
+
+
+def evaluate_best_trial(cfg: Config, sweep) -> Evaluated:
+    """Test accuracy of the best trial's final TWA weights (with its parameters applied to
+    ``cfg``); recorded as ``sweep.best["test_acc"]``."""
+    from ..tune.sweep import best_weights  # imports Ray: after init_ray
+
+    best_cfg = apply_params(config_to_dict(cfg), sweep.best["params"])
+    result = evaluate_on_ray(best_cfg, {"twa": best_weights(sweep.best)}, None, os.getcwd())["twa"]
+    sweep.best["test_acc"] = result.accuracy
+    return result

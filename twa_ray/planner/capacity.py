@@ -1,0 +1,257 @@
+"""Capacity planner: memory per worker and traffic per step of sharded TWA, before launching.
+
+    python -m twa_ray plan --model resnet18 --candidates 20 --bits 4 --workers 2
+
+Numbers come from the model's real parameter count (built on the meta device: no
+memory, no weights) and the functions the runtime uses: ``make_blocks`` and
+``plan_shards(...).shard_bytes`` for the projection, the padded ranges of
+``TorchCollectives`` for traffic. ``tests/planner/test_planner.py`` checks both against a run.
+
+Memory per worker (bytes):
+- projection: n x sum over its blocks of ceil(m_l * b / 8) (b-bit codes, truly packed);
+- scale/offset of the codes: 2 x n x L_r float32 (b < 32);
+- center: its coordinates |S_r| x 4;
+- model: the full replica's parameters D x 4, their gradients D x 4, and TWA's flat
+  gradient and weight vectors 2 x D x 4 (activations and BatchNorm buffers not counted);
+- building the shard reads its columns of the candidates once: n x |S_r| x 4 (transient).
+
+Traffic per step and worker, two ways:
+- payload: bytes handed to collectives (what ``TorchCollectives.bytes_sent`` counts):
+  reduce-scatter of the padded gradient k x pad x 4, all-reduce of the n x L coefficient
+  gradient, all-gather of the padded own slice pad x 4 (pad = the longest range);
+- wire: bytes each worker sends with bandwidth-optimal (ring) algorithms: reduce-scatter
+  and all-gather of N bytes send (k-1)/k N each, an all-reduce 2(k-1)/k N.
+Both are compared with one all-reduce of D float32 values and with the paper's scheme
+(a data-parallel gradient all-reduce plus a full parameter all-reduce: two of them).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from ..core.blocks import make_blocks, plan_shards
+from ..core.quant import check_bits
+
+# dataset -> (num_classes, in_channels, image_size) as the data loaders produce them
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (10, 1, 28),
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+}
+FLOAT = 4  # bytes of a float32
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} TiB"  # unreachable
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    if name not in DATASET_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASET_SHAPES))}")
+    return DATASET_SHAPES[name]
+
+
+def model_numels(model: str, dataset: str = "cifar10", **kwargs) -> tuple[list[str], list[int]]:
+    """Names and element counts of the trainable parameters of ``model`` (layout order).
+
+    The model is built on the meta device: shapes only, no memory and no weights.
+    """
+    import torch
+
+    from ..core.params import ParamLayout
+    from ..models import build_model
+
+    num_classes, in_channels, image_size = dataset_shape(dataset)
+    with torch.device("meta"):
+        net = build_model(model, num_classes, in_channels, image_size, **kwargs)
+    layout = ParamLayout.from_model(net)
+    return list(layout.names), layout.numels
+
+
+@dataclass
+class CapacityPlan:
+    """Memory per worker and traffic per step for one setting (all sizes in bytes)."""
+
+    model: str | None
+    dataset: str | None
+    num_params: int  # D
+    num_tensors: int
+    granularity: str
+    num_blocks: int  # L
+    candidates: int  # n
+    bits: int
+    workers: int  # k
+    grad_clip: bool
+    # per worker
+    blocks_per_worker: list[tuple[int, int]]
+    coords_per_worker: list[int]
+    projection_bytes: list[int]
+    quant_params_bytes: list[int]
+    center_bytes: list[int]
+    model_bytes: int  # the full replica's parameters
+    gradient_bytes: int  # the parameters' .grad
+    twa_buffer_bytes: int  # TWA's flat gradient and weights
+    coefficient_bytes: int  # X and its optimizer state (SGD momentum / AdamW: 2 moments)
+    total_bytes: list[int]
+    build_bytes: list[int]  # transient: the shard's candidate columns as float32
+    # projection against its ideal and the paper's storage
+    projection_total_bytes: int
+    ideal_projection_bytes: float  # n * D * b / 8
+    paper_projection_bytes: int  # one byte per value for b < 32 (4 for b = 32)
+    max_over_even_share: float  # max_r projection_r / (total / k)
+    # traffic per step and worker
+    padded_length: int
+    payload: dict = field(default_factory=dict)
+    wire: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def format(self) -> str:
+        """A human-readable report."""
+        mb = human_bytes
+        head = f"{self.model} on {self.dataset}" if self.model else "parameter layout"
+        lines = [
+            f"TWA capacity plan: {head}",
+            f"  parameters D = {self.num_params:,} in {self.num_tensors} tensors; granularity {self.granularity!r} "
+            f"-> L = {self.num_blocks} blocks",
+            f"  n = {self.candidates} candidates, {self.bits} bits, k = {self.workers} worker(s)",
+            "",
+            "memory per worker:",
+            f"  {'worker':>6}  {'blocks':>9}  {'coords':>12}  {'projection':>12}  {'scale/off':>10}  {'center':>10}  "
+            f"{'model+grads':>12}  {'total':>12}  {'build (transient)':>17}",
+        ]
+        model_part = self.model_bytes + self.gradient_bytes + self.twa_buffer_bytes + self.coefficient_bytes
+        for r in range(self.workers):
+            l0, l1 = self.blocks_per_worker[r]
+            lines.append(
+                f"  {r:>6}  {f'{l0}-{l1 - 1}':>9}  {self.coords_per_worker[r]:>12,}  {mb(self.projection_bytes[r]):>12}  "
+                f"{mb(self.quant_params_bytes[r]):>10}  {mb(self.center_bytes[r]):>10}  {mb(model_part):>12}  "
+                f"{mb(self.total_bytes[r]):>12}  {mb(self.build_bytes[r]):>17}"
+            )
+        lines += [
+            f"  model+grads = parameters {mb(self.model_bytes)} + gradients {mb(self.gradient_bytes)} + TWA flat "
+            f"gradient/weights {mb(self.twa_buffer_bytes)} + coefficients {mb(self.coefficient_bytes)} "
+            "(activations not included)",
+            f"  projection: {mb(self.projection_total_bytes)} in all = {self.projection_total_bytes / self.ideal_projection_bytes:.4f}"
+            f" x n*D*b/8, {self.projection_total_bytes / self.paper_projection_bytes:.3f} x the paper's one byte per value; "
+            f"largest worker {self.max_over_even_share:.3f} x total/k",
+            "",
+            "traffic per step and worker:",
+        ]
+        if self.workers == 1:
+            lines.append("  none (one worker: the collectives are identities)")
+        else:
+            p, w = self.payload, self.wire
+            lines += [
+                f"  payload handed to collectives: reduce-scatter {mb(p['reduce_scatter'])} + all-reduce of X's gradient "
+                f"{mb(p['coef_all_reduce'])} + all-gather {mb(p['all_gather'])}"
+                + (f" + clip norm {p['clip_norm']} B" if self.grad_clip else "")
+                + f" = {mb(p['total'])}",
+                f"    = {p['ratio_to_all_reduce']:.3f} x one all-reduce of D floats ({mb(p['one_all_reduce'])}); "
+                f"the paper's scheme: {mb(p['paper'])} = {p['paper_ratio_to_all_reduce']:.3f} x",
+                f"  sent on the wire (ring algorithms): {mb(w['total'])} = {w['ratio_to_all_reduce']:.3f} x one all-reduce "
+                f"of D ({mb(w['one_all_reduce'])}); the paper's scheme {w['paper_ratio_to_all_reduce']:.3f} x",
+                f"  padding: every worker's slice is padded to {self.padded_length:,} coordinates "
+                f"({self.workers * self.padded_length / self.num_params:.3f} x D in the reduce-scatter/all-gather)",
+            ]
+        return "\n".join(lines)
+
+
+def plan_capacity(
+    numels: Sequence[int],
+    candidates: int,
+    bits: int,
+    workers: int,
+    granularity: str = "tensor",
+    *,
+    grad_clip: bool = False,
+    optimizer: str = "sgd",
+    model: str | None = None,
+    dataset: str | None = None,
+) -> CapacityPlan:
+    """The plan for parameter tensors of sizes ``numels`` (layout order)."""
+    check_bits(bits)
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    blocks = make_blocks(numels, granularity)
+    plan = plan_shards(blocks, bits, workers)  # raises ValueError naming the fix when k > L
+    d, n, k, nblocks = sum(numels), candidates, workers, len(blocks)
+    coords = [e - s for s, e in plan.ranges]
+    proj = plan.shard_bytes(blocks, bits, n)
+    quant = [0 if bits == 32 else 2 * FLOAT * n * (l1 - l0) for l0, l1 in plan.block_runs]
+    center = [FLOAT * c for c in coords]
+    model_bytes = gradient_bytes = FLOAT * d
+    twa_buffers = 2 * FLOAT * d
+    states = 2 if optimizer == "adamw" else 1
+    coefficient_bytes = FLOAT * n * nblocks * (1 + states)
+    total = [p + q + c + model_bytes + gradient_bytes + twa_buffers + coefficient_bytes
+             for p, q, c in zip(proj, quant, center)]
+    total_proj = sum(proj)
+    pad = max(coords)
+
+    one_ar_payload = FLOAT * d
+    ring = (k - 1) / k  # fraction of a reduce-scatter's / all-gather's vector each rank sends
+    payload: dict = {"one_all_reduce": one_ar_payload}
+    wire: dict = {"one_all_reduce": 2 * ring * FLOAT * d}
+    if k == 1:
+        payload.update(reduce_scatter=0, coef_all_reduce=0, all_gather=0, clip_norm=0, total=0)
+        wire.update(reduce_scatter=0.0, coef_all_reduce=0.0, all_gather=0.0, clip_norm=0.0, total=0.0)
+        payload.update(paper=0, ratio_to_all_reduce=0.0, paper_ratio_to_all_reduce=0.0)
+        wire.update(paper=0.0, ratio_to_all_reduce=0.0, paper_ratio_to_all_reduce=0.0)
+    else:
+        clip = 8 if grad_clip else 0  # the gradient norm, one float64
+        payload.update(
+            reduce_scatter=FLOAT * k * pad, coef_all_reduce=FLOAT * n * nblocks, all_gather=FLOAT * pad, clip_norm=clip,
+        )
+        payload["total"] = sum(payload[key] for key in ("reduce_scatter", "coef_all_reduce", "all_gather", "clip_norm"))
+        payload["paper"] = 2 * FLOAT * d
+        wire.update(
+            reduce_scatter=ring * FLOAT * k * pad, coef_all_reduce=2 * ring * FLOAT * n * nblocks,
+            all_gather=ring * FLOAT * k * pad, clip_norm=2 * ring * clip,
+        )
+        wire["total"] = sum(wire[key] for key in ("reduce_scatter", "coef_all_reduce", "all_gather", "clip_norm"))
+        wire["paper"] = 2 * wire["one_all_reduce"]
+        for part in (payload, wire):
+            part["ratio_to_all_reduce"] = part["total"] / part["one_all_reduce"]
+            part["paper_ratio_to_all_reduce"] = part["paper"] / part["one_all_reduce"]
+    return CapacityPlan(
+        model=model, dataset=dataset, num_params=d, num_tensors=len(numels), granularity=granularity,
+        num_blocks=nblocks, candidates=n, bits=bits, workers=k, grad_clip=grad_clip,
+        blocks_per_worker=[tuple(r) for r in plan.block_runs], coords_per_worker=coords,
+        projection_bytes=proj, quant_params_bytes=quant, center_bytes=center, model_bytes=model_bytes,
+        gradient_bytes=gradient_bytes, twa_buffer_bytes=twa_buffers, coefficient_bytes=coefficient_bytes,
+        total_bytes=total, build_bytes=[FLOAT * n * c for c in coords], projection_total_bytes=total_proj,
+        ideal_projection_bytes=n * d * bits / 8, paper_projection_bytes=n * d * (FLOAT if bits == 32 else 1),
+        max_over_even_share=max(proj) / (total_proj / k) if total_proj else 1.0,
+        padded_length=pad, payload=payload, wire=wire,
+    )
+
+
+def plan_for_model(
+    model: str,
+    candidates: int,
+    bits: int,
+    workers: int,
+    granularity: str = "tensor",
+    dataset: str = "cifar10",
+    *,
+    grad_clip: bool = False,
+    optimizer: str = "sgd",
+    **model_kwargs,
+) -> CapacityPlan:
+    """``plan_capacity`` for model ``model`` shaped for ``dataset``."""
+    _, numels = model_numels(model, dataset, **model_kwargs)
+    return plan_capacity(
+        numels, candidates, bits, workers, granularity, grad_clip=grad_clip, optimizer=optimizer,
+        model=model, dataset=dataset,
+    )
