@@ -446,7 +446,7 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
             sums[2] += len(y)
         if (t.writer is not None and tc.save_every_steps and t.step % tc.save_every_steps == 0
                 and t.step != epoch * t.steps_per_epoch):  # the epoch's end is saved by the caller
-            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum) / max(1, len(y))})
+            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum.detach()) / max(1, len(y))})
     sums = all_reduce_sum(sums, t.device).cpu()
     return {
         "epoch": epoch, "step": t.step,
