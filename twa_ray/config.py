@@ -112,6 +112,10 @@ class TWAConfig:
     # share of the val split held back to select on (Tune): TWA-v trains on the rest;
     # 0: TWA-t selects on all of val, TWA-v has no selection data
     select_ratio: float = 0.0
+    # score the selection data after each TWA epoch (BatchNorm recalibration + evaluation):
+    # Tune sweeps always do (it is their metric); elsewhere it only adds a curve to the
+    # history, and its time counts in TWA's compute
+    select_eval: bool = False
     epochs: int = 2
     lr: float = 0.1
     optimizer: str = "sgd"

@@ -71,7 +71,7 @@ def _reference_twa(cfg, store_uri):
 
 def test_two_workers_match_one_worker_and_the_core(ray_local, tmp_path, store_uri):
     one = run_twa(_cfg(tmp_path / "one", workers=1), store_uri)
-    two = run_twa(_cfg(tmp_path / "two", workers=2), store_uri)
+    two = run_twa(_cfg(tmp_path / "two", workers=2, select_eval=True), store_uri)
     ref = _reference_twa(_cfg(tmp_path), store_uri)
     assert len(one.coefficients) == 1 and one.coefficients[0].shape == ref.shape
     assert torch.allclose(one.coefficients[0], ref, atol=1e-5)
@@ -85,7 +85,8 @@ def test_two_workers_match_one_worker_and_the_core(ray_local, tmp_path, store_ur
     assert sum(two.projection_bytes) == total
     assert max(two.projection_bytes) <= 0.6 * total
     assert [h["epoch"] for h in two.history] == [1, 2]
-    assert all("select_acc" in h for h in two.history)
+    assert all("select_acc" in h for h in two.history)  # scored on val only when asked
+    assert not any("select_acc" in h for h in one.history)
 
 
 def test_rounds_and_resume_after_a_lost_worker(ray_local, tmp_path, store_uri):

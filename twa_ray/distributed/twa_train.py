@@ -230,8 +230,8 @@ def _forward_backward(w: _Worker, x: torch.Tensor, y: torch.Tensor, global_size:
 
 
 def _select_metrics(w: _Worker) -> dict:
-    """select_acc and select_loss on the selection data ({} without it)."""
-    if w.select_data is None:
+    """select_acc and select_loss on the selection data ({} without it or without twa.select_eval)."""
+    if w.select_data is None or not w.cfg.twa.select_eval:
         return {}
     # the same recalibration as the final evaluation, identical on every rank, so the
     # selection ranks the weights that are reported

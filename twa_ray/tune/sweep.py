@@ -77,6 +77,7 @@ def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, e
         return
     cfg = apply_params(base, params)
     cfg.twa.checkpoint_every_steps = None  # one report per epoch: the metric ASHA compares
+    cfg.twa.select_eval = True  # that metric
     _trial_event(events, "start", trial_id)
     result = run_twa(cfg, store_uri, storage_path=train_storage, run_name=f"trial-{trial_id}",
                      callbacks=[TuneReportCallback(), EpochEvents(events, trial_id)])
