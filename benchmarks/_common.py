@@ -12,8 +12,9 @@ import platform
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -29,6 +30,19 @@ def emit(record: dict) -> None:
 
 def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def utc_date() -> str:
+    """Now, as the records date their runs (minutes, UTC)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """Write ``records`` to ``path`` (replacing it; its folder made), one JSON object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def machine() -> dict:
@@ -60,23 +74,25 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device="cpu") -> float:
+def timed(fn: Callable[[], object], device="cpu", clock: Callable[[], float] = time.perf_counter) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def paired_times(fns: dict[str, Callable[[], object]], repeats: int, device="cpu", warmup: int = 1) -> dict[str, list[float]]:
-    """Run each function once per round, rounds interleaved; seconds per function and round."""
+def paired_times(fns: dict[str, Callable[[], object]], repeats: int, device="cpu", warmup: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Run each function once per round, rounds interleaved; seconds per function and round
+    (``clock``: wall time; ``time.thread_time`` counts only this thread's CPU time)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            out[k].append(timed(fn, device))
+            out[k].append(timed(fn, device, clock))
     return out
 
 

@@ -8,6 +8,12 @@ reports per-step collective traffic (counted by wrapping the collectives), step 
 and its projection bytes. With ``reference=True`` it also runs the paper's row-sharded
 scheme (gradient all-reduce + full parameter all-reduce) on the same candidates and
 checks that both reach the same weights.
+
+``time_collectives(timing, k)`` spawns k processes that only time collectives, on gloo
+or NCCL (one GPU per rank): one TWA step's calls through ``TorchCollectives`` (shapes
+from the model's shard plan) against one all-reduce of D floats, and the alternatives
+(all-reduce + local slice for the reduce-scatter, bucketed all-reduces), interleaved
+round by round.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -245,3 +252,172 @@ def run_workers(setting: Setting, k: int) -> list[dict]:
 
 def setting_dict(setting: Setting) -> dict:
     return asdict(setting)
+
+
+# ---------------------------------------------------------------- collectives timed
+
+
+@dataclass
+class CollectiveTiming:
+    model: str = "resnet18"
+    image_size: int = 32
+    num_classes: int = 10
+    candidates: int = 20
+    bits: int = 4
+    granularity: str = "tensor"
+    rounds: int = 10
+    warmup_rounds: int = 2
+    bucket_mb: tuple[float, ...] = (1.0, 4.0, 25.0)  # 25 MB: DistributedDataParallel's default bucket
+    backend: str = "gloo"
+    threads: int = 1
+    seed: int = 0
+
+
+# variant -> what one call does (every time is of one such call, on every rank)
+TIMED_VARIANTS = {
+    "all_reduce_D": "one all-reduce of the D float32 values (data-parallel SGD's gradient all-reduce)",
+    "twa_step": "one TWA step's collectives as the library makes them: reduce-scatter of the (padded) D-vector, "
+                "all-reduce of the n x L coefficient gradient, all-gather of the (padded) weight slices",
+    "twa_step_ar_slice": "the same step with an all-reduce of D + this rank's slice in place of the reduce-scatter",
+    "twa_step_all_reduce_only": "the same step with all-reduces only: of D + a slice in place of the reduce-scatter, "
+                                "and of a zeroed D-vector holding this rank's slice in place of the all-gather",
+    "reduce_scatter": "the step's reduce-scatter alone",
+    "all_gather": "the step's all-gather alone",
+    "all_gather_via_all_reduce": "an all-reduce of a zeroed D-vector holding this rank's slice, "
+                                 "in place of the all-gather (same result)",
+    "all_reduce_coef": "the step's all-reduce of the n x L coefficient gradient alone",
+}
+
+
+def bucket_variant(mb: float, asynchronous: bool) -> str:
+    return f"all_reduce_D_buckets_{mb:g}MB_{'async' if asynchronous else 'sync'}"
+
+
+def _bucket_views(t: torch.Tensor, mb: float) -> list[torch.Tensor]:
+    """Consecutive views of ``t`` (D,) of at most ``mb`` MB each."""
+    per = max(1, int(mb * 1e6) // t.element_size())
+    return list(t.split(per))
+
+
+def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir: str) -> None:
+    from twa_ray.core.blocks import make_blocks, plan_shards
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.distributed.collectives import TorchCollectives
+    from twa_ray.models import build_model
+
+    torch.set_num_threads(timing.threads)
+    if timing.backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(timing.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
+    try:
+        numels = ParamLayout.from_model(build_model(timing.model, timing.num_classes, 3, timing.image_size)).numels
+        blocks = make_blocks(numels, timing.granularity)
+        plan = plan_shards(blocks, timing.bits, k)
+        d, (start, end) = sum(numels), plan.ranges[rank]
+        comm = TorchCollectives(plan.ranges, rank, k)
+        gen = torch.Generator().manual_seed(timing.seed + rank)
+        grad = torch.randn(d, generator=gen).to(device)  # the model's gradient (reduce-scatter reads it)
+        grad_ar = torch.zeros(d, device=device)  # all-reduced in place: zeros never overflow
+        coef = torch.zeros(timing.candidates, len(blocks), device=device)  # the coefficient gradient (n, L)
+        own = torch.randn(end - start, generator=gen).to(device)  # this rank's reconstructed weights
+        weights = torch.empty(d, device=device)
+        flat = torch.zeros(d, device=device)
+        buckets = {mb: _bucket_views(flat, mb) for mb in timing.bucket_mb}
+
+        def all_reduce_slice() -> torch.Tensor:
+            dist.all_reduce(grad_ar)
+            return grad_ar[start:end]
+
+        def all_gather_via_all_reduce() -> torch.Tensor:
+            weights.zero_()
+            weights[start:end] = own
+            dist.all_reduce(weights)
+            return weights
+
+        def step(first: Callable[[], torch.Tensor],
+                 gather: Callable[[], torch.Tensor] = lambda: comm.all_gather(own, weights)) -> Callable[[], None]:
+            def run() -> None:
+                first()
+                comm.all_reduce_sum(coef)
+                gather()
+            return run
+
+        def bucketed(mb: float, asynchronous: bool) -> Callable[[], None]:
+            def run() -> None:
+                if asynchronous:  # all in flight at once, as DistributedDataParallel issues them
+                    for work in [dist.all_reduce(b, async_op=True) for b in buckets[mb]]:
+                        work.wait()
+                else:
+                    for b in buckets[mb]:
+                        dist.all_reduce(b)
+            return run
+
+        fns: dict[str, Callable[[], object]] = {
+            "all_reduce_D": lambda: dist.all_reduce(flat),
+            "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
+            "twa_step_ar_slice": step(all_reduce_slice),
+            "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
+            "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
+            "all_gather": lambda: comm.all_gather(own, weights),
+            "all_gather_via_all_reduce": all_gather_via_all_reduce,
+            "all_reduce_coef": lambda: comm.all_reduce_sum(coef),
+        }
+        for mb in timing.bucket_mb:
+            for asynchronous in (False, True):
+                fns[bucket_variant(mb, asynchronous)] = bucketed(mb, asynchronous)
+
+        # the alternatives compute what the library's calls compute (sums: to float rounding)
+        summed = grad.clone()
+        dist.all_reduce(summed)
+        gathered = comm.all_gather(own, weights).clone()
+        alternatives_match = (bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
+                              and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        order = list(fns)
+        for r in range(timing.warmup_rounds + timing.rounds):
+            # rotate which goes first, so none always follows the same one
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                sync()
+                dist.barrier()
+                t = time.perf_counter()
+                fns[name]()
+                sync()
+                if r >= timing.warmup_rounds:
+                    times[name].append(time.perf_counter() - t)
+        result = {
+            "rank": rank, "world_size": k, "num_params": d, "num_blocks": len(blocks), "coords": end - start,
+            "padded_length": comm.pad, "alternatives_match": alternatives_match, "times": times,
+            "buckets": {f"{mb:g}": len(views) for mb, views in buckets.items()},
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def time_collectives(timing: CollectiveTiming, k: int) -> list[dict]:
+    """Spawn k workers that time collectives (``TIMED_VARIANTS`` and the bucketed
+    all-reduces); their result dicts by rank, each with ``times[variant]``: seconds per
+    timed round (a barrier before each call)."""
+    import torch.multiprocessing as mp
+
+    if timing.backend == "nccl" and torch.cuda.device_count() < k:
+        raise RuntimeError(f"NCCL with {k} ranks needs {k} GPUs, this machine has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as out:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        mp.spawn(_time_worker, args=(k, free_port(), timing, out), nprocs=k, join=True)
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(k)]
+
+
+def slowest_rank_times(results: list[dict]) -> dict[str, list[float]]:
+    """Per variant and round, the slowest rank's seconds: a collective ends for the group
+    when it ends on its last rank."""
+    return {name: [max(r["times"][name][i] for r in results) for i in range(len(results[0]["times"][name]))]
+            for name in results[0]["times"]}

@@ -21,17 +21,40 @@ Target: traffic <= 1.05 x one all-reduce of D. The planner's prediction
 
 Default model: CIFAR ResNet-18, n = 20, 4 bits, one block per tensor, global batch 16,
 3 timed steps (--quick: 1). --smoke: small CNN on 8x8 inputs, n = 4.
+
+    python benchmarks/comm.py --time [--quick | --smoke] [--model NAME] [--backend gloo|nccl] [--rounds R]
+
+--time measures time instead of bytes: k processes (``_dist.time_collectives``) call the
+collectives of one TWA step through the library's ``TorchCollectives`` (reduce-scatter of
+the gradient, all-reduce of the n x L coefficient gradient, all-gather of the weights, with
+the shapes of the model's shard plan) and, in the same interleaved rounds on the same
+backend, one all-reduce of D floats and the alternatives:
+- ``twa_step_ar_slice``: an all-reduce of D plus a local slice in place of the reduce-scatter;
+- ``twa_step_all_reduce_only``: also the all-gather as an all-reduce of a zeroed D-vector
+  that holds this rank's slice (``all_gather_via_all_reduce`` alone);
+- ``all_reduce_D_buckets_<MB>MB_{sync,async}``: the all-reduce of D as buckets of that
+  size, one after the other or all in flight at once (as DistributedDataParallel issues them);
+- each of the step's three collectives alone.
+Before timing, each rank checks that the alternatives give the library's results
+(``alternatives_match``). A call's time is the slowest rank's, after a barrier; per variant the JSON line has the
+median over rounds and ``ratio_to_all_reduce_D``, the median of the per-round ratios.
+Target: ``twa_step`` <= 1.1 x one all-reduce of D. Rounds: 20 (--quick 3; --smoke: small
+CNN, 2). NCCL needs one GPU per rank.
 """
 from __future__ import annotations
 
 import argparse
 
-from _common import common_args, emit, machine, note
-from _dist import Setting, run_workers, setting_dict
+from _common import common_args, emit, machine, median, note, paired_ratio, utc_date
+from _dist import (
+    TIMED_VARIANTS, CollectiveTiming, Setting, bucket_variant, run_workers, setting_dict, slowest_rank_times,
+    time_collectives,
+)
 
 from twa_ray.planner import plan_capacity  # noqa: E402
 
 TARGET_RATIO = 1.05
+TARGET_TIME_RATIO = 1.1  # collective time of a TWA step / one all-reduce of D
 
 
 def main(argv=None) -> int:
@@ -42,8 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--granularity", default="tensor")
+    parser.add_argument("--time", action="store_true", help="time the collectives instead of counting bytes")
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="--time: the process group")
+    parser.add_argument("--rounds", type=int, default=None, help="--time: timed rounds")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.time:
+        return time_main(args, mode)
     k = args.workers
     setting = Setting(
         model=args.model or ("small_cnn" if args.smoke else "resnet18"),
@@ -89,6 +117,82 @@ def main(argv=None) -> int:
             "max_weight_diff": r["max_weight_diff"], "max_weight_change": r["max_weight_change"],
             "machine": machine(),
         })
+    return 0
+
+
+def payload_bytes(variant: str, d: int, pad: int, k: int, coef_numel: int) -> int:
+    """Bytes one rank hands to the collectives of ``variant`` (float32)."""
+    rs, ag, ar_coef, ar_d = 4 * k * pad, 4 * pad, 4 * coef_numel, 4 * d
+    if variant.startswith("all_reduce_D"):
+        return ar_d
+    return {"twa_step": rs + ar_coef + ag, "twa_step_ar_slice": ar_d + ar_coef + ag,
+            "twa_step_all_reduce_only": 2 * ar_d + ar_coef, "reduce_scatter": rs, "all_gather": ag,
+            "all_gather_via_all_reduce": ar_d, "all_reduce_coef": ar_coef}[variant]
+
+
+def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> list[dict]:
+    """One record per timed variant from the ranks' results (``_dist.time_collectives``)."""
+    times = slowest_rank_times(results)
+    ref = times["all_reduce_D"]
+    first = results[0]
+    k, d, pad = first["world_size"], first["num_params"], first["padded_length"]
+    info, date = machine(), utc_date()
+    descriptions = dict(TIMED_VARIANTS)
+    for mb in timing.bucket_mb:
+        for asynchronous in (False, True):
+            descriptions[bucket_variant(mb, asynchronous)] = (
+                f"the all-reduce of D as {first['buckets'][f'{mb:g}']} buckets of <= {mb:g} MB, "
+                + ("all in flight at once" if asynchronous else "one after the other"))
+    out = []
+    for variant, t in times.items():
+        record = {
+            "benchmark": "comm", "measure": "time", "mode": mode, "backend": timing.backend, "workers": k,
+            "model": timing.model, "num_params": d, "num_blocks": first["num_blocks"], "candidates": timing.candidates,
+            "bits": timing.bits, "padded_length": pad, "variant": variant, "description": descriptions[variant],
+            "alternatives_match": all(r["alternatives_match"] for r in results),
+            "payload_bytes": payload_bytes(variant, d, pad, k, timing.candidates * first["num_blocks"]),
+            "median_s": median(t), "min_s": min(t), "rounds": len(t),
+            "ratio_to_all_reduce_D": paired_ratio(t, ref),
+        }
+        if variant == "twa_step":
+            record.update(target_ratio=TARGET_TIME_RATIO, meets_target=record["ratio_to_all_reduce_D"] <= TARGET_TIME_RATIO,
+                          ratio_to_ar_slice_step=paired_ratio(t, times["twa_step_ar_slice"]))
+        record.update(date=date, machine=info)
+        out.append(record)
+    return out
+
+
+def time_table(records: list[dict]) -> str:
+    """The records as an aligned text table (ms and ratio to one all-reduce of D)."""
+    r0 = records[0]
+    lines = [f"collectives on {r0['backend']}, {r0['workers']} ranks, {r0['model']} (D = {r0['num_params']:,}), "
+             f"n = {r0['candidates']}, {r0['bits']} bits: median of {r0['rounds']} rounds (slowest rank)",
+             f"{'variant':<36} {'ms':>9} {'x all-reduce(D)':>16}"]
+    for r in records:
+        lines.append(f"{r['variant']:<36} {1e3 * r['median_s']:>9.2f} {r['ratio_to_all_reduce_D']:>16.3f}")
+    step = next(r for r in records if r["variant"] == "twa_step")
+    lines.append(f"target: twa_step <= {step['target_ratio']} x all-reduce(D): "
+                 f"{'met' if step['meets_target'] else 'not met'} ({step['ratio_to_all_reduce_D']:.3f})")
+    return "\n".join(lines)
+
+
+def time_main(args, mode: str) -> int:
+    smoke = mode == "smoke"
+    timing = CollectiveTiming(
+        model=args.model or ("small_cnn" if smoke else "resnet18"),
+        image_size=8 if smoke else 32,
+        candidates=args.candidates or (4 if smoke else 20),
+        bits=args.bits, granularity=args.granularity,
+        rounds=args.rounds or {"smoke": 2, "quick": 3, "full": 20}[mode],
+        warmup_rounds=1 if smoke else 2,
+        bucket_mb=(0.01, 0.04) if smoke else (1.0, 4.0, 25.0),  # smoke: a few buckets of a tiny model
+        backend=args.backend, threads=args.threads or 1,
+    )
+    note(f"comm --time: {timing.model}, k={args.workers}, {timing.backend}, {timing.rounds} rounds ...")
+    records = time_records(timing, time_collectives(timing, args.workers), mode)
+    for r in records:
+        emit(r)
+    note(time_table(records))
     return 0
 
 

@@ -1,15 +1,19 @@
 """Throughput of the projection kernels against the machine's memcpy, and projection bytes.
 
-    python benchmarks/projection.py [--quick | --smoke] [--kernel eager|compiled|both] [--compare-before]
-                                    [--threads T] [--bits B ...]
+    python benchmarks/projection.py [--quick | --smoke] [--kernel all | K ...] [--compare-before]
+                                    [--threads T] [--bits B ...] [--clock wall|cpu] [--native-isa I]
 
 For bits b in {1, 2, 4, 8, 32}, n in {10, 50} candidates and D in {1e6, 1e7} coordinates
 (one block; --quick: D=1e6 only), one JSON line per (b, n, D, kernel) and projection
-kernel (coef_grad, reconstruct). ``--kernel both`` times the eager and the compiled
-kernels in the same rounds; ``--compare-before`` adds the kernels as they were before
-this change (kernel "before", benchmarks/_before_kernels.py). Per line:
+kernel (coef_grad, reconstruct). ``--kernel`` takes one or more of the projection's
+kernels (auto, eager, native, triton), timed in the same rounds; ``all`` (default): every
+kernel that runs on the device (eager and native on CPU, eager and triton on CUDA).
+``ran`` in the JSON is the kernel that actually ran (``auto`` resolved; eager where a
+kernel fell back). ``--compare-before`` adds the kernels as they were before the fused
+ones (kernel "before", benchmarks/_before_kernels.py). Per line:
 
-- ``gbps``: projection bytes streamed per second (the packed Q; median of the repeats),
+- ``gbps``: projection bytes streamed per second (the packed Q; median of the repeats;
+  ``--clock cpu``: per second of this thread's CPU time, for a machine shared with other jobs),
 - ``memcpy_gbps``: torch ``copy_`` of a buffer of the same size, timed in the same rounds
   (bytes copied per second),
 - ``ratio_to_memcpy``: median over rounds of the paired ratio (target >= 0.6 at 4 bits),
@@ -24,17 +28,14 @@ gradient or weight vectors the kernels also read and write.
 from __future__ import annotations
 
 import argparse
+import time
 
 from _common import common_args, emit, machine, memcpy_fn, median, note, paired_ratio, paired_times, set_threads
 
 import torch  # noqa: E402
 
-from twa_ray.core.projection import Projection, build_projection  # noqa: E402
-
-try:
-    from twa_ray.core.projection import KERNELS
-except ImportError:  # kernels before the fused ones: one implementation
-    KERNELS = ("eager",)
+from twa_ray.core import native  # noqa: E402
+from twa_ray.core.projection import KERNELS, Projection, build_projection, resolve_kernel  # noqa: E402
 
 TARGET_MEMCPY_RATIO = 0.6  # at 4 bits
 TARGET_BYTES_RATIO = 1.01
@@ -56,6 +57,19 @@ def random_projection(n: int, d: int, bits: int, device: str, kernel: str) -> Pr
     proj = Projection(center, data, [d], bits, scale, offset)
     proj.kernel = kernel
     return proj
+
+
+def device_kernels(device: str) -> list[str]:
+    """The kernels that run on ``device`` without a fallback: eager, plus native (CPU, where
+    it builds) or triton (CUDA, where triton is installed)."""
+    kernels = ["eager"]
+    for kernel in ("native", "triton"):
+        try:
+            if resolve_kernel(kernel, device, 4) == kernel:
+                kernels.append(kernel)
+        except ValueError:  # not for this device
+            pass
+    return kernels
 
 
 def check(bits: int, kernel: str, device: str) -> float:
@@ -83,13 +97,24 @@ def check(bits: int, kernel: str, device: str) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
-    parser.add_argument("--kernel", default="eager", choices=[*KERNELS, "both"])
+    parser.add_argument("--kernel", nargs="+", default=["all"], choices=[*KERNELS, "all"],
+                        help="kernels to time in the same rounds (default: all that run on the device)")
     parser.add_argument("--compare-before", action="store_true",
                         help="also time the kernels as they were before the fused ones, in the same rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--bits", type=int, nargs="*", default=None, help="bit widths (default: all; --smoke: 1 4 32)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this thread's CPU time (needs --threads 1 on a CPU device): on a machine shared "
+                             "with other jobs, time the kernels ran rather than time they waited for a core")
+    parser.add_argument("--native-isa", choices=list(native.ISAS), default="auto",
+                        help="the native kernel's code path (default: the best this CPU runs)")
     args = parser.parse_args(argv)
+    if args.native_isa != "auto":  # what Projection's calls (isa "auto") run
+        native.ISAS["auto"] = native.ISAS[args.native_isa]
+    if args.clock == "cpu" and (args.threads != 1 or torch.device(args.device).type != "cpu"):
+        parser.error("--clock cpu needs --threads 1 and a CPU device (other threads' time would not count)")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     set_threads(args.threads)
     if args.smoke:
         configs, repeats = [(10, 100_000)], 2
@@ -102,13 +127,13 @@ def main(argv=None) -> int:
         bit_list = [1, 2, 4, 8, 32]
     repeats = args.repeats or repeats
     bit_list = args.bits or bit_list
-    kernels = list(KERNELS) if args.kernel == "both" else [args.kernel]
+    kernels = device_kernels(args.device) if "all" in args.kernel else list(dict.fromkeys(args.kernel))
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     for bits in bit_list:
         for kernel in kernels:
             err = check(bits, kernel, args.device)
-            emit({"benchmark": "projection", "measure": "correctness", "kernel": kernel, "bits": bits,
-                  "check_rel_err": err, "mode": mode})
+            emit({"benchmark": "projection", "measure": "correctness", "kernel": kernel,
+                  "ran": resolve_kernel(kernel, args.device, bits), "bits": bits, "check_rel_err": err, "mode": mode})
         for n, d in configs:
             proj = random_projection(n, d, bits, args.device, kernels[0])
             gen = torch.Generator().manual_seed(1)
@@ -133,18 +158,24 @@ def main(argv=None) -> int:
                 before = BeforeProjection(proj)
                 fns[("before", "coef_grad")] = lambda: before.coef_grad(g)
                 fns[("before", "reconstruct")] = lambda: before.reconstruct(x, out)
-            times = paired_times(fns, repeats, args.device)
+            times = paired_times(fns, repeats, args.device, clock=clock)
             ideal = n * d * bits / 8
             paper = n * d * (4 if bits == 32 else 1)
             memcpy_gbps = nbytes / median(times["memcpy"]) / 1e9
             info = machine()
-            for kernel in kernels + (["before"] if args.compare_before else []):
+            ran = {k: "before" if k == "before" else resolve_kernel(k, args.device, bits)
+                   for k in kernels + (["before"] if args.compare_before else [])}
+            for kernel in ran:
                 for name in ("coef_grad", "reconstruct"):
                     t = times[(kernel, name)]
                     ratio = paired_ratio(times["memcpy"], t)
                     emit({
-                        "benchmark": "projection", "measure": "throughput", "kernel": kernel, "op": name,
+                        "benchmark": "projection", "measure": "throughput", "kernel": kernel,
+                        "ran": ran[kernel], "op": name,
+                        "isa": (native.isa() if args.native_isa == "auto" else args.native_isa)
+                        if ran[kernel] == "native" else None,
                         "bits": bits, "n": n, "D": d, "device": args.device, "mode": mode, "repeats": repeats,
+                        "clock": args.clock,
                         "projection_bytes": nbytes,
                         "gbps": nbytes / median(t) / 1e9,
                         "gbps_best": nbytes / min(t) / 1e9,
@@ -161,8 +192,9 @@ def main(argv=None) -> int:
                         "machine": info,
                     })
                 note(f"{kernel} b={bits} n={n} D={d}: coef_grad {nbytes / median(times[(kernel, 'coef_grad')]) / 1e9:.2f}"
-                     f" GB/s, reconstruct {nbytes / median(times[(kernel, 'reconstruct')]) / 1e9:.2f} GB/s, "
-                     f"memcpy {memcpy_gbps:.1f} GB/s")
+                     f" GB/s ({paired_ratio(times['memcpy'], times[(kernel, 'coef_grad')]):.2f} of memcpy), reconstruct "
+                     f"{nbytes / median(times[(kernel, 'reconstruct')]) / 1e9:.2f} GB/s "
+                     f"({paired_ratio(times['memcpy'], times[(kernel, 'reconstruct')]):.2f}), memcpy {memcpy_gbps:.1f} GB/s")
     return 0
 
 

@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py [--claims head,tail,bits,soups] [--seeds 3] [--out DIR] [--work DIR]
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
+    python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
 
 Each run is the real job in a subprocess (a local Ray per job, or the cluster in RAY_ADDRESS),
 seeds 0 .. N-1 (``seed=`` override):
@@ -461,7 +462,44 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def report(records: list[dict], out: Path) -> list[dict]:
+README_BEGIN = "<!-- reproduce.py results: begin -->"
+README_END = "<!-- reproduce.py results: end -->"
+
+
+def readme_section(rows: list[dict], targets: list[dict]) -> str:
+    """The README's results block: per claim one table of methods (mean ± std, seeds), then
+    the targets, each met or not; with the command, dates and machine the rows came from."""
+    lines = [README_BEGIN, ""]
+    for claim in dict.fromkeys(r["claim"] for r in rows):
+        claim_rows = [r for r in rows if r["claim"] == claim]
+        sources = sorted({(r["command"], r["date"], r["machine"]) for r in claim_rows})
+        for command, date, machine in sources:
+            lines.append(f"**{claim}** — `{command}`, {date}, {machine}:")
+        lines += ["", "| method | mean ± std | seeds |", "|---|---|---|"]
+        lines += [f"| {r['metric']} | {format_mean_std(r)} | {r['n']} |" for r in claim_rows]
+        lines.append("")
+    lines += ["| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t['claim']}: {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |"
+              for t in targets]
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, rows: list[dict], targets: list[dict]) -> None:
+    """Replace the block between README_BEGIN and README_END in ``path`` by ``readme_section``;
+    SystemExit naming the file when the markers are missing (nothing is written then)."""
+    from twa_ray.output.atomic import atomic_path
+
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"--readme: {path} has no '{README_BEGIN}' ... '{README_END}' block to replace")
+    new = text[:begin] + readme_section(rows, targets) + text[end + len(README_END):]
+    with atomic_path(path) as tmp:
+        tmp.write_text(new)
+
+
+def report(records: list[dict], out: Path, readme: Path | None = None) -> list[dict]:
     """reproduce.md and reproduce.png in ``out``, the table and targets on stderr; returns the targets."""
     rows = aggregate(records)
     targets = evaluate_targets(rows)
@@ -473,6 +511,9 @@ def report(records: list[dict], out: Path) -> list[dict]:
     write_markdown(out / "reproduce.md", rows, targets, sorted({rec["mode"] for rec in records}))
     write_plot(out / "reproduce.png", rows)
     note(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.png'}")
+    if readme is not None:
+        write_readme(readme, rows, targets)
+        note(f"wrote the results section of {readme}")
     return targets
 
 
@@ -506,11 +547,14 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="run folders (default runs/reproduce/<mode>)")
     parser.add_argument("--fresh", action="store_true", help="empty --work first: run everything again")
     parser.add_argument("--results", default=None, help="a reproduce.jsonl: only write its tables, plot and targets")
+    parser.add_argument("--readme", default=None,
+                        help="also write the tables and targets into this file's results block (README.md)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.results:
         lines = Path(args.results).read_text().splitlines()
-        report([json.loads(line) for line in lines if line.strip()], Path(args.out or Path(args.results).parent))
+        report([json.loads(line) for line in lines if line.strip()], Path(args.out or Path(args.results).parent),
+               Path(args.readme) if args.readme else None)
         return 0
     work = Path(args.work or ROOT / "runs" / "reproduce" / mode).resolve()
     out = Path(args.out or (ROOT / "benchmarks" / "results" if mode == "full" else work)).resolve()
@@ -523,7 +567,7 @@ def main(argv=None) -> int:
         records = run_claims(args.claims, seeds, mode, work, out / "reproduce.jsonl", args.threads, invocation)
     except SummaryError as exc:
         raise SystemExit(f"error: {exc}") from None
-    report(records, out)
+    report(records, out, Path(args.readme) if args.readme else None)
     return 0
 
 

@@ -1,6 +1,6 @@
 """A TWA step against a plain SGD step of the same model and batch (one worker).
 
-    python benchmarks/step_overhead.py [--quick | --smoke] [--threads T] [--kernel eager|compiled] [--compare-before]
+    python benchmarks/step_overhead.py [--quick | --smoke] [--threads T] [--kernel auto|eager|native|triton] [--compare-before]
 
 CIFAR ResNet-18 (twa_ray.models, ~11.2M parameters), a batch of 64 random 32x32 images,
 n = 20 candidates, 4 bits, one block per tensor. Each step is forward + backward +
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--granularity", default="tensor")
-    parser.add_argument("--kernel", default=None, help="projection kernel: eager or compiled (default: the library's)")
+    parser.add_argument("--kernel", default=None,
+                        help="projection kernel: auto, eager, native or triton (default: the library's, auto)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compare-before", action="store_true",

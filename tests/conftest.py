@@ -26,6 +26,16 @@ def tiny_mlp(seed: int = 0, bn: bool = False) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def mlp():
     return tiny_mlp()
@@ -57,3 +67,54 @@ def ray_subprocess_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **extra)
     return env
+
+
+# ---------------------------------------------------------------- a real S3 API (moto's server)
+
+S3_ENV = {  # fake credentials: moto accepts any; no lookups of instance metadata
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port) for the session, stopped after: "host:port"."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_bucket(endpoint: str) -> str:
+    """A new, empty bucket on ``endpoint``; its URI with the endpoint in the query
+    (``s3://twa-<hex>?endpoint_override=127.0.0.1:PORT&scheme=http``), so every process that
+    gets a location under it reaches the server. Needs ``S3_ENV`` in the environment."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"twa-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture
+def s3_uri(s3_endpoint, monkeypatch):
+    """A fresh bucket on moto's server (``s3_bucket``), with ``S3_ENV`` set for this test."""
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    return s3_bucket(s3_endpoint)

@@ -5,11 +5,13 @@ import pytest
 
 from conftest import ROOT
 from twa_ray.config import (
+    STORAGE_ROOT_ENV,
     ConfigError,
     config_from_dict,
     config_to_dict,
     differing_settings,
     load_config,
+    resolve_storage,
     select_candidates,
     settings_fingerprint,
 )
@@ -109,3 +111,101 @@ def test_settings_fingerprint_is_stable_and_sensitive():
     assert settings_fingerprint(key) == settings_fingerprint({"candidates": [0, 1, 2], "twa": {"lr": 0.3, "bits": 4}})
     assert settings_fingerprint(key) != settings_fingerprint({**key, "candidates": [0, 1]})
     assert len(settings_fingerprint(key)) == 10 and int(settings_fingerprint(key), 16) >= 0
+
+
+# ---------------------------------------------------------------- storage root
+
+CLUSTER = {"RAY_ADDRESS": "10.0.0.1:6379"}  # as `ray job submit` sets it for the driver
+
+
+def test_locally_without_a_root_nothing_changes():
+    cfg = config_from_dict({"name": "q"})
+    assert resolve_storage(cfg, {}) is cfg and cfg.output_dir is None and cfg.run_dir == "runs/q"
+
+
+@pytest.mark.parametrize("output_dir, store, named", [
+    (None, None, "output_dir 'runs/q' (the default runs/<name>) is relative"),
+    ("results/q", None, "output_dir 'results/q' is relative"),
+    ("/abs/q", "stores/q", "store 'stores/q' is relative"),
+])
+def test_on_a_cluster_a_relative_location_without_a_root_is_refused(output_dir, store, named):
+    cfg = config_from_dict({"name": "q", "output_dir": output_dir, "store": store})
+    with pytest.raises(ConfigError) as err:
+        resolve_storage(cfg, CLUSTER)
+    message = str(err.value)
+    assert named in message and "RAY_ADDRESS" in message
+    assert "storage_root" in message and STORAGE_ROOT_ENV in message and "output_dir" in message
+
+
+def test_on_a_cluster_absolute_paths_and_uris_are_used_as_given():
+    for output_dir, store in [("/shared/q", None), ("s3://bucket/q", "gs://other/store"), ("~/q", "/abs/store")]:
+        cfg = config_from_dict({"name": "q", "output_dir": output_dir, "store": store})
+        assert resolve_storage(cfg, CLUSTER) is cfg
+
+
+@pytest.mark.parametrize("root, expected", [
+    ("s3://bucket/prefix", "s3://bucket/prefix/runs/q"),
+    ("s3://bucket/prefix/", "s3://bucket/prefix/runs/q"),
+    ("s3://b/p?endpoint_override=127.0.0.1:9000&scheme=http", "s3://b/p/runs/q?endpoint_override=127.0.0.1:9000&scheme=http"),
+    ("file:///shared", "file:///shared/runs/q"),
+    ("/shared/twa", "/shared/twa/runs/q"),
+])
+def test_relative_locations_resolve_against_the_root(root, expected):
+    cfg = config_from_dict({"name": "q"})
+    for environ in ({STORAGE_ROOT_ENV: root}, {**CLUSTER, STORAGE_ROOT_ENV: root}):
+        out = resolve_storage(cfg, environ)
+        assert out.output_dir == expected and out.run_dir == expected
+        base, _, query = expected.partition("?")
+        assert out.store_uri == base + "/candidates" + ("?" + query if query else "")
+    assert cfg.output_dir is None  # a new config; the loaded one is untouched
+    out = resolve_storage(config_from_dict({"name": "q", "output_dir": "./exp/one", "store": "st"}),
+                          {**CLUSTER, STORAGE_ROOT_ENV: root})
+    assert out.output_dir == expected.replace("runs/q", "exp/one") and out.store == expected.replace("runs/q", "st")
+    absolute = config_from_dict({"name": "q", "output_dir": "/elsewhere/q"})
+    assert resolve_storage(absolute, {**CLUSTER, STORAGE_ROOT_ENV: root}).output_dir == "/elsewhere/q"
+
+
+def test_the_config_key_wins_over_the_environment_variable(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("storage_root: s3://from-yaml/p\n")
+    environ = {**CLUSTER, STORAGE_ROOT_ENV: "s3://from-env/p"}
+    assert resolve_storage(load_config(path), environ).output_dir == "s3://from-yaml/p/runs/q"
+    assert resolve_storage(load_config(path, ["storage_root=/override"]), environ).output_dir == "/override/runs/q"
+    assert resolve_storage(load_config(path, ["storage_root=null"]), environ).output_dir == "s3://from-env/p/runs/q"
+
+
+def test_a_relative_root_is_refused_naming_where_it_came_from(tmp_path):
+    with pytest.raises(ConfigError, match="storage_root: 'rel' is not an absolute path or a URI"):
+        config_from_dict({"storage_root": "rel"})
+    with pytest.raises(ConfigError, match=f"{STORAGE_ROOT_ENV}: 'rel' is not an absolute path or a URI"):
+        resolve_storage(config_from_dict({}), {STORAGE_ROOT_ENV: "rel"})
+
+
+def test_the_process_environment_decides_by_default(monkeypatch):
+    cfg = config_from_dict({"name": "q"})
+    monkeypatch.delenv(STORAGE_ROOT_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_storage(cfg) is cfg
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ConfigError, match="storage_root"):
+        resolve_storage(cfg)
+    monkeypatch.setenv(STORAGE_ROOT_ENV, "/shared")
+    assert resolve_storage(cfg).output_dir == "/shared/runs/q"
+
+
+def test_the_job_refuses_a_relative_output_dir_on_a_cluster_before_ray(tmp_path, monkeypatch, capsys):
+    from twa_ray.cli import run as run_cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the job must refuse before Ray starts")
+
+    monkeypatch.setattr(run_cli, "run", no_ray)
+    monkeypatch.setattr(run_cli, "setup_logging", lambda *args, **kwargs: None)  # no handler on captured stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv(STORAGE_ROOT_ENV, raising=False)
+    assert run_cli.main(["--config", str(ROOT / "configs" / "quickstart.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir 'runs/quickstart' (the default runs/<name>) is relative" in err
+    assert "storage_root" in err and STORAGE_ROOT_ENV in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing made in the working dir either

@@ -10,18 +10,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from .core.blocks import parse_granularity
 from .core.quant import BITS
+from .core.row_shards import ROW_BASES
 from .core.schedules import OPTIMIZERS, SCHEDULES
+from .core.projection import KERNELS
 from .core.subspace import BASES, RAW_BASES, check_start
+
+
+SHARDINGS = ("blocks", "fsdp")  # twa.sharding
 
 
 class ConfigError(ValueError):
@@ -96,9 +103,16 @@ class TrainConfig:
         return self.budget_epochs or self.epochs
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
+
+
 @dataclass
 class TWAConfig:
     workers: int = 1
+    # how the workers share the work: "blocks" (each holds the whole model and the projection
+    # of a run of whole blocks) or "fsdp" (FSDP2: each holds its dim-0 rows of every tensor,
+    # of the model, its gradient and the projection; journal bases only, no select_eval)
+    sharding: str = "blocks"
     use_gpu: bool | None = None
     bits: int = 8
     granularity: str = "tensor"
@@ -133,8 +147,14 @@ class TWAConfig:
     # the spread of test accuracy over calibration draws that 20 leaves, at half the cost of all
     bn_batches: int | None = 50
     max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
+    # projection kernels: auto (native C++ on CPU where it builds, else eager), eager, native
+    # or triton (CUDA; opt-in until measured on a GPU); twa_ray.core.projection says more
+    kernel: str = "auto"
     checkpoint_every_steps: int | None = None  # besides each epoch
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: as train.cpus_per_worker (Tune sweeps: 1)
+    # how Ray places the workers (its placement group strategy): PACK fills a node first;
+    # STRICT_SPREAD puts each worker on a different node, SPREAD does so where it can
+    placement_strategy: str = "PACK"
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
 
 
@@ -218,6 +238,9 @@ class FinetuneConfig:
 class Config:
     name: str = "run"
     output_dir: str | None = None  # default runs/<name>
+    # where relative output_dir and store resolve (an absolute path or a URI such as s3://bucket/prefix);
+    # default: the environment variable TWA_RAY_STORAGE_ROOT; on a Ray cluster one of them is needed
+    storage_root: str | None = None
     seed: int = 0
     store: str | None = None  # candidate store uri; default <output_dir>/candidates
     compare_full_budget: bool = False
@@ -239,7 +262,81 @@ class Config:
 
     @property
     def store_uri(self) -> str:
-        return self.store or str(Path(self.run_dir) / "candidates")
+        if self.store:
+            return self.store
+        if "://" in self.run_dir:  # a URI: Path would fold its "//"; join keeps a query at the end
+            from .store.fs import join
+
+            return join(self.run_dir, "candidates")
+        return str(Path(self.run_dir) / "candidates")
+
+
+# ---------------------------------------------------------------- where a job's results go
+
+STORAGE_ROOT_ENV = "TWA_RAY_STORAGE_ROOT"
+
+
+def on_cluster(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the job joins a Ray cluster: ``RAY_ADDRESS`` is set (``ray job submit`` sets
+    it for every driver it starts, and ``distributed.ray_env.init_ray`` then joins it)."""
+    return bool((os.environ if environ is None else environ).get("RAY_ADDRESS"))
+
+
+def is_absolute_location(location: str) -> bool:
+    """A URI (``s3://...``, ``file://...``) or an absolute local path (``~`` expanded)."""
+    return "://" in location or os.path.isabs(os.path.expanduser(location))
+
+
+def _under(root: str, relative: str) -> str:
+    relative = posixpath.normpath(relative.replace(os.sep, "/"))
+    if "://" in root:
+        from .store import fs as store_fs  # a URI root may end in ?query (an S3 endpoint): join keeps it last
+
+        return store_fs.join(root, relative)
+    return os.path.join(os.path.expanduser(root), relative)
+
+
+def resolve_storage(cfg: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """``cfg`` with ``output_dir`` and ``store`` settled where the job writes them; call it
+    once, in the driver (job commands do, in ``cli.common.load_job_config``).
+
+    - A storage root: ``storage_root``, else the environment variable TWA_RAY_STORAGE_ROOT
+      (an absolute path or a URI). A relative ``output_dir`` (the default ``runs/<name>``
+      too) and a relative ``store`` resolve against it, as if it were the working directory.
+    - No root, on a Ray cluster (``on_cluster``): a relative one raises ConfigError naming
+      storage_root, TWA_RAY_STORAGE_ROOT and the key. ``ray job submit --working-dir`` runs
+      the driver in Ray's unpacked copy of the working dir on whichever node it picked:
+      results under a relative path would land there, not where the user looks.
+    - No root, not on a cluster: ``cfg`` unchanged (relative to the working directory).
+
+    Absolute paths and URIs are used as given.
+    """
+    environ = os.environ if environ is None else environ
+    root, source = cfg.storage_root, "storage_root"
+    if not root:
+        root, source = environ.get(STORAGE_ROOT_ENV) or None, STORAGE_ROOT_ENV
+    if root is not None and not is_absolute_location(root):
+        raise ConfigError(f"{source}: {root!r} is not an absolute path or a URI "
+                          "(e.g. /shared/twa or s3://bucket/prefix)")
+    relative = {}
+    if cfg.output_dir is None or not is_absolute_location(cfg.output_dir):
+        relative["output_dir"] = cfg.run_dir
+    if cfg.store is not None and not is_absolute_location(cfg.store):
+        relative["store"] = cfg.store
+    if not relative or (root is None and not on_cluster(environ)):
+        return cfg
+    if root is None:
+        default = " (the default runs/<name>)" if cfg.output_dir is None else ""
+        named = ", ".join(f"{key} {path!r}" + (default if key == "output_dir" else "") for key, path in relative.items())
+        raise ConfigError(
+            f"{named} {'is' if len(relative) == 1 else 'are'} relative, and this job runs on a Ray cluster "
+            "(RAY_ADDRESS is set): it would land in Ray's copy of the working dir on whichever node ran the driver. "
+            "Set a storage root once, an absolute "
+            f"path every node shares or a URI such as s3://bucket/prefix: the config key storage_root (or the "
+            f"override storage_root=...) or the environment variable {STORAGE_ROOT_ENV}; or give an absolute "
+            "output_dir."
+        )
+    return dataclasses.replace(cfg, **{key: _under(root, path) for key, path in relative.items()})
 
 
 # ---------------------------------------------------------------- candidate windows
@@ -399,6 +496,22 @@ def _start_problems(twa: TWAConfig) -> list[str]:
     return []
 
 
+def sharding_problems(twa: TWAConfig) -> list[str]:
+    """What twa.sharding rules out among the other twa settings."""
+    if twa.sharding not in SHARDINGS:
+        return [f"{twa.sharding!r} is not one of {list(SHARDINGS)}"]
+    if twa.sharding != "fsdp":
+        return []
+    problems = []
+    if twa.basis not in ROW_BASES:
+        problems.append(f"'fsdp' does not support twa.basis: {twa.basis} (it supports {list(ROW_BASES)}; "
+                        "use twa.sharding: blocks)")
+    if twa.select_eval:
+        problems.append("'fsdp' does not support twa.select_eval (per-epoch selection scores); "
+                        "use twa.sharding: blocks")
+    return problems
+
+
 def _validate(cfg: Config, where: str) -> list[str]:
     errors = []
 
@@ -408,7 +521,9 @@ def _validate(cfg: Config, where: str) -> list[str]:
 
     check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
     check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
+    check(cfg.twa.kernel in KERNELS, "twa.kernel", f"{cfg.twa.kernel!r} is not one of {list(KERNELS)}")
     errors += [f"{where}: twa.start: {problem}" for problem in _start_problems(cfg.twa)]
+    errors += [f"{where}: twa.sharding: {problem}" for problem in sharding_problems(cfg.twa)]
     try:
         parse_granularity(cfg.twa.granularity)
     except ValueError as exc:
@@ -445,6 +560,10 @@ def _validate(cfg: Config, where: str) -> list[str]:
     check(0.0 <= cfg.baselines.ema_decay < 1.0, "baselines.ema_decay", f"{cfg.baselines.ema_decay} is not in [0, 1)")
     check(cfg.baselines.best_k >= 1, "baselines.best_k", f"{cfg.baselines.best_k} is not >= 1")
     check(cfg.eval.workers is None or cfg.eval.workers >= 1, "eval.workers", f"{cfg.eval.workers} is not >= 1")
+    check(cfg.twa.placement_strategy in PLACEMENT_STRATEGIES, "twa.placement_strategy",
+          f"{cfg.twa.placement_strategy!r} is not one of {list(PLACEMENT_STRATEGIES)}")
+    check(cfg.storage_root is None or is_absolute_location(cfg.storage_root), "storage_root",
+          f"{cfg.storage_root!r} is not an absolute path or a URI (e.g. /shared/twa or s3://bucket/prefix)")
     return errors
 
 

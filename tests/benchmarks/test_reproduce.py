@@ -136,3 +136,26 @@ def test_smoke_run_of_the_tail_claim(tmp_path):
     md = (tmp_path / "reproduce.md").read_text()
     assert f"| tail | twa | {rec['acc']['twa']:.2f} ± n/a % | 1 |" in md  # one seed: no std
     assert (tmp_path / "reproduce.png").stat().st_size > 0
+
+
+def test_readme_block_is_replaced_and_a_file_without_it_is_left_alone(tmp_path):
+    rows = reproduce.aggregate(HEAD)
+    targets = reproduce.evaluate_targets(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{reproduce.README_BEGIN}\nold numbers\n{reproduce.README_END}\nafter\n")
+    reproduce.write_readme(readme, rows, targets)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("\nafter\n")
+    block = text[text.index(reproduce.README_BEGIN):text.index(reproduce.README_END)]
+    mean = sum(r["acc"]["twa_t"] for r in HEAD) / 3
+    assert f"| twa_t | {mean:.2f} ± " in block and "| 3 |" in block
+    assert "`python benchmarks/reproduce.py`" in block and "test cpu, 2 cores" in block
+    assert sum(line.startswith("| head: ") for line in block.splitlines()) == len(targets)
+    again = text
+    reproduce.write_readme(readme, rows, targets)  # idempotent
+    assert readme.read_text() == again
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no block\n")
+    with pytest.raises(SystemExit, match="PLAIN.md has no"):
+        reproduce.write_readme(plain, rows, targets)
+    assert plain.read_text() == "no block\n"

@@ -4,6 +4,7 @@ import runpy
 import subprocess
 import sys
 import tomllib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,3 +104,90 @@ def test_export_writes_the_format_asked_for(tmp_path, capsys):
     assert torch.equal(torch.load(tmp_path / "copy.pt", weights_only=True)["w"], torch.arange(3.0))
     assert main(["export", str(tmp_path / "nothing"), "--format", "pt", "--out", str(tmp_path / "x.pt")]) == 1
     assert "model.pt does not exist" in capsys.readouterr().err
+
+
+def test_finish_writes_the_report_and_prints_the_table_and_paths(tmp_path, capsys):
+    from twa_ray.cli.common import finish
+    from twa_ray.output.atomic import write_rows
+
+    run = tmp_path / "run"
+    write_json(run / "summary.json", SUMMARY)
+    write_rows(run / "metrics.parquet", [{"stage": "base_train", "epoch": 1, "val_acc": 50.0}])
+    finish(run, SUMMARY, tensorboard=True)
+    out = capsys.readouterr().out
+    assert "84.66" in next(line for line in out.splitlines() if line.startswith("TWA"))
+    assert out.rstrip().endswith(f"model:  {run / 'model.pt'}\nreport: {run / 'report.html'}\nrun folder: {run}")
+    assert (run / "report.html").is_file() and list((run / "tensorboard" / "base_train").iterdir())
+
+
+class _Stop(Exception):
+    """Ends a job command where a test has seen what it needed."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.fixture
+def ray_calls(monkeypatch):
+    """``ray.init`` recorded instead of run (the kwargs of each call), Ray never started; the
+    environment switches that ``init_ray`` sets are undone after the test."""
+    import ray
+
+    from twa_ray.distributed import ray_env
+
+    for key in ("RAY_ADDRESS", "TWA_RAY_VERBOSE", "RAY_API_SERVER_ADDRESS", *ray_env.LOCAL_ENV,
+                *ray_env.QUIET_DRIVER_ENV, *ray_env.QUIET_WORKER_ENV):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tune_verbose_flag_reaches_ray_and_the_sweeps_run_config(verbose, tmp_path, monkeypatch, ray_calls):
+    import ray
+    from ray import tune
+    from ray.tune.experimental.output import AirVerbosity, get_air_verbosity
+
+    from twa_ray.pipelines import main as pipeline
+    from twa_ray.tune import sweep
+
+    seen = {}
+
+    class Tuner:  # records the RunConfig the sweep builds, and ends the command
+        can_restore = staticmethod(lambda path: False)
+
+        def __init__(self, trainable, *, param_space, tune_config, run_config):
+            seen["run_config"] = run_config
+            raise _Stop
+
+    monkeypatch.setattr(pipeline, "ensure_candidates", lambda cfg: SimpleNamespace(store_uri="store"))
+    monkeypatch.setattr(sweep.CandidateStore, "open", lambda uri: [None] * 8)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    with pytest.raises(_Stop):
+        main(["tune", "--config", "configs/tune_quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
+             + (["--verbose"] if verbose else []))
+    (init,) = ray_calls
+    assert ("runtime_env" in init) is not verbose  # quiet_ray's worker switches only when quiet
+    run_config = seen["run_config"]
+    if verbose:  # Tune's default reporter and its trial tables
+        assert get_air_verbosity(run_config.verbose) == AirVerbosity.DEFAULT
+    else:  # the legacy reporter at verbosity 0 prints nothing
+        assert run_config.verbose == 0 and get_air_verbosity(run_config.verbose) is None
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_soup_verbose_flag_reaches_ray(verbose, tmp_path, monkeypatch, ray_calls):
+    from twa_ray.pipelines import runs, soups
+
+    monkeypatch.setattr(runs, "check_inputs", lambda cfg: None)
+    # Ray starts inside the first stage (pretraining and fine-tuning): stop right after it
+    monkeypatch.setattr(soups, "make_finetuned", _stop)
+    with pytest.raises(_Stop):
+        main(["soup", "--config", "configs/soup_quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
+             + (["--verbose"] if verbose else []))
+    (init,) = ray_calls
+    assert ("runtime_env" in init) is not verbose

@@ -1,9 +1,10 @@
-"""Baseline math (core.baselines): which candidates SWA and best-k average, and the EMA
-of the weights against a float64 re-derivation of timm ModelEmaV3's update."""
+"""Baseline math (core.baselines): which candidates SWA and best-k average, their streamed
+mean against a float64 reference, and the EMA of the weights against a float64
+re-derivation of timm ModelEmaV3's update."""
 import pytest
 import torch
 
-from twa_ray.core.baselines import after_start, best_k, ema_decay, ema_update_
+from twa_ray.core.baselines import after_start, best_k, ema_decay, ema_update_, streaming_mean, swa_vector
 
 INFOS = [
     (0, {"kind": "initial", "epoch": 0, "metrics": {}}),
@@ -70,3 +71,29 @@ def test_ema_update_matches_a_float64_reference_over_many_steps():
 def test_ema_update_checks_its_arguments():
     with pytest.raises(ValueError, match="2 EMA tensors for 1 weights"):
         ema_update_([torch.zeros(1), torch.zeros(1)], [torch.ones(1)], 0.5)
+
+
+def test_streaming_mean_is_the_float64_mean_rounded_once():
+    gen = torch.Generator().manual_seed(0)
+    # a large common offset: a float32 running sum or mean would lose the small differences
+    rows = 1000.0 + torch.randn(9, 4000, generator=gen)
+    reference = rows.double().mean(0)
+    seen = []
+
+    def one_at_a_time():
+        for row in rows:
+            seen.append(row.shape)
+            yield row.clone()
+
+    out = streaming_mean(one_at_a_time())
+    assert seen == [torch.Size([4000])] * 9 and out.dtype == torch.float32 and out.shape == (4000,)
+    torch.testing.assert_close(out.double(), reference, rtol=2.0 ** -24, atol=0)  # float32 rounding only
+    assert torch.equal(swa_vector(rows), out)  # the stacked form is the same sum
+    assert torch.equal(streaming_mean([rows[0].view(40, 100)]), rows[0])  # any shape, flattened
+
+
+def test_streaming_mean_checks_its_input():
+    with pytest.raises(ValueError, match="no vectors"):
+        streaming_mean([])
+    with pytest.raises(ValueError, match="vector 1 has 3 values, the first 4"):
+        streaming_mean([torch.zeros(4), torch.zeros(3)])

@@ -1,4 +1,5 @@
-"""The main job end to end on a tiny synthetic config (its own local Ray in a subprocess)."""
+"""The main job end to end on a tiny synthetic config (its own local Ray in a subprocess),
+started by the README quickstart's own command line."""
 import json
 import subprocess
 import sys
@@ -6,8 +7,10 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, ray_subprocess_env
+from readme_commands import quickstart_command
 from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
 from twa_ray.distributed.evaluate import evaluate
@@ -28,6 +31,27 @@ twa: {{epochs: 2, bits: 4, lr: 0.3, workers: 1}}
 """
 
 
+# configs/quickstart.yaml's candidate settings back to the defaults the assertions below count on
+# (the initial weights and one candidate per epoch, all of them chosen)
+QUICKSTART_TO_TINY = ["train.save_initial=true", "train.save_every_steps=null", "twa.candidates=all"]
+
+
+def overrides(mapping: dict, prefix: str = "") -> list[str]:
+    """``a.b=value`` overrides that set every leaf of ``mapping``."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def tiny_quickstart(run) -> list[str]:
+    """The quickstart made tiny: TINY's settings (output in ``run``) as overrides."""
+    return overrides(yaml.safe_load(TINY.format(path="-", out=run))) + QUICKSTART_TO_TINY
+
+
 def run_job(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "cifar_twa.py"), *args],
@@ -35,14 +59,21 @@ def run_job(*args, cwd=ROOT):
     )
 
 
+def run_quickstart(*args):
+    """The README quickstart's exact command line, ``args`` appended as its extra arguments."""
+    return subprocess.run(
+        ["bash", "-c", quickstart_command(), "quickstart.sh", *args],
+        cwd=ROOT, env=ray_subprocess_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=600,
+    )
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("job")
-    config = tmp / "tiny.yaml"
-    config.write_text(TINY.format(path=config, out=tmp / "run"))
-    proc = run_job("--config", str(config))
+    run = tmp_path_factory.mktemp("job") / "run"
+    args = tiny_quickstart(run)
+    proc = run_quickstart(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return config, tmp / "run", proc
+    return load_config(ROOT / "configs" / "quickstart.yaml", args), run, proc
 
 
 def test_job_writes_every_file(finished):
@@ -86,8 +117,7 @@ def test_job_writes_every_file(finished):
 
 
 def test_model_pt_reproduces_the_reported_accuracy(finished):
-    config, run, _ = finished
-    cfg = load_config(config)
+    cfg, run, _ = finished
     splits = splits_from_config(cfg, include_test=True)
     model = model_from_config(cfg, splits)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
@@ -101,10 +131,10 @@ def test_parallel_evaluation_equals_one_process(finished):
     process, in another order, give the same numbers (BatchNorm recalibrated alike)."""
     from twa_ray.distributed.evaluate import evaluate_sources
 
-    config, run, _ = finished
+    cfg, run, _ = finished
     summary = json.loads((run / "summary.json").read_text())
     torch.set_num_threads(1)  # as in a task
-    serial = evaluate_sources(load_config(config), {"best_k": summary["best_k_candidates"], "last": 2, "swa": [1, 2]},
+    serial = evaluate_sources(cfg, {"best_k": summary["best_k_candidates"], "last": 2, "swa": [1, 2]},
                               summary["store"])
     for name, result in serial.items():
         assert (result.accuracy, result.loss) == (summary["test_acc"][name], pytest.approx(summary["test_loss"][name],
@@ -112,9 +142,9 @@ def test_parallel_evaluation_equals_one_process(finished):
 
 
 def test_rerun_reuses_the_finished_run(finished):
-    config, run, _ = finished
+    _, run, _ = finished
     before = (run / "summary.json").stat().st_mtime_ns
-    proc = run_job("--config", str(config))
+    proc = run_quickstart(*tiny_quickstart(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already complete" in proc.stdout
     assert (run / "summary.json").stat().st_mtime_ns == before

@@ -1,6 +1,8 @@
-"""`ray job submit` against a head started on 127.0.0.1, as a cluster user would run the job."""
+"""`ray job submit` against a head started on 127.0.0.1, as a cluster user would run the job:
+the README's own commands, with only a tiny test's overrides appended."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -13,9 +15,22 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, ray_subprocess_env
-from test_cifar_twa_job import TINY
+from readme_commands import readme_block_with
+from twa_ray.config import load_config
+from twa_ray.data.from_config import splits_from_config
+from twa_ray.distributed.base_train import candidate_steps, epoch_steps
+from twa_ray.store import CandidateStore
 
 pytestmark = pytest.mark.ray
+
+README_ADDRESS = "http://127.0.0.1:8265"  # where the README's head serves job submission
+# The quickstart made tiny. quickstart.yaml's candidate settings stay: 20 steps an epoch over
+# 160 training images, saved every 16 steps and at each epoch's end.
+TINY = ["data.name=synthetic", "data.val_ratio=0.2", "data.batch_size=8",
+        "data.synthetic={num_train: 200, num_test: 100, num_classes: 3, channels: 1, image_size: 8}",
+        "model.kwargs={widths: [4, 8, 8]}", "train.epochs=2", "train.budget_epochs=4", "compare_full_budget=false"]
+# not uploaded by `--working-dir .` (.gitignore), and nothing a job needs
+SKIP_TOP = {".git", ".pytest_cache", ".benchmarks", ".venv", "runs", "data", "tmp"}
 
 
 def _free_port() -> int:
@@ -24,39 +39,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_main_job(tmp_path):
+def _checkout(dest: Path) -> Path:
+    """A copy of the repository: the README's commands run in it as written (``$PWD`` included)."""
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [
+        n for n in names if n == "__pycache__" or (Path(d) == ROOT and n in SKIP_TOP)])
+    return dest
+
+
+def _shell(command: str, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_ray_job_submit_runs_the_main_job(tmp_path):
+    block = readme_block_with("ray job submit")
+    exports, start, submit, stop = block
+    assert (exports.startswith("export ") and start.startswith("ray start ") and submit.startswith("ray job submit ")
+            and stop == "ray stop"), block  # `ray stop` stops every Ray on the machine: _stop_cluster stops ours
+    assert README_ADDRESS in submit and "--working-dir ." in submit
+    checkout = _checkout(tmp_path / "checkout")
     ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     env = ray_subprocess_env()
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.format(path=config, out=tmp_path / "run"))
+    env["PATH"] = f"{Path(ray_cli).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("TWA_RAY_STORAGE_ROOT", None)
+    env.update(item.split("=", 1) for item in exports.split()[1:])
     gcs, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="twajs", dir="/tmp")  # Ray's socket paths must stay short
     # every port of its own: another Ray on the machine must not make the agents fail to bind
     ports = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
-    start = subprocess.run(
-        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", *ports,
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--object-store-memory=268435456", f"--temp-dir={temp_dir}"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
+    submit = submit.replace(README_ADDRESS, f"http://127.0.0.1:{dashboard}")
     try:
-        for _ in range(15):  # the head's job agent comes up a little after `ray start` returns
-            submit = subprocess.run(
-                [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-                 "--", "python", "jobs/cifar_twa.py", "--config", str(config)],
-                env=env, capture_output=True, text=True, timeout=600,
-            )
-            if "No available agent" not in submit.stderr:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-        assert "succeeded" in submit.stdout
-        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-        assert summary["num_candidates"] == 3
+        started = _shell(" ".join([start, f"--port={gcs}", *ports, f"--dashboard-port={dashboard}", "--num-cpus=2",
+                                   "--object-store-memory=268435456", f"--temp-dir={temp_dir}"]), checkout, env, 180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        # without a storage root the driver (RAY_ADDRESS set by `ray job submit`) refuses at once
+        refused = _submit(" ".join([submit, *map(shlex.quote, TINY), "storage_root=null"]), checkout, env)
+        assert refused.returncode != 0 and "storage_root" in refused.stdout + refused.stderr
+        assert "TWA_RAY_STORAGE_ROOT" in refused.stdout + refused.stderr
+        assert not (checkout / "runs").exists()
+
+        done = _submit(" ".join([submit, *map(shlex.quote, TINY)]), checkout, env)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        assert "succeeded" in done.stdout
+        run = checkout / "runs" / "quickstart"  # under the storage root, not in Ray's copy of the working dir
+        summary = json.loads((run / "summary.json").read_text())
+        # the candidates base training saved are those the driver counted before it started
+        cfg = load_config(ROOT / "configs" / "quickstart.yaml", TINY)
+        steps_per_epoch = epoch_steps(len(splits_from_config(cfg).train), cfg.data.batch_size, cfg.train.workers)
+        expected = candidate_steps(cfg.train, steps_per_epoch)
+        assert expected == [16, 20, 32, 40] and summary["num_candidates"] == 4  # twa.candidates: last:8
+        assert [c.info["step"] for c in CandidateStore.open(summary["store"]).list_candidates()] == expected
     finally:
         _stop_cluster(temp_dir)
+
+
+def _submit(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    for _ in range(15):  # the head's job agent comes up a little after `ray start` returns
+        proc = _shell(command, cwd, env, 600)
+        if "No available agent" not in proc.stderr:
+            return proc
+        time.sleep(2)
+    return proc
 
 
 def _processes_of(temp_dir: str) -> list[int]:

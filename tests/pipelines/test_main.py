@@ -8,7 +8,7 @@ import torch
 
 from twa_ray.config import config_from_dict
 from twa_ray.core.baselines import swa_vector
-from twa_ray.core.params import flatten_params
+from twa_ray.core.params import ParamLayout, flatten_params, flatten_state
 from twa_ray.data.from_config import splits_from_config
 from twa_ray.distributed.base_train import BaseTrainResult
 from twa_ray.distributed.evaluate import EvaluationRun, evaluate_sources
@@ -123,6 +123,21 @@ def test_cost_ratios_are_compute_and_wall_of_base_plus_twa_over_the_full_budget(
     assert main.stage_time(0.0, 8.0) == {"startup": 0.0, "compute": 8.0}  # reused: no start-up in this run
 
 
-def test_val_curve_comes_from_base_training_metrics():
-    assert main.val_curve([{"epoch": 1, "val_acc": 50.0}, {"epoch": 2}, {"epoch": 3, "val_acc": 70.0}]) == (
-        [1.0, 3.0], [50.0, 70.0])
+def test_swa_and_best_k_read_the_store_one_candidate_at_a_time(run, monkeypatch):
+    """The averages stream: n x D candidates are never in memory together."""
+    cfg, store, _, _, _ = run
+    reference = store.read(candidates=[1, 2, 3]).double().mean(0)
+    rows = []
+    read = CandidateStore.read
+
+    def spy(self, columns=None, candidates=None):
+        out = read(self, columns, candidates)
+        rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(CandidateStore, "read", spy)
+    results = evaluate_sources(cfg, {"swa": [1, 2, 3], "best_k": [2, 3]}, store.uri, keep_state=("swa",))
+    assert rows == [1] * 5  # one candidate per read
+    layout = ParamLayout(tuple(store.names), tuple(tuple(s) for s in store.shapes))
+    swa = flatten_state(results["swa"].state_dict, layout)
+    torch.testing.assert_close(swa.double(), reference, rtol=2.0 ** -24, atol=0)  # float32 rounding only

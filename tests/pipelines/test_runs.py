@@ -29,7 +29,8 @@ def test_a_run_is_finished_only_with_its_summary_and_the_same_config(tmp_path):
 def test_a_store_of_other_candidates_is_named_before_any_training(tmp_path):
     cfg = _cfg(tmp_path, data={"root": "data/somewhere"})
     stored = config_to_dict(cfg)
-    stored["data"]["root"] = str(tmp_path / "elsewhere")  # base training records the absolute root
+    stored["data"]["root"] = str(tmp_path / "elsewhere")  # where the files were read from is no setting
+    stored["data"]["limit_train"] = 7
     stored["train"]["lr"] = 0.5
     CandidateStore.create(cfg.store_uri, ["w"], [(2,)], meta={"config": json.loads(json.dumps(stored))})
     with pytest.raises(ValueError, match=r"candidate store .*candidates was made with other settings \(data, train differ\)"):
@@ -42,7 +43,7 @@ def test_a_complete_store_of_the_same_settings_is_reused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, data={"root": "data"}, train={"epochs": 2})
     stored = config_to_dict(cfg)
-    stored["data"]["root"] = str(tmp_path / "data")  # as base training records it
+    stored["data"]["root"] = "/another/checkout/data"  # a moved checkout or a job's working dir
     store = CandidateStore.create(cfg.store_uri, ["w"], [(2,)], meta={"config": json.loads(json.dumps(stored))})
     store.append({"w": torch.zeros(2)}, info={"kind": "epoch", "epoch": 2, "metrics": {"val_acc": 40.0}})
     base = ensure_candidates(cfg)

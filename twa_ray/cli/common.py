@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, resolve_storage
+from ..output.console import results_table
+from ..output.report import write_report
+from ..output.tensorboard import write_run_events
 
 log = logging.getLogger(__name__)
 
@@ -18,22 +22,23 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 Command = Callable[[argparse.Namespace], int]
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: bool = True, verbose: bool = True,
+def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: bool = True,
                       overrides_help: str = "config overrides a.b=value") -> None:
-    """--config, [--force], [--verbose] and the a.b=value overrides of a job command."""
+    """--config, [--force], --verbose and the a.b=value overrides of a job command."""
     parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     if force:
         parser.add_argument("--force", action="store_true", help="start afresh: discard this run folder's earlier results")
-    if verbose:
-        parser.add_argument("--verbose", action="store_true", help="debug lines, and Ray's own console lines")
+    parser.add_argument("--verbose", action="store_true",
+                        help="debug lines, and Ray's own console lines (Tune's trial tables too)")
     parser.add_argument("overrides", nargs="*", help=overrides_help)
 
 
 def load_job_config(args: argparse.Namespace, check: Callable[[Config], None] | None = None) -> Config | None:
-    """The config ``args`` name, overrides applied (and ``check`` passed); None after
-    printing the errors (each naming the field) to stderr."""
+    """The config ``args`` name, overrides applied, result locations settled
+    (``resolve_storage``) and ``check`` passed; None after printing the errors (each
+    naming the field) to stderr."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_storage(load_config(args.config, args.overrides))
         if check is not None:
             check(cfg)
         return cfg
@@ -50,6 +55,18 @@ def report_errors(run: Callable[[], int]) -> int:
         log.debug("details", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def finish(run_dir: Path, summary: Mapping, tensorboard: bool = False) -> None:
+    """A job's last lines, once its run folder is written: TensorBoard event files (with
+    ``report.tensorboard``), report.html, the results table, and where the model, the
+    report and the run folder are."""
+    if tensorboard:
+        log.info("TensorBoard: tensorboard --logdir %s", write_run_events(run_dir))
+    report = write_report(run_dir)
+    print(results_table(summary))
+    print(f"model:  {run_dir / 'model.pt'}\nreport: {report}")
+    print(f"run folder: {run_dir}")
 
 
 def standalone(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None], command: Command,

@@ -14,10 +14,8 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..output.console import results_table, setup_logging
-from ..output.report import write_report
-from ..output.tensorboard import write_run_events
-from .common import add_job_arguments, load_job_config, report_errors, standalone
+from ..output.console import setup_logging
+from .common import add_job_arguments, finish, load_job_config, report_errors, standalone
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from ..pipelines.main import check_candidate_count
     from ..pipelines.runs import check_inputs, finished_run, prepare_run_dir
 
     setup_logging(args.verbose)
@@ -41,7 +40,8 @@ def command(args: argparse.Namespace) -> int:
         return 0
 
     def job() -> int:
-        check_inputs(cfg)
+        splits = check_inputs(cfg)
+        check_candidate_count(cfg, len(splits.train))  # before base training, which may take hours
         return run(cfg, run_dir, args.verbose)
 
     return report_errors(job)
@@ -68,13 +68,7 @@ def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
 
     # 5. the run folder, then config.json: marks the run complete for this config
     summary = pipeline.write_run(cfg, run_dir, base, twa, full, results)
-    if cfg.report.tensorboard:
-        log.info("TensorBoard: tensorboard --logdir %s", write_run_events(run_dir))
-
-    report = write_report(run_dir)
-    print(results_table(summary))
-    print(f"model:  {run_dir / 'model.pt'}\nreport: {report}")
-    print(f"run folder: {run_dir}")
+    finish(run_dir, summary, cfg.report.tensorboard)
     return 0
 
 

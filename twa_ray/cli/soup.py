@@ -1,6 +1,6 @@
 """The soup job: fine-tuned models -> candidate store -> TWA-v vs. best individual, uniform and greedy soup.
 
-    twa-ray soup --config configs/soup_quickstart.yaml [a.b=value ...] [--force]
+    twa-ray soup --config configs/soup_quickstart.yaml [a.b=value ...] [--force] [--verbose]
     twa-ray soup --config configs/soup_quickstart.yaml checkpoints_dir=PATH   # your own models
     python jobs/soup_twa.py --config configs/soup_quickstart.yaml       (the same, from a checkout)
     ray job submit --working-dir . -- python jobs/soup_twa.py --config configs/soup_quickstart.yaml
@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..output.console import results_table, setup_logging
-from ..output.report import write_report
-from ..output.tensorboard import write_run_events
-from .common import add_job_arguments, load_job_config, report_errors, standalone
+from ..output.console import setup_logging
+from .common import add_job_arguments, finish, load_job_config, report_errors, standalone
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +32,15 @@ HELP = "the soup job: TWA-v over fine-tuned models vs. best individual, uniform 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_job_arguments(parser, "configs/soup_quickstart.yaml", verbose=False,
+    add_job_arguments(parser, "configs/soup_quickstart.yaml",
                       overrides_help="config overrides a.b=value, e.g. checkpoints_dir=PATH")
 
 
 def _check_soup_config(cfg: Config, path: str) -> None:
     from ..pipelines import soups
+    from ..pipelines.runs import require_local_run_dir
 
+    require_local_run_dir(cfg, "the soup job")
     problems = soups.soup_config_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{path}: {p}" for p in problems))
@@ -49,7 +49,7 @@ def _check_soup_config(cfg: Config, path: str) -> None:
 def command(args: argparse.Namespace) -> int:
     from ..pipelines.runs import check_inputs, finished_run, prepare_run_dir
 
-    setup_logging()
+    setup_logging(args.verbose)
     cfg = load_job_config(args, lambda c: _check_soup_config(c, args.config))
     if cfg is None:
         return 2
@@ -63,14 +63,16 @@ def command(args: argparse.Namespace) -> int:
     def job() -> int:
         # CheckpointError (a bad checkpoint folder) is a ValueError naming the file and key
         check_inputs(cfg)
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, args.verbose)
 
     return report_errors(job)
 
 
-def run(cfg: Config, run_dir: Path) -> int:
+def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
+    from ..distributed.ray_env import quiet_ray
     from ..pipelines import soups
 
+    quiet_ray(verbose)  # Ray starts inside the stages, only once needed: as loud as asked
     started, times = time.perf_counter(), {}
 
     # 1. the fine-tuned models: a given folder, or pretrain + fine-tune as Ray tasks
@@ -88,13 +90,7 @@ def run(cfg: Config, run_dir: Path) -> int:
 
     # 5. the run folder, then config.json: marks the run complete for this config
     summary = soups.write_run(cfg, run_dir, models, selection, twa, results, store_uri, times)
-    if cfg.report.tensorboard:
-        log.info("TensorBoard: tensorboard --logdir %s", write_run_events(run_dir))
-
-    report = write_report(run_dir)
-    print(results_table(summary))
-    print(f"model:  {run_dir / 'model.pt'}\nreport: {report}")
-    print(f"run folder: {run_dir}")
+    finish(run_dir, summary, cfg.report.tensorboard)
     return 0
 
 

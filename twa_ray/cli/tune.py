@@ -30,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from ..distributed.ray_env import init_ray
     from ..pipelines.main import ensure_candidates
-    from ..pipelines.runs import prepare_run_dir
+    from ..pipelines.runs import prepare_run_dir, require_local_run_dir
     from ..pipelines.sweep import evaluate_best_trial
 
     setup_logging(args.verbose)
-    cfg = load_job_config(args, validate_space)
+    cfg = load_job_config(args, lambda c: (validate_space(c), require_local_run_dir(c, "the tune job")))
     if cfg is None:
         return 2
     run_dir = prepare_run_dir(cfg, force=args.force)
@@ -46,7 +46,7 @@ def command(args: argparse.Namespace) -> int:
     base = ensure_candidates(cfg)
 
     # 2. the sweep: each trial runs sharded TWA on Ray Train; ASHA stops poor trials
-    sweep = run_sweep(cfg, base.store_uri)
+    sweep = run_sweep(cfg, base.store_uri, verbose=args.verbose)  # Tune's trial tables only with --verbose
 
     # 3. the test split, read once: the best trial's final weights
     result = evaluate_best_trial(cfg, sweep)

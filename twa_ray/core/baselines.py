@@ -36,9 +36,28 @@ def recalibrate_bn(
     torch.optim.swa_utils.update_bn(loader, model, device)
 
 
+def streaming_mean(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Uniform average (D,) float32 of (D,) vectors taken one at a time, summed in one (D,)
+    float64 accumulator: n candidates never need to be in memory together (n x D floats
+    were 6 GB for VGG16-BN with 101 candidates)."""
+    total, count = None, 0
+    for vector in vectors:
+        if total is None:
+            total = vector.reshape(-1).to(torch.float64, copy=True)
+        elif vector.numel() != total.numel():
+            raise ValueError(f"vector {count} has {vector.numel()} values, the first {total.numel()}")
+        else:
+            total += vector.reshape(-1)
+        count += 1
+    if total is None:
+        raise ValueError("the average of no vectors")
+    return (total / count).float()
+
+
 def swa_vector(candidates: torch.Tensor) -> torch.Tensor:
-    """Uniform average (D,) of candidates (n, D), accumulated in float64."""
-    return (candidates.sum(dim=0, dtype=torch.float64) / candidates.shape[0]).float()
+    """Uniform average (D,) of candidates (n, D), accumulated in float64 (``streaming_mean``
+    over the rows: the same sum as the streamed SWA of stored candidates)."""
+    return streaming_mean(candidates.unbind(0))
 
 
 @torch.no_grad()

@@ -28,22 +28,38 @@ of two are folded, exactly, into the de-interleaved gradient (coef_grad) or the 
 (reconstruct), so each chunk is one mask, one conversion and one matrix-vector product.
 Measured throughput, against the earlier unpack-then-dot kernels: benchmarks/RESULTS.md.
 
-``kernel="compiled"`` fuses the per-chunk unpack-and-dot with ``torch.compile`` (no
-float copy of the codes). It is meant for GPUs (one Triton kernel per chunk); its first
-call compiles, and its CPU measurements are in benchmarks/RESULTS.md. Any compile or
-run failure falls back to the eager kernels with one warning. Default: ``eager``, or
-the environment variable ``TWA_RAY_PROJECTION_KERNEL``. Kernels run wherever the
-tensors live (CPU or CUDA); every tensor is made on the data's device.
+Three implementations of the two kernels at b < 32, chosen by ``kernel`` (the config key
+``twa.kernel``); b = 32 always runs the eager float kernels:
+
+- ``eager``: the chunked torch operations above, on any device; the reference the others
+  are tested against.
+- ``native``: C++ on CPU tensors (``twa_ray.core.native``: compiled on first use and
+  cached), on a whole run of blocks at once: codes are unpacked in registers, a tile of
+  the centred gradient is reused by several candidate rows, and products are added in
+  float32 over tiles of at most SUM_PIECE of them, tiles in float64. It centres g per
+  tile rather than per block (the tile's mean times its exact code sums, in float64,
+  restores <codes - 2^(b-1), g>), so g is read once, with no pass for block means first;
+  results match eager to float32 rounding. Where it cannot be built (no compiler), one
+  warning and eager.
+- ``triton``: Triton chunk kernels (``twa_ray.core.kernels_triton``) in place of each
+  chunk's unpack and matrix-vector product, on CUDA tensors (CPU ones only under the
+  Triton interpreter, for tests). Opt-in: not yet measured on a GPU. Without the triton
+  package, or if a kernel fails, one warning and eager.
+- ``auto`` (default): native on CPU tensors where it builds, else eager; eager on CUDA
+  tensors until the Triton kernels are measured on a GPU.
+
+A kernel asked for on a device it cannot run on raises ValueError. Every tensor is made
+on the data's device.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from . import native
 from .quant import check_bits, dequantize, pack_bits, packed_bytes, quantize, unpack_bits
 from .subspace import RAW_BASES, block_coords, build_basis, check_start, start_point
 
@@ -60,15 +76,7 @@ SUM_PIECE = 1 << 15
 # Blocks below this size share chunks (one pass for many small tensors: biases, norms);
 # larger ones get chunks of their own, whose dot products use the piecewise sums.
 GROUP_MAX_ELEMS = 1 << 12
-KERNELS = ("eager", "compiled")
-KERNEL_ENV = "TWA_RAY_PROJECTION_KERNEL"
-
-
-def _default_kernel() -> str:
-    kernel = os.environ.get(KERNEL_ENV, "eager") or "eager"
-    if kernel not in KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={kernel!r} is not one of {list(KERNELS)}")
-    return kernel
+KERNELS = ("auto", "eager", "native", "triton")
 
 
 @dataclass(frozen=True)
@@ -144,14 +152,57 @@ def _plan_chunks(sizes: Sequence[int], bits: int, chunk_elems: int, device) -> l
     return chunks
 
 
-# ---------------------------------------------------------------- fused chunk kernels (torch.compile)
+# ---------------------------------------------------------------- chunk kernel contract and choice
 
-_COMPILED: dict[tuple[str, int], Callable] = {}
-_COMPILE_FAILED = False
+_WARNED: set[str] = set()
+_TRITON_FAILED = False
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
+
+
+def resolve_kernel(kernel: str, device: torch.device | str, bits: int) -> str:
+    """The kernel that runs for ``kernel`` on tensors of ``device`` at ``bits``: "eager",
+    "native" or "triton" (the module docstring says how ``auto`` and the fallbacks choose).
+
+    Raises ValueError for an unknown kernel, or one asked for on a device it cannot run on.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {list(KERNELS)}")
+    device = torch.device(device)
+    if bits == 32 or kernel == "eager":
+        return "eager"
+    if kernel == "auto":
+        return "native" if device.type == "cpu" and native.available() else "eager"
+    if kernel == "native":
+        if device.type != "cpu":
+            raise ValueError(f"kernel 'native' runs on CPU tensors, not {device.type} ones: use 'auto', 'eager' or 'triton'")
+        return "native" if native.available() else "eager"  # native.load() warned once
+    from . import kernels_triton
+
+    try:
+        kernels_triton.require_triton(device)
+    except ImportError as exc:
+        _warn_once("triton-import", "the triton projection kernels are unavailable, using the eager kernels: %s", exc)
+        return "eager"
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from exc
+    return "eager" if _TRITON_FAILED else "triton"
+
+
+def _triton_failed(exc: BaseException) -> None:
+    global _TRITON_FAILED
+    _TRITON_FAILED = True
+    _warn_once("triton-run", "a triton projection kernel failed (%s: %s); using the eager kernels",
+               type(exc).__name__, exc)
 
 
 def _fused_grad(bits: int) -> Callable:
-    """(raw (n, B) uint8, gt (per, B) float: de-interleaved, 2^-kb scaled) -> (n,) dot
+    """The contract of a fused chunk kernel (``kernels_triton.triton_grad``), in torch:
+    (raw (n, B) uint8, gt (per, B) float: de-interleaved, 2^-kb scaled) -> (n,) dot
     products of the centred codes (code - 2^(b-1)) with g."""
     masks = [((1 << bits) - 1) << (k * bits) for k in range(8 // bits)]
     shifts = [float(_centre_code(bits) << (k * bits)) for k in range(8 // bits)]
@@ -166,7 +217,8 @@ def _fused_grad(bits: int) -> Callable:
 
 
 def _fused_reconstruct(bits: int) -> Callable:
-    """(raw (n, B) uint8, w (n,)) -> (per, B): sum_i w_i * code_k(byte j) * 2^(k*b)."""
+    """The contract of ``kernels_triton.triton_reconstruct``, in torch:
+    (raw (n, B) uint8, w (n,)) -> (per, B): sum_i w_i * code_k(byte j) * 2^(k*b)."""
     masks = [((1 << bits) - 1) << (k * bits) for k in range(8 // bits)]
 
     def kernel(raw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -181,23 +233,6 @@ def _centre_code(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def _compiled(kind: str, bits: int) -> Callable:
-    """The torch.compile'd chunk kernel (compiled lazily, on its first call)."""
-    key = (kind, bits)
-    if key not in _COMPILED:
-        make = _fused_grad if kind == "grad" else _fused_reconstruct
-        _COMPILED[key] = torch.compile(make(bits), dynamic=True)
-    return _COMPILED[key]
-
-
-def _compile_failed(exc: BaseException) -> None:
-    global _COMPILE_FAILED
-    if not _COMPILE_FAILED:
-        log.warning("torch.compile of the projection kernels failed (%s: %s); using the eager kernels",
-                    type(exc).__name__, exc)
-    _COMPILE_FAILED = True
-
-
 class Projection:
     """Q[:, S] and c[S] for one run of blocks, with the two projection kernels.
 
@@ -207,7 +242,8 @@ class Projection:
         center: (m,) float32.
         data: (n, sum_l ceil(m_l*b/8)) uint8 for b < 32, else (n, m) float32.
         scale, offset: (n, L_r) float32 (b < 32 only; None for 32).
-        kernel: "eager" or "compiled" (see the module docstring); may be changed any time.
+        kernel: "auto", "eager", "native" or "triton" (the module docstring says which runs
+            where); may be changed any time.
         start: (n, L_r) float32, the coefficients X starts from on these blocks (None: 0).
         basis_name: the basis Q was built as (``twa_ray.core.subspace.BASES``; None: built
             elsewhere, treated as a journal basis). It says where weight decay acts.
@@ -237,9 +273,11 @@ class Projection:
         self.offset = offset
         self.n = data.shape[0]
         self.max_chunk_bytes = max_chunk_bytes
-        self.kernel = kernel or _default_kernel()
+        self.kernel = kernel or "auto"
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel={self.kernel!r} is not one of {list(KERNELS)}")
+        self._sizes_cpu = torch.tensor(self.sizes, dtype=torch.int64, device="cpu")  # the native kernels' block sizes
+        self._code_sums: torch.Tensor | None = None  # the native coef_grad's per-tile code sums, made on first use
         # float32 codes of one chunk: n * chunk_elems * 4 bytes <= the chunk budget (b < 32:
         # also within the cache budget; b = 32 streams the stored floats, no temporary)
         budget = max_chunk_bytes if bits == 32 else min(max_chunk_bytes, CACHE_CHUNK_BYTES)
@@ -283,17 +321,22 @@ class Projection:
         bits: int,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         kernel: str | None = None,
+        bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
         **meta,
     ) -> "Projection":
-        """Quantise and pack a float basis (n, m) per (candidate, block); ``meta``: start, basis_name."""
+        """Quantise and pack a float basis (n, m) per (candidate, block); ``meta``: start, basis_name.
+
+        ``bounds`` = (lo, hi), each (n, L_r): every (candidate, block)'s quantisation range when
+        the basis holds only part of each block (a rank's rows under FSDP, ``core.row_shards``)."""
         check_bits(bits)
         if bits == 32:
             return cls(center, basis.float().contiguous(), sizes, 32, max_chunk_bytes=max_chunk_bytes, kernel=kernel,
                        **meta)
         n = basis.shape[0]
         parts, scales, offsets, pos = [], [], [], 0
-        for m in sizes:
-            codes, scale, offset = quantize(basis[:, pos : pos + m], bits)
+        for l, m in enumerate(sizes):
+            part_bounds = None if bounds is None else (bounds[0][:, l], bounds[1][:, l])
+            codes, scale, offset = quantize(basis[:, pos : pos + m], bits, part_bounds)
             parts.append(pack_bits(codes, bits))
             scales.append(scale)
             offsets.append(offset)
@@ -434,36 +477,37 @@ class Projection:
         sums = torch.stack([part.sum() for part in g.split(self.sizes)])
         return (sums / self._sizes_t.clamp(min=1)).float()
 
-    def _use_compiled(self) -> bool:
-        return self.kernel == "compiled" and not _COMPILE_FAILED
-
-    def _chunk_dot(self, raw: torch.Tensor, gt: torch.Tensor, out: torch.Tensor, work) -> None:
+    def _chunk_dot(self, raw: torch.Tensor, gt: torch.Tensor, out: torch.Tensor, work, kernel: str) -> None:
         """<codes - 2^(b-1), g> per candidate for one single-block chunk, raw (n, B) and gt
         (per, B) the de-interleaved g, as partial sums out (k, n) (see ``_piecewise_mv``)."""
-        if self.bits < 8 and self._use_compiled():
+        if kernel == "triton" and not _TRITON_FAILED:
+            from .kernels_triton import triton_grad
+
             try:
-                out[0].copy_(_compiled("grad", self.bits)(raw, gt))
+                out[0].copy_(triton_grad(raw, gt, self.bits))
                 out[1:].zero_()
                 return
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
-                _compile_failed(exc)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure: fall back
+                _triton_failed(exc)
         scaled = self._unpack(raw, work, centred=True)  # (n, per, B)
         self._piecewise_mv(scaled.view(self.n, -1), gt.view(-1), out)
 
-    def _chunk_combine(self, raw: torch.Tensor, w: torch.Tensor, dst: torch.Tensor, work) -> None:
+    def _chunk_combine(self, raw: torch.Tensor, w: torch.Tensor, dst: torch.Tensor, work, kernel: str) -> None:
         """dst (s,) += sum_i w_i * codes_i for one single-block chunk."""
-        if self.bits == 8:
+        per, cols = 8 // self.bits, raw.shape[1]
+        res = None
+        if kernel == "triton" and not _TRITON_FAILED:
+            from .kernels_triton import triton_reconstruct
+
+            try:
+                res = triton_reconstruct(raw, w, self.bits)  # (per, B), codes times 2^(k*b)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure: fall back
+                _triton_failed(exc)
+        if res is None and self.bits == 8:
             codes = work[0][: raw.numel()].view(raw.shape)
             codes.copy_(raw)
             dst.addmv_(codes.t(), w)
             return
-        per, cols = 8 // self.bits, raw.shape[1]
-        res = None
-        if self._use_compiled():
-            try:
-                res = _compiled("reconstruct", self.bits)(raw, w)  # (per, B), codes times 2^(k*b)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
-                _compile_failed(exc)
         if res is None:
             scaled = self._unpack(raw, work)
             res = work[2][: per * cols]
@@ -487,10 +531,10 @@ class Projection:
         gradient and codes (the module docstring says why and how).
         """
         g = g.to(self.data.device, torch.float32).contiguous()
-        dot = torch.zeros(self.n, self.num_blocks, dtype=torch.float64, device=g.device)
-        # float32 partial dot products: SUM_PIECE-column pieces of the single-block chunks, in order
-        parts = torch.empty(self._pieces[-1], self.n, device=g.device)
         if self.bits == 32:
+            dot = torch.zeros(self.n, self.num_blocks, dtype=torch.float64, device=g.device)
+            # float32 partial dot products: SUM_PIECE-column pieces of the single-block chunks, in order
+            parts = torch.empty(self._pieces[-1], self.n, device=g.device)
             for c, ch in enumerate(self._single):
                 out = parts[self._pieces[c] : self._pieces[c + 1]]
                 self._piecewise_mv(self.data[:, ch.start : ch.end], g[ch.start : ch.end], out)
@@ -498,16 +542,34 @@ class Projection:
             for ch in self._grouped:  # small blocks sharing a chunk: products summed in float64
                 dot.index_add_(1, ch.seg, (self.data[:, ch.start : ch.end] * g[ch.start : ch.end]).double())
             return dot.float()
-        # b < 32: G = scale * <codes - 2^(b-1), gc> + middle * sum(gc) + sum(Q) * mean, where
-        # gc = g - mean as rounded (its sum is not quite 0) and middle = offset + scale * 2^(b-1)
+        # b < 32: Q = middle + scale * (codes - 2^(b-1)), middle = offset + scale * 2^(b-1)
+        scale, middle = self.scale.double(), self._middle()
+        kernel = resolve_kernel(self.kernel, g.device, self.bits)
+        if kernel == "native":  # <codes - 2^(b-1), g> centred per tile (twa_ray.core.native), and sum(g)
+            data = self._contiguous_data()
+            if self._code_sums is None:
+                self._code_sums = native.code_sums(data, self._sizes_cpu, self.bits)
+            dot, g_sum = native.coef_grad(data, g, self._sizes_cpu, self._code_sums, self.bits)
+            return (scale * dot + middle * g_sum).float()
+        # G = scale * <codes - 2^(b-1), gc> + middle * sum(gc) + sum(Q) * mean, where
+        # gc = g - mean as rounded (its sum is not quite 0)
         mean = self._block_means(g)  # (L_r,)
+        dot, gc_sum = self._chunked_dots(g, mean, kernel)
+        return (scale * dot + middle * gc_sum + self._row_sums * mean.double()).float()
+
+    def _chunked_dots(self, g: torch.Tensor, mean: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunked kernels' part of ``coef_grad`` (b < 32): dot (n, L_r) float64, the
+        centred codes' dot products with gc = g - mean per block, and gc_sum (L_r,) float64."""
+        dot = torch.zeros(self.n, self.num_blocks, dtype=torch.float64, device=g.device)
+        # float32 partial dot products: SUM_PIECE-column pieces of the single-block chunks, in order
+        parts = torch.empty(self._pieces[-1], self.n, device=g.device)
         gt_sums = torch.empty(len(self._single), 8 // self.bits, device=g.device)
         work = self._workspace()
         for c, ch in enumerate(self._single):
             gt = self._deinterleave(g[ch.start : ch.end], work, mean[ch.block])  # (per, B), centred
             torch.sum(gt, dim=1, out=gt_sums[c])  # centred values: a float32 sum keeps its digits
             out = parts[self._pieces[c] : self._pieces[c + 1]]
-            self._chunk_dot(self.data[:, ch.col_start : ch.col_end], gt, out, work)
+            self._chunk_dot(self.data[:, ch.col_start : ch.col_end], gt, out, work, kernel)
         self._sum_pieces(parts, dot)
         chunk_gc = gt_sums.double() @ self._pow  # (chunks,): sum of gc over each chunk
         gc_sum = torch.zeros(self.num_blocks, dtype=torch.float64, device=g.device)
@@ -518,9 +580,14 @@ class Projection:
             gc_sum.index_add_(0, ch.seg, gc.double())
             codes = self._float_codes(ch, work) - _centre_code(self.bits)
             dot.index_add_(1, ch.seg, (codes * gc).double())
-        scale = self.scale.double()
-        middle = self.offset.double() + scale * _centre_code(self.bits)
-        return (scale * dot + middle * gc_sum + self._row_sums * mean.double()).float()
+        return dot, gc_sum
+
+    def _contiguous_data(self) -> torch.Tensor:
+        return self.data if self.data.is_contiguous() else self.data.contiguous()
+
+    def _middle(self) -> torch.Tensor:
+        """(n, L_r) float64 offset + scale * 2^(b-1): Q = middle + scale * (codes - 2^(b-1))."""
+        return self.offset.double() + self.scale.double() * _centre_code(self.bits)
 
     def _sum_pieces(self, parts: torch.Tensor, dot: torch.Tensor) -> None:
         """dot[:, l] = the float64 sum of the partial dot products (pieces, n) of block l,
@@ -546,13 +613,18 @@ class Projection:
         if not out.is_contiguous():  # the kernels view slices of w as (bytes, per)
             return out.copy_(self.reconstruct(x))
         weights = (x * self.scale).t().contiguous()  # (L_r, n)
+        kernel = resolve_kernel(self.kernel, x.device, self.bits)
+        if kernel == "native":  # on centred codes: Q = middle + scale * (codes - 2^(b-1))
+            base = (x.double() * self._middle()).sum(dim=0).float()  # (L_r,)
+            return native.reconstruct(self._contiguous_data(), weights, base, self.center.contiguous(),
+                                      self._sizes_cpu, self.bits, out)
         base = (x * self.offset).sum(dim=0)  # (L_r,): the offsets' part, constant per block
         for l, (dst, c) in enumerate(zip(out.split(self.sizes), self.center.split(self.sizes))):
             torch.add(c, base[l], out=dst)
         work = self._workspace()
         for ch in self._single:
             raw = self.data[:, ch.col_start : ch.col_end]
-            self._chunk_combine(raw, weights[ch.block], out[ch.start : ch.end], work)
+            self._chunk_combine(raw, weights[ch.block], out[ch.start : ch.end], work, kernel)
         for ch in self._grouped:
             out[ch.start : ch.end] += (weights.t()[:, ch.seg] * self._float_codes(ch, work)).sum(dim=0)
         return out

@@ -18,23 +18,31 @@ def check_bits(bits: int) -> int:
     return bits
 
 
-def quantize(u: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    u: torch.Tensor, bits: int, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantise rows of u (n, m) float -> codes (n, m) uint8, scale (n,), offset (n,).
 
     A constant row (max == min, e.g. a zero direction) gets scale 0 and codes 0, and
     dequantises exactly to its value. Rows of no entries (m = 0, the block of a
     zero-size parameter) get scale 0 and offset 0.
+
+    ``bounds`` = (lo (n,), hi (n,)) replaces each row's min and max: u holds a part of
+    longer rows (a rank's part of a block) whose min and max they are.
     """
     check_bits(bits)
     if bits == 32:
         raise ValueError("bits=32 keeps float32 values: there is nothing to quantise")
     levels = (1 << bits) - 1
     u = u.float()
-    if u.shape[1] == 0:  # amin/amax have no identity to return for an empty row
+    if bounds is not None:
+        lo, hi = (b.to(u.device, torch.float32) for b in bounds)
+    elif u.shape[1] == 0:  # amin/amax have no identity to return for an empty row
         zeros = u.new_zeros(u.shape[0])
         return torch.zeros(u.shape, dtype=torch.uint8, device=u.device), zeros, zeros.clone()
-    lo = u.amin(dim=1)
-    hi = u.amax(dim=1)
+    else:
+        lo = u.amin(dim=1)
+        hi = u.amax(dim=1)
     scale = (hi - lo) / levels
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((u - lo[:, None]) / safe[:, None]).clamp_(0, levels)

@@ -206,13 +206,41 @@ def _warn_degenerate(d: torch.Tensor, center: torch.Tensor, sizes: Sequence[int]
         log.warning("%d pair(s) of candidates are identical up to scale: they add no direction", int(same) // 2)
 
 
-def _orthonormalise_blocks(w: torch.Tensor, sizes: Sequence[int], refs: list[float]) -> None:
-    """Rows of each block of w (n, m) -> an orthonormal basis of their span, in place."""
+def normalize_blocks(w: torch.Tensor, sizes: Sequence[int], norms: torch.Tensor, refs: Sequence[float]) -> None:
+    """Scale each (row, block) of w (n, m) by 1 / its norm, in place: ``norms`` (n, L) float64
+    are the norms, ``refs`` each block's scale; a row below ZERO_RTOL * ref becomes zero."""
+    for l, (a, b) in enumerate(_segments(sizes)):
+        col = norms[:, l]
+        alive = col > ZERO_RTOL * refs[l]
+        inv = torch.where(alive, 1.0 / torch.where(alive, col, torch.ones_like(col)), torch.zeros_like(col))
+        w[:, a:b].mul_(inv.float()[:, None])
+
+
+def orthonormalise_blocks(w: torch.Tensor, sizes: Sequence[int], refs: list[float],
+                          all_reduce: AllReduce | None = None) -> None:
+    """Rows of each block of w (n, m) -> an orthonormal basis of their span, in place.
+
+    ``all_reduce`` sums the block Gram matrices over ranks that each hold part of every
+    block (``core.row_shards``); None: w holds the whole blocks."""
     for _ in range(2):  # the second pass restores orthogonality lost to rounding
         grams = block_grams(w, sizes)
+        if all_reduce is not None:
+            grams = all_reduce(grams)
         for (a, b), gram, ref in zip(_segments(sizes), grams, refs):
             _apply_coeffs(gram_schmidt_coeffs(gram, ref), w[:, a:b])
         refs = [1.0] * len(sizes)  # after one pass, kept rows have norm 1
+
+
+def orthonormalise_whole(w: torch.Tensor, ref: float, all_reduce: AllReduce | None = None) -> None:
+    """Rows of w (n, m) -> an orthonormal basis of the span of the whole-model rows they are
+    part of, in place: the Gram matrix is summed over ranks by ``all_reduce`` (None: w is all
+    of them). ``ref``: the whole model's scale for the dead-direction test."""
+    for _ in range(2):
+        gram = _gram(w)
+        if all_reduce is not None:
+            gram = all_reduce(gram)
+        _apply_coeffs(gram_schmidt_coeffs(gram, ref), w)
+        ref = 1.0
 
 
 def build_basis(
@@ -241,32 +269,24 @@ def build_basis(
             raise ValueError(f"basis {basis!r} spans the raw candidates and has no center; give a start point instead")
         center = torch.zeros(w.shape[1], device=w.device)
         _warn_degenerate(w, center, sizes, centred=False)
-        _orthonormalise_blocks(w, sizes, _block_ref_norms(center, w, sizes))
+        orthonormalise_blocks(w, sizes, _block_ref_norms(center, w, sizes))
         return center, w
     center = center_and_directions(w, center)
     _warn_degenerate(w, center, sizes)
     refs = _block_ref_norms(center, w, sizes)
     if basis == "normalized":
-        for (a, b), ref in zip(_segments(sizes), refs):
-            blk = w[:, a:b]
-            norms = _norm(blk)
-            alive = norms > ZERO_RTOL * ref
-            inv = torch.where(alive, 1.0 / torch.where(alive, norms, torch.ones_like(norms)), torch.zeros_like(norms))
-            blk.mul_(inv.float()[:, None])
+        norms = torch.zeros(w.shape[0], len(sizes), dtype=torch.float64, device=w.device)
+        for l, (a, b) in enumerate(_segments(sizes)):
+            norms[:, l] = _norm(w[:, a:b])
+        normalize_blocks(w, sizes, norms, refs)
         return center, w
     if basis == "orthonormal":
-        _orthonormalise_blocks(w, sizes, refs)
+        orthonormalise_blocks(w, sizes, refs)
         return center, w
     # orthonormal-global: one Gram matrix over every block of every shard
     # every tensor handed to all_reduce lives on the candidates' device (NCCL takes no CPU tensors)
     ref2 = torch.tensor([sum(r * r for r in refs)], dtype=torch.float64, device=w.device)
     if all_reduce is not None:
         ref2 = all_reduce(ref2)
-    ref = float(ref2.sqrt())
-    for _ in range(2):
-        gram = _gram(w)
-        if all_reduce is not None:
-            gram = all_reduce(gram)
-        _apply_coeffs(gram_schmidt_coeffs(gram, ref), w)
-        ref = 1.0
+    orthonormalise_whole(w, float(ref2.sqrt()), all_reduce)
     return center, w

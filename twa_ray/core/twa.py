@@ -26,10 +26,16 @@ One ``step()`` after ``loss.backward()``:
 5. w[S_r] = c[S_r] + Q[:, S_r]^T X           -> all-gather -> model parameters
 
 With one process the collectives are identities (``LocalCollectives``).
+
+Which coordinates a rank owns, and how steps 1-2 and 5 reach the model, is the ``shard``'s
+business (``ParamShard``): by default every rank holds the whole model and owns a range of
+whole blocks (``ReplicatedShard``: steps 2 and 5 are the collectives above). Under FSDP2 a
+rank holds its dim-0 rows of every tensor, and FSDP's own reduce-scatter and all-gather
+are steps 2 and 5 (``twa_ray.distributed.twa_fsdp``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +46,44 @@ from .params import ParamLayout, assign_flat, flatten_grads, flatten_state, stac
 from .projection import DEFAULT_CHUNK_BYTES, Projection, build_projection
 from .schedules import ScheduleSpec, make_optimizer, make_scheduler
 from .subspace import RAW_BASES
+
+
+class ParamShard(Protocol):
+    """The model coordinates this rank owns (``numel`` of them, in a fixed order) and the
+    way between them and the model."""
+
+    numel: int
+
+    def gradient(self) -> torch.Tensor:
+        """(numel,) the gradient now in the model, summed over ranks, on the owned coordinates."""
+
+    def write(self, own: torch.Tensor) -> None:
+        """Put the owned coordinates' weights (numel,) into the model (a collective)."""
+
+    def gather(self, own: torch.Tensor) -> torch.Tensor:
+        """Every rank's owned weights -> the full (D,) vector, in layout order (a collective)."""
+
+
+class ReplicatedShard:
+    """Every rank holds the whole model and owns the coordinates ``comm.ranges[rank]`` of its
+    flat parameter vector: steps 2 and 5 are ``comm``'s reduce-scatter and all-gather."""
+
+    def __init__(self, model: nn.Module, comm: Collectives, num_params: int, device) -> None:
+        self.model = model
+        self.comm = comm
+        start, end = comm.ranges[comm.rank]
+        self.numel = end - start
+        self._grad = torch.empty(num_params, device=device)
+        self._weights = torch.empty(num_params, device=device)
+
+    def gradient(self) -> torch.Tensor:
+        return self.comm.reduce_scatter_sum(flatten_grads(self.model, self._grad))
+
+    def write(self, own: torch.Tensor) -> None:
+        assign_flat(self.model, self.gather(own))
+
+    def gather(self, own: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(own, self._weights)
 
 
 class TWA:
@@ -56,6 +100,8 @@ class TWA:
         schedule: a ScheduleSpec (steps = ``step()`` calls); None = constant.
         grad_clip: clip the model gradient's global norm to this value (None = off).
         collectives: how ranks combine; default: one process.
+        shard: the coordinates this rank owns and their way to the model (``ParamShard``);
+            default: ``ReplicatedShard`` over ``collectives``' ranges.
 
     Example (the ``twa_ray.core`` docstring has a runnable one)::
 
@@ -82,6 +128,7 @@ class TWA:
         schedule: ScheduleSpec | None = None,
         grad_clip: float | None = None,
         collectives: Collectives | None = None,
+        shard: ParamShard | None = None,
     ) -> None:
         self.model = model
         self.layout = ParamLayout.from_model(model)
@@ -89,15 +136,15 @@ class TWA:
         self.num_blocks = num_blocks
         self.block_range = block_range or (0, num_blocks)
         self.comm = collectives or LocalCollectives(self.layout.num_params)
-        start, end = self.comm.ranges[self.comm.rank]
-        if end - start != projection.numel:
+        device = projection.data.device
+        self.shard = shard or ReplicatedShard(model, self.comm, self.layout.num_params, device)
+        if self.shard.numel != projection.numel:
             raise ValueError(
-                f"rank {self.comm.rank} owns {end - start} coordinates but its projection has {projection.numel}"
+                f"rank {self.comm.rank} owns {self.shard.numel} coordinates but its projection has {projection.numel}"
             )
         if self.block_range[1] - self.block_range[0] != projection.num_blocks:
             raise ValueError(f"block_range {self.block_range} does not match {projection.num_blocks} projection blocks")
         self.grad_clip = grad_clip
-        device = projection.data.device
         self.X = torch.zeros(projection.n, num_blocks, device=device, requires_grad=True)
         if projection.start is not None:  # every rank knows its blocks' start: summed, X0 everywhere
             with torch.no_grad():
@@ -112,8 +159,7 @@ class TWA:
         self.optimizer = make_optimizer([self.X], optimizer, lr, momentum, opt_decay, nesterov)
         self.scheduler = make_scheduler(self.optimizer, schedule or ScheduleSpec(kind="constant"))
         self.num_steps = 0
-        self._grad = torch.empty(self.layout.num_params, device=device)
-        self._weights = torch.empty(self.layout.num_params, device=device)
+        self._own = torch.empty(projection.numel, device=device)  # w(X) on the owned coordinates
         self._write_weights()
 
     @classmethod
@@ -127,11 +173,13 @@ class TWA:
         basis: str = "normalized",
         start: str | int = "mean",
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kernel: str = "auto",
         **kwargs: Any,
     ) -> "TWA":
         """One-process TWA from candidates: an (n, D) matrix, or a list of flat vectors
         or state_dicts of ``model``'s architecture. ``start`` ("mean", "last" or a candidate
-        index; ``checkpoints`` basis only) is where X starts."""
+        index; ``checkpoints`` basis only) is where X starts; ``kernel``: the projection
+        kernels (``twa_ray.core.projection.KERNELS``)."""
         layout = ParamLayout.from_model(model)
         if isinstance(candidates, torch.Tensor):
             w = candidates.float().clone()
@@ -144,7 +192,8 @@ class TWA:
             raise ValueError(f"candidates have {w.shape[1]} values, model has {layout.num_params}")
         device = next(model.parameters()).device
         blocks = make_blocks(layout.numels, granularity)
-        proj = build_projection(w.to(device), blocks.sizes, basis, bits, max_chunk_bytes=max_chunk_bytes, start=start)
+        proj = build_projection(w.to(device), blocks.sizes, basis, bits, max_chunk_bytes=max_chunk_bytes, start=start,
+                                kernel=kernel)
         return cls(model, proj, len(blocks), **kwargs)
 
     @property
@@ -155,8 +204,7 @@ class TWA:
     def coefficient_grad(self) -> torch.Tensor:
         """The coefficient gradient G (n, L) of the gradient now in the model (steps 1-3),
         with the ICLR'23 weight decay on the weights when it applies."""
-        g = flatten_grads(self.model, self._grad)
-        g_own = self.comm.reduce_scatter_sum(g)
+        g_own = self.shard.gradient()
         grad = torch.zeros_like(self.X)
         l0, l1 = self.block_range
         clip = 1.0
@@ -165,9 +213,8 @@ class TWA:
             clip = min(1.0, self.grad_clip / (float(norm2.sqrt()) + 1e-6))
         if self.weight_decay_on_weights:
             # one projection of (clipped g) + wd * w: the decay is not clipped, as in torch's optimizers
-            start, end = self.comm.ranges[self.comm.rank]
-            w_own = self._weights[start:end]
-            grad[:, l0:l1] = self.projection.coef_grad(torch.add(g_own * clip, w_own, alpha=self.weight_decay_on_weights))
+            decayed = torch.add(g_own * clip, self._own, alpha=self.weight_decay_on_weights)
+            grad[:, l0:l1] = self.projection.coef_grad(decayed)
         else:
             grad[:, l0:l1] = self.projection.coef_grad(g_own)
             if clip != 1.0:
@@ -192,13 +239,16 @@ class TWA:
     @torch.no_grad()
     def weights(self) -> torch.Tensor:
         """w(X) as a full (D,) vector (a collective: every rank must call it)."""
+        return self.shard.gather(self._reconstruct())
+
+    def _reconstruct(self) -> torch.Tensor:
+        """w(X) on the owned coordinates, (numel,), kept for the weight decay on the weights."""
         l0, l1 = self.block_range
-        own = self.projection.reconstruct(self.X.detach()[:, l0:l1])
-        return self.comm.all_gather(own, self._weights)
+        return self.projection.reconstruct(self.X.detach()[:, l0:l1], out=self._own)
 
     @torch.no_grad()
     def _write_weights(self) -> None:
-        assign_flat(self.model, self.weights())
+        self.shard.write(self._reconstruct())
 
     def state_dict(self) -> dict:
         return {

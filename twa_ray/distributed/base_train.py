@@ -36,8 +36,6 @@ monitoring (val_acc, val_loss); it trains nothing here. The test split is never 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, config_from_dict, config_to_dict
+from ..config import Config, TrainConfig, config_from_dict, config_to_dict
 from ..core.baselines import ema_decay, ema_update_
 from ..core.params import ParamLayout, flatten_state, trainable_parameters
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
@@ -136,7 +134,7 @@ def run_base_training(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_env import cluster_has_gpus, train_logging_config, worker_runtime_env
+    from .ray_env import cluster_has_gpus, default_cpus_per_worker, train_logging_config, worker_runtime_env
 
     raw = config_to_dict(cfg)
     run_dir = store_fs.absolute(cfg.run_dir)
@@ -149,12 +147,12 @@ def run_base_training(
     config_from_dict(raw, where="run_base_training")  # fail here, not in every worker
 
     name = run_name or f"{cfg.name}-base"
-    storage = store_fs.absolute(storage_path or os.path.join(run_dir, "ray"))
+    storage = store_fs.absolute(storage_path or store_fs.join(run_dir, "ray"))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_has_gpus()
     workers = cfg.train.workers
     if cpus_per_worker is None:
         cpus_per_worker = cfg.train.cpus_per_worker
-    cpus = cpus_per_worker if cpus_per_worker is not None else _default_cpus_per_worker(workers)
+    cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": raw, "run_storage": store_fs.join(storage, name),
@@ -180,7 +178,8 @@ def run_base_training(
     if result.checkpoint is not None:
         _, info = load_ray_checkpoint(result.checkpoint, with_state=False)
         history = info.get("history", [])
-    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
+    # Ray gives the path inside the storage filesystem (no scheme): keep it a location
+    checkpoint_path = store_fs.location_of(storage, result.checkpoint.path) if result.checkpoint is not None else None
     if not write_candidates:
         log.info("%s done in %.1f s (%d epochs in all)", name, wall, len(history))
         return BaseTrainResult(None, 0, history, wall, store_fs.join(storage, name), name, checkpoint_path)
@@ -234,7 +233,7 @@ def latest_checkpoint(run_path: str) -> str | None:
     except (RuntimeError, FileNotFoundError, OSError) as exc:
         log.debug("no checkpoint in %s: %s", run_path, exc)
         return None
-    return checkpoint.path if checkpoint is not None else None
+    return store_fs.location_of(run_path, checkpoint.path) if checkpoint is not None else None
 
 
 def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,17 +245,6 @@ def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor,
     weights = flatten_state(state["model"], layout, source=checkpoint_path)
     ema = state.get("ema")
     return weights, None if ema is None else ema.float()
-
-
-def _default_cpus_per_worker(workers: int) -> float:
-    """A single node's CPUs shared by the workers (whole CPUs when enough); 1 on a multi-node cluster."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) != 1:
-        return 1.0
-    share = nodes[0]["Resources"].get("CPU", 1.0) / workers
-    return float(math.floor(share)) if share >= 1 else share
 
 
 class _CandidateWriter:
@@ -467,6 +455,24 @@ def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:
     """Drop a last global batch so small that a rank would get fewer than 2 examples (BatchNorm)."""
     remainder = num_examples % batch_size
     return 0 < remainder < 2 * world
+
+
+def epoch_steps(num_train: int, batch_size: int, workers: int) -> int:
+    """Optimizer steps of a base-training epoch over ``num_train`` examples on ``workers`` ranks."""
+    return batches_per_epoch(num_train, batch_size, _drop_last(num_train, batch_size, workers))
+
+
+def candidate_steps(train: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """The global steps, sorted, at which a complete base training saves a candidate (as
+    ``train_loop_per_worker`` and ``_CandidateWriter`` do): 0 with ``save_initial``, each
+    epoch's end, every ``save_every_steps`` steps, all from epoch ``save_from_epoch`` on."""
+    last = train.epochs * steps_per_epoch
+    steps = {epoch * steps_per_epoch for epoch in range(1, train.epochs + 1)}
+    if train.save_initial:
+        steps.add(0)
+    if train.save_every_steps:
+        steps.update(range(train.save_every_steps, last + 1, train.save_every_steps))
+    return sorted(s for s in steps if s / steps_per_epoch >= train.save_from_epoch)
 
 
 def _barrier(device: torch.device) -> None:

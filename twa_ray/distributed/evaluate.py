@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from ..core.baselines import recalibrate_bn, swa_vector
+from ..core.baselines import recalibrate_bn, streaming_mean
 from ..core.params import assign_flat
 from ..data import calibration_loader
 from ..data.from_config import splits_from_config
@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, device: torch.device 
     return EvalResult(100.0 * correct / total, loss_sum / total, total)
 
 
-# A source of weights: a store candidate index, the SWA of several, or a (D,) vector.
+# A source of weights: a store candidate index, the SWA of several (read one at a time), or a (D,) vector.
 Source = Union[int, list, torch.Tensor]
 
 
@@ -80,7 +80,7 @@ def _vector(source: Source, store: CandidateStore | None) -> torch.Tensor:
         raise ValueError("a candidate index needs a store")
     if isinstance(source, int):
         return store.read_flat(source)
-    return swa_vector(store.read(candidates=list(source)))
+    return streaming_mean(store.read_flat(index) for index in source)  # one candidate in memory at a time
 
 
 def evaluate_sources(

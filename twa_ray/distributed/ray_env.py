@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def prepare_local_env() -> None:
 QUIET_DRIVER_ENV = {
     # Worker lines reach the console as logged (one format), without "(RayTrainWorker pid=...)".
     "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
+    # Tune's legacy console reporter: silent at RunConfig(verbose=0) (tune.sweep). The new
+    # one prints its experiment table and paths at any verbosity.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 QUIET_WORKER_ENV = {
     # The watcher actor only logs node drains, and starting it logs a core_worker.cc error
@@ -95,10 +99,13 @@ def train_logging_config(verbose: bool | None = None):
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_mb: int = 256,
-             verbose: bool = False) -> None:
+             verbose: bool | None = None) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray on 127.0.0.1; quiet (``quiet_ray``)
-    unless ``verbose``."""
+    unless ``verbose``. ``None``: as ``quiet_ray`` was told earlier in this process (a job
+    whose stages start Ray), else quiet."""
     prepare_local_env()
+    if verbose is None:
+        verbose = os.environ.get("TWA_RAY_VERBOSE") == "1"
     quiet = quiet_ray(verbose)
     import ray
 
@@ -144,6 +151,20 @@ def cluster_gpus() -> float:
 
 def cluster_has_gpus() -> bool:
     return cluster_gpus() > 0
+
+
+def default_cpus_per_worker(workers: int) -> float:
+    """CPUs each of ``workers`` Ray Train workers reserves when the config leaves it open:
+    a single node's CPUs shared by the workers (whole CPUs when enough); 1 on a multi-node
+    cluster. Base training and TWA use the same rule, so their epochs run on as many
+    threads (Ray sets a worker's OMP_NUM_THREADS to its CPUs) and their costs compare."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) != 1:
+        return 1.0
+    share = nodes[0]["Resources"].get("CPU", 1.0) / workers
+    return float(math.floor(share)) if share >= 1 else share
 
 
 def cluster_cpus() -> float:

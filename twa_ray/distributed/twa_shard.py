@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class ShardSetup:
     twa: TWA
     blocks: Blocks
-    plan: ShardPlan
+    plan: ShardPlan | None  # None under twa.sharding: fsdp (rows of every tensor, not whole blocks)
     candidate_indices: list[int]
 
 
@@ -67,6 +67,7 @@ def build_shard_twa(
     proj = build_projection(
         w, blocks.sizes[l0:l1], cfg.basis, cfg.bits, all_reduce=comm.all_reduce_sum,
         max_chunk_bytes=cfg.max_chunk_bytes, center=None if center is None else center[start:end], start=cfg.start,
+        kernel=cfg.kernel,
     )
     del w
     twa = TWA(

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, check_twa_start, config_from_dict, config_to_dict, select_candidates, settings_fingerprint
+from ..config import (Config, check_twa_start, config_from_dict, config_to_dict, select_candidates,
+                      settings_fingerprint, sharding_problems)
 from ..core import TWA
 from ..core.baselines import recalibrate_bn
 from ..core.blocks import make_blocks
@@ -31,6 +32,7 @@ from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
 from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint
+from .twa_fsdp import build_fsdp_twa, fsdp_wrap, local_param_bytes
 from .twa_shard import build_shard_twa, candidate_rounds
 from .worker import (all_reduce_sum, evaluate_across_ranks, gather_from_ranks, inject_fault, report, seed_rng,
                      sync_batchnorm)
@@ -59,6 +61,7 @@ class TWARunState:
     buffers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per rank: the model's buffers
     history: list[dict] = field(default_factory=list)  # metrics of each finished epoch
     projection_bytes: list[int] = field(default_factory=list)  # per rank, in the latest round
+    param_bytes: list[int] = field(default_factory=list)  # per rank: its trainable parameters (FSDP: its shards)
     elapsed_s: float = 0.0  # inside the workers, all attempts together
     done: bool = False
     data_seed: int | None = None  # cfg.seed of the run: the data order follows from it
@@ -132,6 +135,8 @@ def _setup(config: dict) -> _Worker:
     splits = splits_from_config(cfg, config["cwd"])
     train_data, select_data = twa_datasets(cfg, splits)
     model = sync_batchnorm(model_from_config(cfg, splits), cfg.model.sync_bn, device, rank, world).to(device)
+    if cfg.twa.sharding == "fsdp":
+        model = fsdp_wrap(model, world, device)
     batch_size = cfg.twa.batch_size or cfg.data.batch_size
     return _Worker(
         cfg, rank, world, device, model, CandidateStore.open(config["store_uri"]),
@@ -157,17 +162,17 @@ def _resume(w: _Worker, checkpoint) -> TWARunState:
 
 def _start_round(w: _Worker, run: TWARunState, r: int) -> TWA:
     """This rank's TWA of round r (resumed from ``run.twa`` when set); records projection bytes."""
-    setup = build_shard_twa(w.model, w.store, w.rounds[r], w.cfg.twa, w.steps_per_round, w.rank, w.world,
-                            center=run.center)
+    build = build_fsdp_twa if w.cfg.twa.sharding == "fsdp" else build_shard_twa
+    setup = build(w.model, w.store, w.rounds[r], w.cfg.twa, w.steps_per_round, w.rank, w.world, center=run.center)
     twa = setup.twa
     if run.twa is not None:
         twa.load_state_dict(run.twa)
-    nbytes = torch.zeros(w.world, dtype=torch.float64)
-    nbytes[w.rank] = twa.projection.nbytes
-    run.projection_bytes = [int(v) for v in all_reduce_sum(nbytes, w.device).tolist()]
+    nbytes = torch.zeros(2, w.world, dtype=torch.float64)
+    nbytes[0, w.rank], nbytes[1, w.rank] = twa.projection.nbytes, local_param_bytes(w.model)
+    run.projection_bytes, run.param_bytes = ([int(v) for v in row] for row in all_reduce_sum(nbytes, w.device).tolist())
     if w.rank == 0:
-        log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s",
-                 r + 1, len(w.rounds), len(w.rounds[r]), len(setup.blocks), run.projection_bytes)
+        log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s, parameter bytes %s",
+                 r + 1, len(w.rounds), len(w.rounds[r]), len(setup.blocks), run.projection_bytes, run.param_bytes)
     return twa
 
 
@@ -266,7 +271,8 @@ def _report_final(w: _Worker, run: TWARunState) -> None:
     if w.rank == 0:
         final = {
             "weights": run.center, "coefficients": run.coefficients, "rounds": w.rounds, "history": run.history,
-            "projection_bytes": run.projection_bytes, "block_names": _block_names(w.store, w.cfg.twa.granularity),
+            "projection_bytes": run.projection_bytes, "param_bytes": run.param_bytes,
+            "block_names": _block_names(w.store, w.cfg.twa.granularity),
             "time_s": run.elapsed_s,
         }
     _report(metrics, snapshot, final)
@@ -292,6 +298,7 @@ class TWAResult:
     block_names: list[str]
     history: list[dict] = field(default_factory=list)
     projection_bytes: list[int] = field(default_factory=list)  # per worker
+    param_bytes: list[int] = field(default_factory=list)  # per worker: its trainable parameters (FSDP: its shards)
     time_s: float = 0.0  # inside the workers (set-up and training)
     wall_time_s: float = 0.0  # the driver's TorchTrainer.fit, start-up included
     checkpoint_path: str | None = None  # the final Ray Train checkpoint (holds FINAL_FILE)
@@ -330,14 +337,17 @@ def run_twa(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .ray_env import cluster_has_gpus, train_logging_config, worker_runtime_env
+    from .ray_env import cluster_has_gpus, default_cpus_per_worker, train_logging_config, worker_runtime_env
 
     store_uri = store_uri or cfg.store_uri
     store_uri = store_fs.absolute(store_uri)
     store = CandidateStore.open(store_uri)
     candidates = chosen_candidates(cfg, store)
     num_blocks = len(make_blocks(store.numels, cfg.twa.granularity))
-    if cfg.twa.workers > num_blocks:
+    problems = sharding_problems(cfg.twa)  # again: a sweep sets twa.select_eval after validation
+    if problems:
+        raise ValueError(f"twa.sharding={cfg.twa.sharding!r}: " + "; ".join(problems))
+    if cfg.twa.sharding == "blocks" and cfg.twa.workers > num_blocks:
         raise ValueError(
             f"twa.workers={cfg.twa.workers} is more than the {num_blocks} block(s) of granularity "
             f"{cfg.twa.granularity!r}: each worker owns whole blocks; use a finer granularity or fewer workers"
@@ -349,6 +359,9 @@ def run_twa(
     use_gpu = cfg.twa.use_gpu if cfg.twa.use_gpu is not None else cluster_has_gpus()
     run_dir = store_fs.absolute(cfg.run_dir)
     storage = storage_path or store_fs.join(run_dir, "ray")
+    cpus = cfg.twa.cpus_per_worker
+    if cpus is None:
+        cpus = default_cpus_per_worker(cfg.twa.workers)
     trainer = TorchTrainer(
         twa_train_loop,
         train_loop_config={
@@ -357,7 +370,8 @@ def run_twa(
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.twa.workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.twa.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.twa.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name or twa_run_name(cfg, store_uri, candidates), storage_path=storage,
@@ -375,13 +389,15 @@ def run_twa(
     if result.metrics and result.metrics.get("nonfinite_at_step") is not None:
         raise FloatingPointError(
             f"TWA stopped at step {result.metrics['nonfinite_at_step']}: the loss became NaN or Inf "
-            f"(try a smaller twa.lr or twa.grad_clip); the last good coefficients are in {result.checkpoint.path}"
+            f"(try a smaller twa.lr or twa.grad_clip); the last good coefficients are in "
+            f"{store_fs.location_of(storage, result.checkpoint.path)}"
         )
     with result.checkpoint.as_directory() as folder:
         final = load_checkpoint(folder, name=FINAL_FILE)
     return TWAResult(
         weights=final["weights"], coefficients=final["coefficients"], rounds=final["rounds"],
         block_names=final["block_names"], history=final["history"],
-        projection_bytes=final["projection_bytes"], time_s=final["time_s"], wall_time_s=wall,
-        checkpoint_path=result.checkpoint.path,
+        projection_bytes=final["projection_bytes"], param_bytes=final.get("param_bytes", []), time_s=final["time_s"],
+        wall_time_s=wall,
+        checkpoint_path=store_fs.location_of(storage, result.checkpoint.path),
     )

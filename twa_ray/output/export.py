@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..store import fs as store_fs
 from ..store.exporters import EXPORT_FORMATS, save_state_dict
 
 SUMMARY_FILE = "summary.json"
@@ -23,24 +25,27 @@ MODEL_FILE = "model.pt"
 
 
 def read_summary(run_dir: str | Path) -> dict:
-    """summary.json of ``run_dir``; FileNotFoundError naming the file when the run has none
-    (not finished, or not a run folder)."""
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
+    """summary.json of ``run_dir`` (a local folder or a URI); FileNotFoundError naming the
+    file when the run has none (not finished, or not a run folder)."""
+    path = store_fs.as_location(run_dir) / SUMMARY_FILE
+    if not store_fs.file_exists(path):
         raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a finished run folder "
                                 f"(summary.json is written last, when a run completes)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(store_fs.read_file(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
 def load_state_dict(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The TWA model's state_dict (``model.pt``, read with weights_only=True) on the CPU."""
-    path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
+    """The TWA model's state_dict (``model.pt``, read with weights_only=True) on the CPU;
+    ``run_dir`` is a local folder or a URI."""
+    path = store_fs.as_location(run_dir) / MODEL_FILE
+    if not store_fs.file_exists(path):
         raise FileNotFoundError(f"{path} does not exist: the run folder holds no TWA model")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(path, Path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(store_fs.read_file(path)), map_location="cpu", weights_only=True)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -55,14 +60,14 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     summary = read_summary(run_dir)
     spec = summary.get("model_spec")
     if not isinstance(spec, dict):
-        raise ValueError(f"{Path(run_dir) / SUMMARY_FILE} has no model_spec (the model's name, arguments, classes "
+        raise ValueError(f"{store_fs.as_location(run_dir) / SUMMARY_FILE} has no model_spec (the model's name, arguments, classes "
                          f"and input shape): it was written by an older twa_ray; rebuild the model with "
                          f"twa_ray.models.build_model and load model.pt into it")
     model = model_from_spec(spec)
     try:
         model.load_state_dict(load_state_dict(run_dir))
     except RuntimeError as exc:  # missing / unexpected keys, shape mismatch
-        raise ValueError(f"{Path(run_dir) / MODEL_FILE} does not fit the model of {spec}: {exc}") from None
+        raise ValueError(f"{store_fs.as_location(run_dir) / MODEL_FILE} does not fit the model of {spec}: {exc}") from None
     return model.to(device).eval()
 
 

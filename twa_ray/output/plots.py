@@ -1,41 +1,19 @@
 """The run folder's plots (matplotlib, no display needed)."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
-
-
-def plot_accuracy(
-    path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], marks: Mapping[str, float | None],
-) -> None:
-    """Accuracy curves by base-training epoch ({label: (epochs, accuracies)}, e.g. the
-    candidates' val accuracy that base training recorded) with each method's test
-    accuracy ({name: accuracy or None}) as a horizontal line."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for (label, (epochs, accuracies)), color in zip(curves.items(), ("tab:blue", "tab:cyan", "tab:olive")):
-        if len(epochs):
-            ax.plot(epochs, accuracies, "o-", color=color, label=label)
-    styles = {"last": ("tab:gray", ":"), "swa": ("tab:orange", "--"), "ema": ("tab:purple", "-."),
-              "best_k": ("tab:brown", "--"), "full_budget": ("tab:red", ":"), "twa": ("tab:green", "-")}
-    names = {"last": "last", "swa": "SWA", "ema": "EMA", "best_k": "best-k", "full_budget": "full budget", "twa": "TWA"}
-    for name, acc in marks.items():
-        if acc is None:
-            continue
-        color, style = styles.get(name, ("tab:gray", ":"))
-        ax.axhline(acc, color=color, linestyle=style, label=f"{names.get(name, name)} (test) {acc:.2f}%")
-    ax.set_xlabel("base-training epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+from .atomic import write_with  # noqa: E402
+from .console import method_rows  # noqa: E402
 
 
 def plot_soups(path: str | Path, model_acc: Sequence[float], marks: dict[str, float]) -> None:
@@ -57,8 +35,8 @@ def plot_soups(path: str | Path, model_acc: Sequence[float], marks: dict[str, fl
 
 
 def _save(fig, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    """Write ``fig`` as a PNG, atomically, to a local path or a URI."""
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -104,3 +82,203 @@ def plot_sweep(path: str | Path, rows: Sequence[dict], metric: str, params: Sequ
     fig.suptitle(f"{metric} of {len(done)} trial(s){missing}{best}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+# ---------------------------------------------------------------- accuracy.png
+
+# The methods marked as points, in legend order: marker, colour.
+MARK_STYLES = {
+    "last": ("v", "tab:gray"), "swa": ("s", "tab:orange"), "ema": ("D", "tab:purple"),
+    "best_k": ("P", "tab:brown"), "twa": ("*", "tab:green"), "full_budget": ("X", "tab:red"),
+}
+MAX_EPOCH_TICKS = 12
+
+
+@dataclass
+class Curve:
+    """Accuracy after each epoch of one training run (or of each evaluated candidate)."""
+
+    label: str
+    epochs: list[float]
+    acc: list[float]  # (%)
+    seconds: list[float] | None  # compute seconds at each point; None when the epoch times are unknown
+    style: str = "-"
+
+
+@dataclass
+class Mark:
+    """A method's test accuracy at the cost (epochs, compute seconds) at which it is available."""
+
+    method: str
+    label: str
+    epoch: float
+    acc: float  # (%)
+    seconds: float | None
+
+
+@dataclass
+class AccuracyPlot:
+    """What accuracy.png shows: ``accuracy_plot`` computes it, ``plot_accuracy`` draws it."""
+
+    curves: list[Curve]
+    marks: list[Mark]
+    ylim: tuple[float, float]
+    epoch_ticks: list[int]
+
+    @property
+    def has_seconds(self) -> bool:
+        return any(c.seconds is not None for c in self.curves) or any(m.seconds is not None for m in self.marks)
+
+
+def val_curve(metrics: Sequence[Mapping]) -> tuple[list, list]:
+    """(epochs, val accuracies) that one training stage recorded at the end of each epoch."""
+    points = [(float(m["epoch"]), m["val_acc"]) for m in metrics if m.get("val_acc") is not None and "epoch" in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _stage(metrics: Sequence[Mapping], stage: str) -> list[Mapping]:
+    rows = [m for m in metrics if m.get("stage") == stage and _is_number(m.get("epoch"))]
+    return sorted(rows, key=lambda m: m["epoch"])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _clock(rows: Sequence[Mapping], start_epoch: float, start_s: float) -> tuple[list[float], list[float]] | None:
+    """(epochs, cumulative compute seconds) of a stage from its rows' epoch ``time``, from
+    (``start_epoch``, ``start_s``) on; None when an epoch's time is missing."""
+    if not rows or not all(_is_number(r.get("time")) for r in rows):
+        return None
+    epochs, seconds = [start_epoch], [start_s]
+    for r in rows:
+        epochs.append(float(r["epoch"]))
+        seconds.append(seconds[-1] + float(r["time"]))
+    return epochs, seconds
+
+
+def _at(clock: tuple[list[float], list[float]] | None, epochs: Sequence[float]) -> list[float] | None:
+    """The compute seconds at each of ``epochs`` (fractional ones interpolated) on ``clock``."""
+    if clock is None:
+        return None
+    return [float(s) for s in np.interp(epochs, clock[0], clock[1])]
+
+
+def y_limits(curves: Sequence[Curve], marks: Sequence[Mark], margin: float = 0.1, min_margin: float = 1.0
+             ) -> tuple[float, float]:
+    """The accuracy range that matters: from the lowest marked method or curve point past
+    epoch 1 (never the random initial weights, nor the first epoch's far lower values) to
+    the highest point, widened by ``margin`` of that span (at least ``min_margin`` points),
+    within [0, 100]. Points below the range fall off the plot."""
+    every = [m.acc for m in marks] + [a for c in curves for a in c.acc]
+    trained = [m.acc for m in marks] + [a for c in curves for e, a in zip(c.epochs, c.acc) if e > 1]
+    if not trained:
+        trained = every
+    if not trained:
+        return 0.0, 100.0
+    low, high = min(trained), max(every)
+    pad = max(min_margin, margin * (high - low))
+    return max(0.0, low - pad), min(100.0, high + pad)
+
+
+def epoch_ticks(first: float, last: float, most: int = MAX_EPOCH_TICKS) -> list[int]:
+    """Integer ticks from ``first`` to ``last`` epoch, every 1, 2, 5, 10, 20, ... epochs:
+    the smallest step that gives at most ``most`` ticks."""
+    lo, hi = math.floor(first), math.ceil(last)
+    for k in range(12):
+        for s in (1, 2, 5):
+            step = s * 10 ** k
+            start = lo // step * step
+            if (hi - start) // step + 1 <= most:
+                return list(range(start, hi + 1, step))
+    return [lo, hi]
+
+
+def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
+                  test_curve: tuple[Sequence[float], Sequence[float]] | None = None) -> AccuracyPlot:
+    """accuracy.png's series from a main-job run folder: ``summary`` (summary.json) and
+    ``metrics`` (metrics.parquet's rows: ``stage``, ``epoch``, ``val_acc``, ``time``...).
+
+    Curves: the val accuracy by epoch of base training and of the full-budget run (a
+    continuation starts at base training's last point); with ``test_curve`` (epochs, test
+    accuracies of the evaluated candidates) that too. Marks: each method's test accuracy at
+    the epochs and compute seconds of the results table (``console.method_rows``): last,
+    SWA, EMA, best-k at base training's end, TWA after its epochs, the full budget at the
+    budget's end. Compute seconds count the training loops only (the epochs' ``time``);
+    a curve or mark without them has no point on the seconds panel. Whatever the run
+    lacks (no full budget, no EMA, no val split) is left out.
+    """
+    base_rows, full_rows = _stage(metrics, "base_train"), _stage(metrics, "full_budget")
+    base_clock = _clock(base_rows, 0.0, 0.0)
+    curves, base = [], None
+    epochs, acc = val_curve(base_rows)
+    if epochs:
+        base = Curve("base training (val)", epochs, acc, _at(base_clock, epochs))
+        curves.append(base)
+    if test_curve is not None and len(test_curve[0]):
+        epochs = [float(e) for e in test_curve[0]]
+        curves.append(Curve("candidates (test)", epochs, list(test_curve[1]), _at(base_clock, epochs), "--"))
+    epochs, acc = val_curve(full_rows)
+    if epochs:
+        continued = summary.get("full_budget_continued")
+        if continued is None:
+            continued = epochs[0] > 1
+        start_epoch, start_s = 0.0, 0.0
+        if continued:
+            start_epoch = epochs[0] - 1
+            start_s = base_clock[1][-1] if base_clock is not None and base_clock[0][-1] == start_epoch else None
+        seconds = _at(_clock(full_rows, start_epoch, start_s), epochs) if start_s is not None else None
+        if continued and base is not None and base.epochs[-1] == start_epoch:  # join base training's last point
+            epochs, acc = [start_epoch] + epochs, [base.acc[-1]] + acc
+            seconds = None if seconds is None or base.seconds is None else [base.seconds[-1]] + seconds
+        curves.append(Curve("full budget (val)", epochs, acc, seconds))
+    marks = [Mark(r["key"], r["method"], float(r["epochs"]), r["test_acc"], r["compute_s"])
+             for r in method_rows(summary) if r["key"] in MARK_STYLES and r["epochs"] is not None]
+    marks.sort(key=lambda m: list(MARK_STYLES).index(m.method))
+    xs = [e for c in curves for e in c.epochs] + [m.epoch for m in marks]
+    ticks = epoch_ticks(min(xs), max(xs)) if xs else []
+    return AccuracyPlot(curves, marks, y_limits(curves, marks), ticks)
+
+
+def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping],
+                  test_curve: tuple[Sequence[float], Sequence[float]] | None = None) -> AccuracyPlot:
+    """Draw accuracy.png (``accuracy_plot``'s series): accuracy against epochs and, where
+    the run measured its epochs' times, against compute seconds. Returns the series."""
+    data = accuracy_plot(summary, metrics, test_curve)
+    panels = [("epoch", "epochs of training (base, then TWA or the full budget)")]
+    if data.has_seconds:
+        panels.append(("seconds", "compute seconds (training loops, start-up excluded)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.0), squeeze=False, sharey=True)
+    colors = iter(("tab:blue", "tab:cyan", "tab:olive", "tab:pink"))
+    curve_colors = {c.label: ("tab:red" if c.label.startswith("full budget") else next(colors)) for c in data.curves}
+    for ax, (axis, xlabel) in zip(axes[0], panels):
+        xs_marked = [m.epoch if axis == "epoch" else m.seconds for m in data.marks]
+        xs_all = [x for c in data.curves for x in ((c.epochs if axis == "epoch" else c.seconds) or [])]
+        xs_all += [x for x in xs_marked if x is not None]
+        # methods available at the same cost (SWA, EMA, best-k...) drawn side by side, a little apart
+        nudge = 0.012 * (max(xs_all) - min(xs_all)) if xs_all else 0.0
+        for c in data.curves:
+            xs = c.epochs if axis == "epoch" else c.seconds
+            if xs is not None:
+                ax.plot(xs, c.acc, c.style, marker="o", markersize=3.5, color=curve_colors[c.label], alpha=0.8,
+                        label=c.label)
+        for i, (m, x) in enumerate(zip(data.marks, xs_marked)):
+            if x is not None:
+                same = [j for j, other in enumerate(xs_marked) if other == x]
+                x += nudge * (same.index(i) - (len(same) - 1) / 2)
+                marker, color = MARK_STYLES[m.method]
+                ax.plot([x], [m.acc], linestyle="none", marker=marker, markersize=13 if marker == "*" else 8,
+                        color=color, markeredgecolor="black", markeredgewidth=0.6, zorder=3,
+                        label=f"{m.label} (test) {m.acc:.2f}%")
+        if axis == "epoch" and data.epoch_ticks:
+            ax.set_xticks(data.epoch_ticks)
+        ax.set_ylim(*data.ylim)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * math.ceil(len(handles) / 4), 1, 1))
+    _save(fig, path)
+    return data

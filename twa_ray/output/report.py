@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .atomic import atomic_path, read_json
+from ..store import fs as store_fs
+from .atomic import read_json, write_bytes
 from .console import COLUMNS, method_rows, row_cells
 
 REPORT_FILE = "report.html"
@@ -91,30 +92,38 @@ def _timings_section(summary: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _plots_section(run_dir: Path) -> str:
+def _plots_section(run_dir) -> str:
     figures = []
-    for png in sorted((run_dir / "plots").glob("*.png")):
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        figures.append(f'<figure><img alt="{_e(png.stem)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>plots/{_e(png.name)}</figcaption></figure>\n")
+    for name, _ in store_fs.files_in(run_dir / "plots"):
+        if not name.endswith(".png"):
+            continue
+        data = base64.b64encode(store_fs.read_file(run_dir / "plots" / name)).decode("ascii")
+        figures.append(f'<figure><img alt="{_e(name[:-len(".png")])}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>plots/{_e(name)}</figcaption></figure>\n")
     return "".join(figures) or "<p>No plots.</p>\n"
 
 
+def _model_entries(run_dir) -> list[tuple[Path, int]]:
+    """(path relative to the run folder, bytes) of each model file, in ``model_files`` order."""
+    top = {name: size for name, size in store_fs.files_in(run_dir)}
+    found = [(Path(f"model{s}"), top[f"model{s}"]) for s in MODEL_SUFFIXES if f"model{s}" in top]
+    found += [(Path("models") / name, size) for name, size in store_fs.files_in(run_dir / "models")
+              if Path(name).suffix in MODEL_SUFFIXES]
+    return found
+
+
 def model_files(run_dir: str | Path) -> list[Path]:
-    """The model files of a run folder, relative to it: model.pt / model.safetensors, then models/*."""
-    run_dir = Path(run_dir)
-    found = [run_dir / f"model{s}" for s in MODEL_SUFFIXES if (run_dir / f"model{s}").is_file()]
-    if (run_dir / "models").is_dir():
-        found += sorted(p for p in (run_dir / "models").iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file())
-    return [p.relative_to(run_dir) for p in found]
+    """The model files of a run folder (a local folder or a URI), relative to it:
+    model.pt / model.safetensors, then models/*."""
+    return [p for p, _ in _model_entries(store_fs.as_location(run_dir))]
 
 
-def _models_section(run_dir: Path) -> str:
-    files = model_files(run_dir)
-    if not files:
+def _models_section(run_dir) -> str:
+    entries = _model_entries(run_dir)
+    if not entries:
         return "<p>No model files.</p>\n"
     items = "".join(f'<li><a href="{_e(p.as_posix())}">{_e(p.as_posix())}</a> '
-                    f"({_bytes((run_dir / p).stat().st_size)})</li>\n" for p in files)
+                    f"({_bytes(size)})</li>\n" for p, size in entries)
     return f"<ul>\n{items}</ul>\n"
 
 
@@ -123,9 +132,10 @@ def _json_block(data: Any) -> str:
 
 
 def render_report(run_dir: str | Path) -> str:
-    """The report page of ``run_dir`` as an HTML string (``write_report`` writes it)."""
-    run_dir = Path(run_dir)
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    """The report page of ``run_dir`` (a local folder or a URI) as an HTML string
+    (``write_report`` writes it)."""
+    run_dir = store_fs.as_location(run_dir)
+    summary = read_json(run_dir / "summary.json") if store_fs.file_exists(run_dir / "summary.json") else {}
     title = " · ".join(str(summary[k]) for k in ("config", "dataset", "model") if summary.get(k)) or run_dir.name
     sections = [
         ("Results", _results_section(summary)),
@@ -134,16 +144,18 @@ def render_report(run_dir: str | Path) -> str:
         ("Timings", _timings_section(summary)),
         ("Run", _details_section(summary)),
     ]
-    if (run_dir / "config.json").is_file():
+    names = [name for name, _ in store_fs.files_in(run_dir)]
+    if "config.json" in names:
         sections.append(("Config (config.json)", _json_block(read_json(run_dir / "config.json"))))
-    for extra in sorted(run_dir.glob("*.json")):
-        if extra.name not in ("summary.json", "config.json"):
-            sections.append((extra.name, _json_block(read_json(extra))))
+    for name in names:
+        if name.endswith(".json") and not name.startswith(".") and name not in ("summary.json", "config.json"):
+            sections.append((name, _json_block(read_json(run_dir / name))))
     body = "".join(f"<h2>{_e(name)}</h2>\n{content}" for name, content in sections if content)
+    shown = run_dir.resolve() if isinstance(run_dir, Path) else run_dir
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>TWA run: {_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>TWA run: {_e(title)}</h1>\n<p>Run folder: <code>{_e(run_dir.resolve())}</code></p>\n"
+        f"<h1>TWA run: {_e(title)}</h1>\n<p>Run folder: <code>{_e(shown)}</code></p>\n"
         f"{body}</body>\n</html>\n"
     )
 
@@ -153,8 +165,6 @@ def write_report(run_dir: str | Path) -> Path:
 
     Call it last, once summary.json, config.json, the plots and the model files are there.
     """
-    path = Path(run_dir) / REPORT_FILE
-    page = render_report(run_dir)
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    path = store_fs.as_location(run_dir) / REPORT_FILE
+    write_bytes(path, render_report(run_dir).encode("utf-8"))
     return path

@@ -6,7 +6,8 @@
     coefficients.parquet  one row per candidate (and round): its epoch and step, X per block,
                           and α per block where the basis allows (``output.mixing``)
     model.pt              the TWA model's state_dict (BatchNorm recalibrated), plain torch
-    plots/accuracy.png    the candidates' accuracy by epoch with each method's test accuracy marked
+    plots/accuracy.png    val accuracy by epoch (base training, full budget) with each method's test
+                          accuracy marked where it becomes available; a panel per compute second
     plots/mixing.png      how much each candidate contributes, candidates x blocks
     models/<name>.pt, models/<name>.safetensors  further state_dicts (the soup job's soups)
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..store import export_state_dict
+from ..store import fs as store_fs
 from .atomic import write_json, write_rows, write_torch
 from .mixing import Mixing, mixing_rows, plot_mixing
 
@@ -31,17 +33,20 @@ def write_run_folder(
     metrics: Sequence[dict],
     mixing: Mixing,
     model_state: dict,
-    plot_accuracy: Callable[[Path], None],
+    plot_accuracy: Callable[[Path | store_fs.Uri], None],
     models: Mapping[str, dict] | None = None,
-) -> list[Path]:
+) -> list[Path | store_fs.Uri]:
     """Write every file of the run folder (each atomically); returns their paths.
+
+    ``run_dir`` is a local folder or a URI (``s3://bucket/run``): the paths are then
+    ``Path`` objects or ``store.fs.Uri`` strings, both joined with ``/``.
 
     ``mixing`` (``output.mixing.run_mixing``) gives coefficients.parquet and plots/mixing.png.
     ``plot_accuracy(path)`` draws plots/accuracy.png; ``models`` maps a name to a
     state_dict exported as models/<name>.pt and .safetensors. summary.json comes last:
     its presence marks a complete run folder.
     """
-    run_dir = Path(run_dir)
+    run_dir = store_fs.as_location(run_dir)
     written = [run_dir / "model.pt", run_dir / "metrics.parquet", run_dir / "coefficients.parquet",
                run_dir / "plots" / "accuracy.png", run_dir / "plots" / "mixing.png"]
     write_torch(written[0], model_state)
@@ -50,6 +55,6 @@ def write_run_folder(
     plot_accuracy(written[3])
     plot_mixing(written[4], mixing)
     for name, state in (models or {}).items():
-        written += [Path(p) for p in export_state_dict(state, run_dir / "models" / name)]
+        written += [store_fs.as_location(p) for p in export_state_dict(state, run_dir / "models" / name)]
     write_json(run_dir / "summary.json", summary)
     return written + [run_dir / "summary.json"]

@@ -12,15 +12,17 @@ driver from what the run folder already holds, so no Ray worker writes them:
 Each numeric column becomes a scalar under its own name (``val_acc``, ``train_loss``...), so
 stages with the same metric share a chart. The step is the stage's epoch; a stage whose
 epochs restart (TWA's rounds) or that has none counts its rows 1, 2, ... instead. The
-folder is rewritten as a whole each time (its files derive from the run folder's).
+folder is rewritten as a whole each time (its files derive from the run folder's); for a
+run folder on a URI it is written locally, then uploaded.
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from ..store import fs as store_fs
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,6 @@ def _write_rows(writer, rows: Sequence[Mapping[str, Any]]) -> None:
             writer.add_scalar(tag, value, step)
 
 
-def _fresh_dir(run_dir: str | Path) -> Path:
-    out = Path(run_dir) / EVENTS_DIR
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return out
-
-
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "_"
 
@@ -79,18 +73,19 @@ def write_run_events(run_dir: str | Path, rows: Sequence[Mapping[str, Any]] | No
     returns the tensorboard folder."""
     from .atomic import read_rows
 
+    run_dir = store_fs.as_location(run_dir)
+    target = run_dir / EVENTS_DIR
     if rows is None:
-        rows = read_rows(Path(run_dir) / "metrics.parquet")
+        rows = read_rows(run_dir / "metrics.parquet")
     stages: dict[str, list] = {}
     for row in rows:
         stages.setdefault(str(row.get("stage") or "run"), []).append(row)
-    out = _fresh_dir(run_dir)
-    for stage, stage_rows in stages.items():
-        with _writer(out / _safe_name(stage)) as writer:
-            _write_rows(writer, stage_rows)
-    log.debug("TensorBoard events of %d stage(s) in %s", len(stages), out)
-    return out
-
+    with store_fs.local_folder(target) as out:  # SummaryWriter writes local files: uploaded after for a URI
+        for stage, stage_rows in stages.items():
+            with _writer(out / _safe_name(stage)) as writer:
+                _write_rows(writer, stage_rows)
+    log.debug("TensorBoard events of %d stage(s) in %s", len(stages), target)
+    return target
 
 
 def _hparam_value(value: Any) -> Any:
@@ -107,20 +102,21 @@ def write_sweep_events(run_dir: str | Path, trials: Sequence[Mapping[str, Any]],
     tab, under ``<run_dir>/tensorboard/trial_<id>/``; returns the tensorboard folder."""
     from torch.utils.tensorboard.summary import hparams
 
-    out = _fresh_dir(run_dir)
-    for trial in trials:
-        trial_id = str(trial["trial_id"])
-        history = histories.get(trial_id) or []
-        final = trial.get(metric)
-        with _writer(out / f"trial_{_safe_name(trial_id)}") as writer:
-            if history:
-                _write_rows(writer, history)
-            elif _is_number(final):
-                writer.add_scalar(metric.removeprefix("final_"), float(final), int(trial.get("epochs_run") or 1))
-            if _is_number(final) and math.isfinite(final):
-                values = {p: _hparam_value(trial.get(p)) for p in params if trial.get(p) is not None}
-                for summary in hparams(values, {f"hparam/{metric}": float(final)}):
-                    writer.file_writer.add_summary(summary)
-                writer.add_scalar(f"hparam/{metric}", float(final))
-    log.debug("TensorBoard events of %d trial(s) in %s", len(trials), out)
-    return out
+    target = store_fs.as_location(run_dir) / EVENTS_DIR
+    with store_fs.local_folder(target) as out:
+        for trial in trials:
+            trial_id = str(trial["trial_id"])
+            history = histories.get(trial_id) or []
+            final = trial.get(metric)
+            with _writer(out / f"trial_{_safe_name(trial_id)}") as writer:
+                if history:
+                    _write_rows(writer, history)
+                elif _is_number(final):
+                    writer.add_scalar(metric.removeprefix("final_"), float(final), int(trial.get("epochs_run") or 1))
+                if _is_number(final) and math.isfinite(final):
+                    values = {p: _hparam_value(trial.get(p)) for p in params if trial.get(p) is not None}
+                    for summary in hparams(values, {f"hparam/{metric}": float(final)}):
+                        writer.file_writer.add_summary(summary)
+                    writer.add_scalar(f"hparam/{metric}", float(final))
+    log.debug("TensorBoard events of %d trial(s) in %s", len(trials), target)
+    return target

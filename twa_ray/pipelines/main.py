@@ -6,7 +6,9 @@
     evaluate_run       test accuracy of last, SWA, EMA, best-k, TWA (and the full budget), in parallel tasks
     write_run          the run folder (``output.run_folder``), then config.json: the run is complete
 
-Ray must be running (``distributed.ray_env.init_ray``) before the first stage.
+Ray must be running (``distributed.ray_env.init_ray``) before the first stage. Before it,
+``check_candidate_count`` checks in the driver that ``twa.candidates`` will select at least two
+of the candidates base training is about to save.
 
 Every model gets the same BatchNorm recalibration (``twa.bn_batches`` shuffled training
 batches). The baselines:
@@ -26,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, config_to_dict, differing_settings
+from ..config import Config, check_twa_start, config_to_dict, differing_settings, select_candidates
 from ..core.baselines import INITIAL_KIND, after_start, best_k
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
@@ -54,11 +56,37 @@ def _candidate_settings(raw: dict) -> dict:
     out = {k: raw.get(k) for k in CANDIDATE_SECTIONS}
     if isinstance(out.get("data"), dict):
         data = dict(out["data"])
-        data["root"] = store_fs.absolute(data.get("root") or "")  # base training records it so
+        # where the dataset's files are read from does not change the candidates: a moved
+        # checkout, or a `ray job submit` working dir, reuses its store
+        data.pop("root", None)
         out["data"] = data
     if isinstance(raw.get("baselines"), dict):
         out["baselines"] = {k: raw["baselines"].get(k) for k in EMA_KEYS}
     return out
+
+
+def check_candidate_count(cfg: Config, num_train: int) -> list[int]:
+    """Before base training: the positions (into the candidates base training will save from
+    ``num_train`` training examples) that ``twa.candidates`` selects. Raises ValueError
+    naming twa.candidates and the count when fewer than two remain (TWA would fail only
+    after base training), ConfigError when twa.start is out of their range."""
+    from ..distributed.base_train import candidate_steps, epoch_steps
+
+    tc = cfg.train
+    steps_per_epoch = epoch_steps(num_train, cfg.data.batch_size, tc.workers)
+    if steps_per_epoch == 0:  # base training names data.batch_size
+        return []
+    count = len(candidate_steps(tc, steps_per_epoch))
+    chosen = select_candidates(cfg.twa.candidates, count)
+    if len(chosen) < 2:
+        raise ValueError(
+            f"TWA needs at least two candidates to span a subspace; twa.candidates={cfg.twa.candidates!r} selects "
+            f"{len(chosen)} of the {count} base training will save (train.epochs={tc.epochs} of {steps_per_epoch} "
+            f"steps, train.save_initial={tc.save_initial}, train.save_every_steps={tc.save_every_steps}, "
+            f"train.save_from_epoch={tc.save_from_epoch}): checked before base training"
+        )
+    check_twa_start(cfg.twa, len(chosen))
+    return chosen
 
 
 def ensure_candidates(cfg: Config):
@@ -171,21 +199,12 @@ def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvalua
     metrics = stage_rows("base_train", base.metrics) + stage_rows("twa", twa.history)
     if full is not None:
         metrics += stage_rows("full_budget", full.metrics)
-    curves = {"candidates: val accuracy (base training)": val_curve(base.metrics)}
-    if cfg.eval.candidates:
-        curves["candidates: test accuracy"] = candidate_curve(base.store_uri, evaluation.results)
-    marks = {k: summary["test_acc"][k] for k in METHODS}
+    test_curve = candidate_curve(base.store_uri, evaluation.results) if cfg.eval.candidates else None
     mixing = run_mixing(base.store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
     write_run_folder(run_dir, summary, metrics, mixing, evaluation.results["twa"].state_dict,
-                     lambda path: plot_accuracy(path, curves, marks))
+                     lambda path: plot_accuracy(path, summary, metrics, test_curve))
     record_config(cfg, run_dir)
     return summary
-
-
-def val_curve(metrics: list[dict]) -> tuple[list, list]:
-    """(epochs, val accuracies) that base training recorded at the end of each epoch."""
-    points = [(float(m["epoch"]), m["val_acc"]) for m in metrics if m.get("val_acc") is not None and "epoch" in m]
-    return [p[0] for p in points], [p[1] for p in points]
 
 
 def candidate_curve(store_uri: str, results: dict[str, Evaluated], prefix: str = "cand:") -> tuple[list, list]:

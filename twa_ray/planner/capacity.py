@@ -1,9 +1,14 @@
 """Capacity planner: memory per worker and traffic per step of sharded TWA, before launching.
 
     python -m twa_ray plan --model resnet18 --candidates 20 --bits 4 --workers 2
+    python -m twa_ray plan --model shapes.json --candidates 50 --bits 2 --workers 64
 
-Numbers come from the model's real parameter count (built on the meta device: no
-memory, no weights) and the functions the runtime uses: ``make_blocks`` and
+Two modes side by side: ``blocks`` (below: a full model replica per worker, whole blocks of
+the projection per worker) and ``fsdp`` (``twa_ray.planner.fsdp``: everything cut by FSDP2's
+dim-0 rows, about total/k per worker plus FSDP's transient all-gather of one unit).
+
+Numbers come from the model's real parameter shapes (built on the meta device: no
+memory, no weights; or read from a JSON file ``{name: shape}``) and the functions the runtime uses: ``make_blocks`` and
 ``plan_shards(...).shard_bytes`` for the projection, the padded ranges of
 ``TorchCollectives`` for traffic. ``tests/planner/test_planner.py`` checks both against a run.
 
@@ -27,11 +32,14 @@ Both are compared with one all-reduce of D float32 values and with the paper's s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ..core.blocks import make_blocks, plan_shards
 from ..core.quant import check_bits
+from .fsdp import FsdpPlan, plan_fsdp
+from .shapes import is_shapes_file, load_shapes
 
 # dataset -> (num_classes, in_channels, image_size) as the data loaders produce them
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -57,11 +65,15 @@ def dataset_shape(name: str) -> tuple[int, int, int]:
     return DATASET_SHAPES[name]
 
 
-def model_numels(model: str, dataset: str = "cifar10", **kwargs) -> tuple[list[str], list[int]]:
-    """Names and element counts of the trainable parameters of ``model`` (layout order).
+def model_shapes(model: str, dataset: str = "cifar10", **kwargs) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Names and shapes of the trainable parameters of ``model`` (layout order).
 
-    The model is built on the meta device: shapes only, no memory and no weights.
+    ``model`` is a ``twa_ray.models`` name or ``tv:<torchvision name>``, built on the meta
+    device (shapes only, no memory and no weights), or a JSON file ``{name: shape}``
+    (``twa_ray.planner.shapes.load_shapes``; ``dataset`` and ``kwargs`` then do not apply).
     """
+    if is_shapes_file(model):
+        return load_shapes(model)
     import torch
 
     from ..core.params import ParamLayout
@@ -71,7 +83,13 @@ def model_numels(model: str, dataset: str = "cifar10", **kwargs) -> tuple[list[s
     with torch.device("meta"):
         net = build_model(model, num_classes, in_channels, image_size, **kwargs)
     layout = ParamLayout.from_model(net)
-    return list(layout.names), layout.numels
+    return list(layout.names), [tuple(s) for s in layout.shapes]
+
+
+def model_numels(model: str, dataset: str = "cifar10", **kwargs) -> tuple[list[str], list[int]]:
+    """Names and element counts of the trainable parameters of ``model`` (layout order)."""
+    names, shapes = model_shapes(model, dataset, **kwargs)
+    return names, [math.prod(s) for s in shapes]
 
 
 @dataclass
@@ -109,6 +127,11 @@ class CapacityPlan:
     padded_length: int
     payload: dict = field(default_factory=dict)
     wire: dict = field(default_factory=dict)
+    # the whole state on one worker (mode-independent); the even share is this / k
+    single_worker_bytes: int = 0
+    largest_over_even_share: float = 0.0  # max_r total_r / (single_worker_bytes / k)
+    fsdp: FsdpPlan | None = None  # the FSDP2 mode; None without parameter shapes or when impossible
+    fsdp_unavailable: str | None = None  # why ``fsdp`` is None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,14 +142,14 @@ class CapacityPlan:
     def format(self) -> str:
         """A human-readable report."""
         mb = human_bytes
-        head = f"{self.model} on {self.dataset}" if self.model else "parameter layout"
+        head = (self.model + (f" on {self.dataset}" if self.dataset else "")) if self.model else "parameter layout"
         lines = [
             f"TWA capacity plan: {head}",
             f"  parameters D = {self.num_params:,} in {self.num_tensors} tensors; granularity {self.granularity!r} "
             f"-> L = {self.num_blocks} blocks",
             f"  n = {self.candidates} candidates, {self.bits} bits, k = {self.workers} worker(s)",
             "",
-            "memory per worker:",
+            "memory per worker (twa.sharding: blocks):",
             f"  {'worker':>6}  {'blocks':>9}  {'coords':>12}  {'projection':>12}  {'scale/off':>10}  {'center':>10}  "
             f"{'model+grads':>12}  {'total':>12}  {'build (transient)':>17}",
         ]
@@ -164,7 +187,44 @@ class CapacityPlan:
                 f"  padding: every worker's slice is padded to {self.padded_length:,} coordinates "
                 f"({self.workers * self.padded_length / self.num_params:.3f} x D in the reduce-scatter/all-gather)",
             ]
+        lines += ["", *self._format_modes()]
         return "\n".join(lines)
+
+    def _format_modes(self) -> list[str]:
+        """The two modes side by side: the largest worker's bytes, part by part."""
+        mb = human_bytes
+        head = f"twa.sharding: blocks vs fsdp, per worker (the largest; k = {self.workers}):"
+        if self.fsdp is None:
+            return [head, f"  fsdp: {self.fsdp_unavailable}"]
+        f = self.fsdp
+        model_part = self.model_bytes + self.gradient_bytes
+        rows = [
+            ("parameters + gradients", mb(model_part), mb(f.parameter_bytes + f.gradient_bytes)),
+            ("TWA flat gradient/weights", mb(self.twa_buffer_bytes), mb(max(f.twa_buffer_bytes))),
+            ("center", mb(max(self.center_bytes)), mb(max(f.center_bytes))),
+            ("projection", mb(max(self.projection_bytes)), mb(max(f.projection_bytes))),
+            ("scale/offset", mb(max(self.quant_params_bytes)), mb(max(f.quant_params_bytes))),
+            ("coefficients + optimizer", mb(self.coefficient_bytes), mb(f.coefficient_bytes)),
+            ("persistent", mb(max(self.total_bytes)), mb(max(f.total_bytes))),
+            ("  / (total/k)", f"{self.largest_over_even_share:.4f}", f"{f.largest_over_even_share:.4f}"),
+            ("transient (bound)", "0 B", mb(f.transient_bytes)),
+            ("peak", mb(max(self.total_bytes)), mb(max(f.peak_bytes))),
+            ("build (transient read)", mb(max(self.build_bytes)), mb(max(f.build_bytes))),
+        ]
+        lines = [head, f"  {'':<26}  {'blocks':>12}  {'fsdp':>12}"]
+        lines += [f"  {name:<26}  {a:>12}  {b:>12}" for name, a, b in rows]
+        unit = repr(f.largest_unit) if f.largest_unit else "the root unit"
+        lines += [
+            f"  total = the same state on one worker: {mb(self.single_worker_bytes)}; total/k = "
+            f"{mb(self.single_worker_bytes / self.workers)}",
+            f"  fsdp: sharded state (all but the replicated coefficients and scale/offset) "
+            f"{f.sharded_imbalance:.4f} x its even share; FSDP2 pads every tensor to ceil(rows/k) rows per "
+            f"rank ({f.padded_coords:,} coordinates allocated, the largest rank owns {max(f.coords_per_worker):,})",
+            f"  fsdp transient: all-gather of the largest of {f.num_units} units ({unit}) = {mb(f.all_gather_bytes)}; "
+            f"bound {mb(f.transient_bytes)} = 4 x (its weights, unsharded gradients, reduce-scatter input, "
+            "the prefetched next unit); activations not included",
+        ]
+        return lines
 
 
 def plan_capacity(
@@ -178,8 +238,13 @@ def plan_capacity(
     optimizer: str = "sgd",
     model: str | None = None,
     dataset: str | None = None,
+    names: Sequence[str] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ) -> CapacityPlan:
-    """The plan for parameter tensors of sizes ``numels`` (layout order)."""
+    """The plan for parameter tensors of sizes ``numels`` (layout order).
+
+    With ``shapes`` (and ``names``, for FSDP's units) the FSDP2 mode is planned too.
+    """
     check_bits(bits)
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -198,6 +263,18 @@ def plan_capacity(
              for p, q, c in zip(proj, quant, center)]
     total_proj = sum(proj)
     pad = max(coords)
+    single = total_proj + sum(quant) + sum(center) + model_bytes + gradient_bytes + twa_buffers + coefficient_bytes
+    fsdp, fsdp_unavailable = None, None
+    if shapes is None:
+        fsdp_unavailable = "needs the parameters' shapes"
+    else:
+        if [math.prod(s) for s in shapes] != list(numels):
+            raise ValueError("shapes do not match numels")
+        names = list(names) if names is not None else [f"p{t}" for t in range(len(shapes))]
+        try:
+            fsdp = plan_fsdp(names, shapes, n, bits, k, granularity, optimizer=optimizer)
+        except ValueError as exc:  # a 0-d parameter
+            fsdp_unavailable = str(exc)
 
     one_ar_payload = FLOAT * d
     ring = (k - 1) / k  # fraction of a reduce-scatter's / all-gather's vector each rank sends
@@ -233,7 +310,8 @@ def plan_capacity(
         total_bytes=total, build_bytes=[FLOAT * n * c for c in coords], projection_total_bytes=total_proj,
         ideal_projection_bytes=n * d * bits / 8, paper_projection_bytes=n * d * (FLOAT if bits == 32 else 1),
         max_over_even_share=max(proj) / (total_proj / k) if total_proj else 1.0,
-        padded_length=pad, payload=payload, wire=wire,
+        padded_length=pad, payload=payload, wire=wire, single_worker_bytes=single,
+        largest_over_even_share=max(total) / (single / k), fsdp=fsdp, fsdp_unavailable=fsdp_unavailable,
     )
 
 
@@ -249,9 +327,10 @@ def plan_for_model(
     optimizer: str = "sgd",
     **model_kwargs,
 ) -> CapacityPlan:
-    """``plan_capacity`` for model ``model`` shaped for ``dataset``."""
-    _, numels = model_numels(model, dataset, **model_kwargs)
+    """``plan_capacity`` for model ``model`` shaped for ``dataset``, or given by a JSON shapes file."""
+    names, shapes = model_shapes(model, dataset, **model_kwargs)
     return plan_capacity(
-        numels, candidates, bits, workers, granularity, grad_clip=grad_clip, optimizer=optimizer,
-        model=model, dataset=dataset,
+        [math.prod(s) for s in shapes], candidates, bits, workers, granularity, grad_clip=grad_clip,
+        optimizer=optimizer, model=model, dataset=None if is_shapes_file(model) else dataset,
+        names=names, shapes=shapes,
     )

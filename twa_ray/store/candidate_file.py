@@ -4,11 +4,18 @@ File layout (contract): an Arrow IPC *file* (random-access format) with one reco
 of one row. One column per parameter tensor, named after the parameter, of type
 ``fixed_size_list<float32>[numel]`` (the flattened tensor, row-major). The candidate's
 info dict is JSON in the schema metadata under ``twa_ray.info``.
+
+Row ranges: :func:`locate_values` finds where each column's float32 values lie in the file
+from the record batch's message header alone (Arrow IPC: magic, schema message, record
+batch message = 8-byte prefix + flatbuffer metadata + body), so :func:`read_value_ranges`
+reads just the wanted element ranges: slices of the memory map locally, ranged reads on
+other filesystems such as S3.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -26,6 +33,9 @@ __all__ = [
     "decode_info",
     "check_schema",
     "column_values",
+    "open_source",
+    "locate_values",
+    "read_value_ranges",
 ]
 
 INFO_KEY = b"twa_ray.info"
@@ -79,8 +89,7 @@ def open_candidate(
     schema is then the projected one, in file order. Arrays obtained from the reader
     may reference the mapped file: copy what you need before leaving the block.
     """
-    source = pa.memory_map(path, "r") if is_local else fs.open_input_file(path)
-    try:
+    with open_source(fs, path, is_local) as source:
         if included_fields is None:
             reader = pa.ipc.open_file(source)
         else:
@@ -89,6 +98,15 @@ def open_candidate(
             options = pa.ipc.IpcReadOptions(included_fields=list(included_fields))
             reader = pa.ipc.open_file(source, options=options)
         yield reader
+
+
+@contextmanager
+def open_source(fs: pafs.FileSystem, path: str, is_local: bool) -> Iterator[pa.NativeFile]:
+    """The file as a random-access source: a memory map when local, else ``fs.open_input_file``
+    (whose ``read_at`` is a ranged read on object stores). Nothing is read on opening."""
+    source = pa.memory_map(path, "r") if is_local else fs.open_input_file(path)
+    try:
+        yield source
     finally:
         source.close()
 
@@ -159,3 +177,156 @@ def column_values(batch: pa.RecordBatch, name: str, numel: int, path: str) -> np
     if values.null_count or len(values) != numel:
         raise ValueError(f"candidate file {path}: column {name!r} has null or missing values")
     return values.to_numpy(zero_copy_only=True)
+
+
+# --------------------------------------------------------------------------- row ranges
+_MAGIC = b"ARROW1"
+_CONTINUATION = b"\xff\xff\xff\xff"
+_HEADER_RECORD_BATCH = 3  # MessageHeader union tag in Arrow's Message.fbs
+
+
+class _Table:
+    """One flatbuffers table of an Arrow IPC message's metadata (read-only, bounds-checked)."""
+
+    def __init__(self, buf: bytes, pos: int):
+        self.buf, self.pos = buf, pos
+        self.vtable = pos - _unpack("<i", buf, pos)
+        self.vtable_size = _unpack("<H", buf, self.vtable)
+
+    def _field(self, index: int) -> int:
+        """Absolute position of field ``index`` (its id in the .fbs), 0 when absent."""
+        slot = 4 + 2 * index
+        if slot >= self.vtable_size:
+            return 0
+        offset = _unpack("<H", self.buf, self.vtable + slot)
+        return self.pos + offset if offset else 0
+
+    def scalar(self, index: int, fmt: str, default: int) -> int:
+        pos = self._field(index)
+        return _unpack(fmt, self.buf, pos) if pos else default
+
+    def table(self, index: int) -> "_Table | None":
+        pos = self._field(index)
+        return _Table(self.buf, pos + _unpack("<I", self.buf, pos)) if pos else None
+
+    def int64_pairs(self, index: int) -> list[tuple[int, int]]:
+        """A vector of 16-byte structs of two int64 (FieldNode, Buffer)."""
+        pos = self._field(index)
+        if not pos:
+            return []
+        vec = pos + _unpack("<I", self.buf, pos)
+        count = _unpack("<I", self.buf, vec)
+        if vec + 4 + 16 * count > len(self.buf):
+            raise struct.error("vector runs past the metadata")
+        return [struct.unpack_from("<qq", self.buf, vec + 4 + 16 * k) for k in range(count)]
+
+
+def _unpack(fmt: str, buf: bytes, pos: int) -> int:
+    return struct.unpack_from(fmt, buf, pos)[0]
+
+
+def _read_at(source: pa.NativeFile, nbytes: int, offset: int) -> pa.Buffer:
+    """``nbytes`` at ``offset``: a slice of the map when memory-mapped, else one ranged read."""
+    source.seek(offset)
+    return source.read_buffer(nbytes)
+
+
+def _message_prefix(source: pa.NativeFile, pos: int, size: int) -> tuple[int, int]:
+    """(metadata position, metadata length) of the IPC message starting at ``pos``."""
+    if pos + 8 > size:
+        raise ValueError("the file ends inside a message header")
+    prefix = _read_at(source, 8, pos).to_pybytes()
+    if prefix[:4] == _CONTINUATION:
+        return pos + 8, _unpack("<i", prefix, 4)
+    return pos + 4, _unpack("<i", prefix, 0)  # before Arrow 0.15: no continuation marker
+
+
+def locate_values(source: pa.NativeFile, path: str, numels: Sequence[int]) -> tuple[list[int], int]:
+    """Where each column's float32 values start in a candidate file, from its headers only.
+
+    Reads the file magic and the schema message's length (16 bytes), the record batch's
+    8-byte prefix and its metadata (about 100 bytes + 80 per column); no tensor data.
+
+    Args:
+        numels: per column (file order) its number of values (the store's numels).
+    Returns:
+        (offsets, header_bytes): per column the absolute byte offset of its first value;
+        the bytes read to find them.
+    Raises:
+        ValueError: not a candidate file of this layout (names ``path``): other magic,
+            message kinds, column count or sizes, or compressed buffers.
+    """
+    size = source.size()
+    try:
+        head = _read_at(source, 8, 0).to_pybytes()
+        if head[:6] != _MAGIC:
+            raise ValueError("not an Arrow IPC file (no ARROW1 magic)")
+        schema_meta, schema_len = _message_prefix(source, 8, size)  # the schema: no body
+        batch_pos = schema_meta + schema_len
+        meta_pos, meta_len = _message_prefix(source, batch_pos, size)
+        if meta_len <= 0 or meta_pos + meta_len > size:
+            raise ValueError(f"record batch metadata of {meta_len} bytes at {meta_pos} does not fit the file")
+        meta = _read_at(source, meta_len, meta_pos).to_pybytes()
+        header_bytes = 3 * 8 + meta_len  # magic, the two message prefixes, the batch's metadata
+        message = _Table(meta, _unpack("<I", meta, 0))
+        kind = message.scalar(1, "<B", 0)
+        if kind != _HEADER_RECORD_BATCH:
+            raise ValueError(f"the message after the schema has header type {kind}, expected a record batch")
+        body_length = message.scalar(3, "<q", 0)
+        batch = message.table(2)
+        if batch is None:
+            raise ValueError("the record batch message has no header")
+        if batch.table(3) is not None:
+            raise ValueError("compressed record batch (the store writes uncompressed files)")
+        nodes, buffers = batch.int64_pairs(1), batch.int64_pairs(2)
+    except struct.error as exc:
+        raise ValueError(f"candidate file {path}: malformed record batch metadata ({exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"candidate file {path}: {exc}") from exc
+    body = meta_pos + meta_len
+    if body + body_length > size:
+        raise ValueError(f"candidate file {path}: the record batch body runs past the end of the file")
+    n_cols = len(numels)
+    if len(nodes) != 2 * n_cols or len(buffers) != 3 * n_cols:
+        raise ValueError(f"candidate file {path}: {len(nodes)} field nodes and {len(buffers)} buffers, expected "
+                         f"{2 * n_cols} and {3 * n_cols} for {n_cols} fixed_size_list<float32> columns")
+    offsets = []
+    for j, numel in enumerate(numels):
+        # per column: the list's node and validity buffer, then its float child's node, validity and values
+        (rows, list_nulls), (count, nulls) = nodes[2 * j], nodes[2 * j + 1]
+        start, length = buffers[3 * j + 2]
+        if (rows, list_nulls, count, nulls) != (1, 0, numel, 0) or length < 4 * numel or start < 0 \
+                or start + 4 * numel > body_length:
+            raise ValueError(f"candidate file {path}: column {j} holds {count} values in {rows} row(s) "
+                             f"({nulls + list_nulls} nulls, {length} bytes), expected {numel} non-null float32")
+        offsets.append(body + start)
+    return offsets, header_bytes
+
+
+def read_value_ranges(
+    source: pa.NativeFile,
+    path: str,
+    numels: Sequence[int],
+    ranges: Sequence[tuple[int, int]],
+    dest: np.ndarray,
+) -> int:
+    """Copy elements ``[start, end)`` of every column's values into consecutive slices of ``dest``.
+
+    Args:
+        numels: per column (file order) its number of values.
+        ranges: per column (file order) an element range ``[start, end)``, possibly empty.
+        dest: float32, shape (sum of the ranges' lengths,); filled in column order.
+    Returns:
+        Bytes read from ``source``: the headers (:func:`locate_values`) plus 4 per element.
+    """
+    offsets, nbytes = locate_values(source, path, numels)
+    at = 0
+    for offset, (start, end) in zip(offsets, ranges):
+        if end > start:
+            chunk = _read_at(source, 4 * (end - start), offset + 4 * start)
+            if chunk.size != 4 * (end - start):
+                raise ValueError(f"candidate file {path}: short read ({chunk.size} of {4 * (end - start)} bytes)")
+            dest[at:at + end - start] = np.frombuffer(chunk, dtype="<f4")
+            nbytes += 4 * (end - start)
+            at += end - start
+    return nbytes

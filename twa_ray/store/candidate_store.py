@@ -14,7 +14,10 @@ step, metrics, source, ...) is JSON in the schema metadata (key ``twa_ray.info``
 Throughout, D = sum of numels of all parameters ("flat vector" = the parameters
 flattened and concatenated in ``names`` order, shape (D,)); n = number of candidates.
 Columns are the shard unit: :meth:`CandidateStore.read` with a subset of columns reads
-only those columns' bytes (Arrow column projection, memory-mapped when local).
+only those columns' bytes (Arrow column projection, memory-mapped when local). Row ranges
+are the FSDP2 shard unit: :meth:`CandidateStore.read_fsdp_shard` reads only a rank's dim-0
+rows of every tensor (:meth:`CandidateStore.read_ranges`: slices of the memory map locally,
+ranged reads on S3 and other filesystems).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import math
 import operator
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,9 +44,12 @@ from .candidate_file import (
     column_values,
     decode_info,
     open_candidate,
+    open_source,
     read_schema,
+    read_value_ranges,
     write_candidate_file,
 )
+from .rows import fsdp_element_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +108,9 @@ class CandidateStore:
     so a store can be handed to Ray workers, each reading only its own columns.
 
     Attributes:
-        bytes_read: payload bytes requested by :meth:`read` (and the methods built on
-            it) on this instance: selected columns' numels x candidates x 4. Footer and
-            metadata reads are not counted. Reset it by assigning 0.
+        bytes_read: payload bytes requested by :meth:`read`, :meth:`read_ranges` (and the
+            methods built on them) on this instance: selected values x candidates x 4.
+            Footer and metadata reads are not counted. Reset it by assigning 0.
     """
 
     def __init__(self, location: _fs.ResolvedLocation, metadata: dict):
@@ -550,12 +557,7 @@ class CandidateStore:
             ValueError: a candidate file is incomplete or does not match the store.
         """
         col_idx = self.resolve_columns(columns)
-        if candidates is None:
-            targets = [(c.index, c.path) for c in self.list_candidates()]
-        else:
-            if isinstance(candidates, int):
-                raise TypeError("candidates must be a list of indices, not a single index")
-            targets = [(i, self._candidate_path(i)) for i in (operator.index(c) for c in candidates)]
+        targets = self._targets(candidates)
         sizes = [self._numels[j] for j in col_idx]
         starts = np.cumsum([0] + sizes).tolist()
         out = torch.empty((len(targets), starts[-1]), dtype=torch.float32)
@@ -569,19 +571,90 @@ class CandidateStore:
             self.bytes_read += row_bytes
         return out
 
+    def _targets(self, candidates: Iterable[int] | None) -> list[tuple[int, str]]:
+        """(index, path) of the selected candidates; all complete ones, sorted, for None."""
+        if candidates is None:
+            return [(c.index, c.path) for c in self.list_candidates()]
+        if isinstance(candidates, int):
+            raise TypeError("candidates must be a list of indices, not a single index")
+        return [(i, self._candidate_path(i)) for i in (operator.index(c) for c in candidates)]
+
+    @contextmanager
+    def _reading(self, index: int, path: str) -> Iterator[None]:
+        """Turn a missing file into IndexError and an unreadable one into ValueError."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise IndexError(f"no candidate {index} in store {self.uri} ({path} does not exist)") from None
+        except (pa.ArrowInvalid, pa.ArrowIOError) as exc:
+            raise ValueError(f"candidate {index} in store {self.uri} is unreadable ({path}): {exc}") from exc
+
     def _read_row(self, index: int, path: str, fields: list[int], col_idx: list[int],
                   starts: list[int], dest: np.ndarray) -> None:
-        try:
+        with self._reading(index, path):
             with open_candidate(self._loc.fs, path, self._loc.is_local, included_fields=fields) as reader:
                 if reader.num_record_batches != 1:
                     raise ValueError(f"candidate file {path}: expected 1 record batch, found {reader.num_record_batches}")
                 batch = reader.get_batch(0)
                 for k, j in enumerate(col_idx):
                     dest[starts[k]:starts[k + 1]] = column_values(batch, self._names[j], self._numels[j], path)
-        except FileNotFoundError:
-            raise IndexError(f"no candidate {index} in store {self.uri} ({path} does not exist)") from None
-        except (pa.ArrowInvalid, pa.ArrowIOError) as exc:
-            raise ValueError(f"candidate {index} in store {self.uri} is unreadable ({path}): {exc}") from exc
+
+    def fsdp_ranges(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """Per tensor (store order), the flat element range ``[start, end)`` of the dim-0 rows
+        FSDP2 gives ``rank`` of ``world`` ranks (:func:`twa_ray.store.rows.fsdp_row_range`);
+        ``start == end`` where the rank holds no rows of that tensor."""
+        return fsdp_element_ranges(self._shapes, rank, world)
+
+    def read_ranges(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        candidates: Iterable[int] | None = None,
+    ) -> torch.Tensor:
+        """Read an element range of every tensor of selected candidates, and nothing else.
+
+        Args:
+            ranges: per tensor (store order, length P) a flat element range ``[start, end)``
+                within that tensor, ``0 <= start <= end <= numel``; empty ranges read nothing.
+            candidates: candidate indices; rows come in the order given. Default: all
+                complete candidates, sorted by index.
+
+        Returns:
+            A writable float32 CPU tensor of shape (n_selected, sum of (end - start)): per
+            candidate the ranges' values concatenated in store order. From each file only
+            its message headers (about 80 bytes per tensor) and these ranges are read:
+            slices of the memory map when local, ranged reads otherwise.
+
+        Raises:
+            IndexError: a requested candidate does not exist.
+            ValueError: ``ranges`` do not fit the tensors, or a candidate file is
+                incomplete or does not match the store.
+        """
+        ranges = [(operator.index(a), operator.index(b)) for a, b in ranges]
+        if len(ranges) != len(self._names):
+            raise ValueError(f"got {len(ranges)} ranges for the {len(self._names)} tensors of store {self.uri}")
+        for name, (a, b), numel in zip(self._names, ranges, self._numels):
+            if not 0 <= a <= b <= numel:
+                raise ValueError(f"range [{a}, {b}) does not fit parameter {name!r} of {numel} elements")
+        width = sum(b - a for a, b in ranges)
+        targets = self._targets(candidates)
+        out = torch.empty((len(targets), width), dtype=torch.float32)
+        out_np = out.numpy()
+        for row, (index, path) in enumerate(targets):
+            with self._reading(index, path):
+                with open_source(self._loc.fs, path, self._loc.is_local) as source:
+                    read_value_ranges(source, path, self._numels, ranges, out_np[row])
+            self.bytes_read += 4 * width
+        return out
+
+    def read_fsdp_shard(self, rank: int, world: int, candidates: Iterable[int] | None = None) -> torch.Tensor:
+        """``rank``'s FSDP2 shard of selected candidates: ``read_ranges(fsdp_ranges(rank, world), candidates)``.
+
+        Returns:
+            float32, shape (n_selected, sum of the rank's element counts): per candidate the
+            concatenation, in store order, of ``p.to_local().reshape(-1)`` for every parameter
+            ``p`` of a model whose parameters FSDP2 sharded over ``world`` ranks.
+        """
+        return self.read_ranges(self.fsdp_ranges(rank, world), candidates)
 
     def read_flat(self, index: int) -> torch.Tensor:
         """Candidate ``index`` as a flat float32 vector of shape (D,), in ``names`` order."""

@@ -65,17 +65,13 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     the path (absolute for local paths).
     """
     path = os.fspath(path)
-    fmt = path.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(path) else ""
+    name = posixpath.basename(_fs.strip_query(path))
+    fmt = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"{path}: the suffix must be one of {['.' + f for f in EXPORT_FORMATS]}")
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TypeError(f"{path}: state must be a non-empty dict of tensors")
-    loc = _fs.resolve(path)
-    parent = posixpath.dirname(loc.path)
-    if parent:
-        loc.fs.create_dir(parent, recursive=True)
-    _fs.write_bytes_atomic(loc.fs, loc.path, _serialise(state, fmt), overwrite=True)
-    return loc.uri
+    return _fs.write_file(path, _serialise(state, fmt))
 
 
 def export_state_dict(
@@ -85,4 +81,4 @@ def export_state_dict(
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; valid: {list(EXPORT_FORMATS)}")
-    return [save_state_dict(state, f"{os.fspath(base)}.{fmt}") for fmt in formats]
+    return [save_state_dict(state, _fs.with_suffix(base, f".{fmt}")) for fmt in formats]

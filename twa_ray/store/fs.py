@@ -1,8 +1,14 @@
 """Filesystem helpers for the candidate store: URI resolution and atomic writes.
 
-Everything goes through :mod:`pyarrow.fs`, so a store may live on a local disk
-(plain path or ``file://`` URI) or on any filesystem pyarrow can open from a URI
-(``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``).
+Everything goes through :mod:`pyarrow.fs`, so a store (and a run folder) may live on a
+local disk (plain path or ``file://`` URI) or on any filesystem pyarrow can open from a
+URI (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``). A URI may carry the
+filesystem's options as a query (``s3://bucket/run?endpoint_override=host:9000&scheme=http``):
+:func:`join` keeps the query at the end, so every location under it opens the same way.
+
+Two levels: ``(fs, path)`` helpers (``exists``, ``write_bytes_atomic``, ...) for code that
+holds a resolved filesystem, and location helpers (``read_file``, ``write_file``,
+``files_in``, ...) that take a plain path, a ``Path`` or a URI.
 """
 
 from __future__ import annotations
@@ -10,8 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -19,11 +30,24 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ResolvedLocation",
+    "Uri",
     "absolute",
+    "as_location",
+    "is_uri",
+    "strip_query",
+    "with_suffix",
+    "location_of",
     "resolve",
     "join",
+    "read_file",
+    "write_file",
+    "file_exists",
+    "files_in",
+    "remove_tree",
+    "local_folder",
     "exists",
     "list_files",
+    "is_object_store",
     "write_bytes_atomic",
     "move_into_place",
     "temp_name",
@@ -54,11 +78,58 @@ class ResolvedLocation:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
 
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for a URI (``s3://...``, ``file://...``), False for a local path."""
+    return "://" in os.fspath(location)
+
+
 def absolute(location: str) -> str:
     """A local path made absolute against this process's cwd (``~`` expanded); a URI
     (``s3://...``, ``file://...``) unchanged. Drivers pass locations to workers, which
     run in another cwd, in this form."""
-    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def _split_query(location: str) -> tuple[str, str]:
+    """("scheme://path", "?query") of a URI with a query; (location, "") otherwise."""
+    if "://" in location and "?" in location:
+        head, _, query = location.partition("?")
+        return head, "?" + query
+    return location, ""
+
+
+def strip_query(location: str | os.PathLike) -> str:
+    """``location`` without a URI's query: what names the file (its suffix, its name)."""
+    return _split_query(os.fspath(location))[0]
+
+
+def with_suffix(location: str | os.PathLike, suffix: str) -> str:
+    """``location`` + ``suffix`` (".pt"), before a URI's query."""
+    head, query = _split_query(os.fspath(location))
+    return head + suffix + query
+
+
+class Uri(str):
+    """A URI that joins like a ``Path``: ``Uri("s3://b/run?region=x") / "plots" / "a.png"``
+    is ``"s3://b/run/plots/a.png?region=x"``, so run-folder code writes ``run_dir / name``
+    for a local folder (a ``Path``) and a URI alike (:func:`as_location`)."""
+
+    __slots__ = ()
+
+    def __truediv__(self, part: str | os.PathLike) -> "Uri":
+        return Uri(join(self, os.fspath(part)))
+
+    @property
+    def name(self) -> str:
+        """The last path component (as ``Path.name``)."""
+        return posixpath.basename(_split_query(self)[0].rstrip("/"))
+
+
+def as_location(location: str | os.PathLike) -> Path | Uri:
+    """A URI as a :class:`Uri`, anything else as a ``Path``: both join with ``/``."""
+    if isinstance(location, Uri):
+        return location
+    return Uri(os.fspath(location)) if is_uri(location) else Path(location)
 
 
 def resolve(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> ResolvedLocation:
@@ -90,9 +161,26 @@ def resolve(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -
     return ResolvedLocation(fs, path, uri.rstrip("/"))
 
 
-def join(*parts: str) -> str:
-    """Join path components with '/' (pyarrow filesystems use POSIX-style paths)."""
-    return posixpath.join(*parts)
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path components with '/' (pyarrow filesystems use POSIX-style paths); a URI's
+    query stays at the end (``join("s3://b/run?scheme=http", "x")`` is ``"s3://b/run/x?scheme=http"``)."""
+    head, query = _split_query(os.fspath(base))
+    return posixpath.join(head, *parts) + query
+
+
+def location_of(base: str | os.PathLike, fs_path: str) -> str:
+    """The location of ``fs_path`` in the form of ``base`` (a local path, or a URI with its
+    scheme and query). ``fs_path`` is a path inside ``base``'s filesystem, at or under
+    ``base``, as Ray reports a checkpoint's (``Checkpoint.path`` has no scheme)."""
+    base = os.fspath(base)
+    if not is_uri(base):
+        return fs_path
+    relative = posixpath.relpath(fs_path.rstrip("/"), resolve(base).path)
+    if relative == ".":
+        return base
+    if relative == ".." or relative.startswith("../"):
+        raise ValueError(f"{fs_path} is not under {base}")
+    return join(base, relative)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -159,12 +247,42 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         logger.debug("could not delete temporary file %s", path, exc_info=True)
 
 
+# Object stores publish an object only when its upload completes (a PutObject, or the
+# CompleteMultipartUpload that pyarrow's output stream sends on close): readers see the old
+# object or the whole new one, never a part, and a writer that dies before the end leaves
+# no object (at most an unfinished multipart upload, which no reader sees). With the whole
+# content in memory and written in one call, one upload is therefore atomic; an upload
+# whose part fails is not completed (close raises). A temporary key plus a move is no safer
+# there and costs more: pyarrow's move on S3 / GCS is a server-side copy of every byte,
+# then a delete, and a writer killed in between leaves the temporary key behind. Every
+# other filesystem (local, HDFS, fsspec wrappers) shows a file while it is being written,
+# so there the data goes to a temporary name that is then renamed.
+_OBJECT_STORES = tuple(c for c in (getattr(pafs, "S3FileSystem", None), getattr(pafs, "GcsFileSystem", None))
+                       if c is not None)
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """True for S3 and GCS: no directories, and an object appears only once fully uploaded."""
+    return isinstance(fs, _OBJECT_STORES)
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, overwrite: bool = True) -> bool:
-    """Write ``data`` to ``path`` via a temporary name in the same folder, then move.
+    """Write ``data`` to ``path`` atomically: readers see the old file or all of ``data``.
+
+    On an object store one upload of the whole object (see ``_OBJECT_STORES``); elsewhere
+    a temporary name in the same folder, then a move (``move_into_place``).
 
     Returns:
-        True if written; False if ``overwrite`` is False and ``path`` already existed.
+        True if written; False if ``overwrite`` is False and ``path`` already existed
+        (best effort on an object store: checked just before the upload).
     """
+    if is_object_store(fs):
+        if not overwrite and exists(fs, path):
+            return False
+        out = fs.open_output_stream(path)
+        out.write(data)
+        out.close()  # the upload completes here
+        return True
     tmp = temp_name(path)
     try:
         with fs.open_output_stream(tmp) as out:
@@ -176,3 +294,70 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, overwrite: b
     if not moved:
         delete_quietly(fs, tmp)
     return moved
+
+
+# ---------------------------------------------------------------- locations (path, Path or URI)
+
+
+def read_file(location: str | os.PathLike) -> bytes:
+    """The bytes of the file at ``location``; FileNotFoundError when there is none."""
+    loc = resolve(location)
+    if loc.fs.get_file_info(loc.path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{loc.uri} does not exist")
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read()
+
+
+def write_file(location: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``location`` atomically (``write_bytes_atomic``), replacing any
+    earlier file; a local parent folder is made first. Returns the location (absolute
+    for a local path)."""
+    loc = resolve(location)
+    parent = posixpath.dirname(loc.path)
+    if parent and not is_object_store(loc.fs):  # an object store has no folders to make
+        loc.fs.create_dir(parent, recursive=True)
+    write_bytes_atomic(loc.fs, loc.path, data, overwrite=True)
+    return loc.uri
+
+
+def file_exists(location: str | os.PathLike) -> bool:
+    """True when ``location`` is a file (not a folder)."""
+    loc = resolve(location)
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+
+
+def files_in(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """(name, size in bytes) of the files directly inside ``folder``, by name; [] when it
+    does not exist."""
+    loc = resolve(folder)
+    return sorted((posixpath.basename(i.path), i.size) for i in list_files(loc.fs, loc.path))
+
+
+def remove_tree(location: str | os.PathLike) -> bool:
+    """Delete the folder ``location`` with everything in it; False when there was none."""
+    loc = resolve(location)
+    if not exists(loc.fs, loc.path):
+        return False
+    loc.fs.delete_dir(loc.path)
+    return True
+
+
+@contextmanager
+def local_folder(location: str | os.PathLike) -> Iterator[Path]:
+    """A fresh, empty local folder standing for the folder ``location`` (its earlier
+    contents removed), for libraries that write only to local paths (TensorBoard's
+    event files): the folder itself for a local path; for a URI a temporary folder,
+    uploaded into ``location`` when the block ends without an error (file by file: a
+    reader may see part of the folder while it uploads)."""
+    if not is_uri(location):
+        path = Path(location)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="twa-upload-") as tmp:
+        yield Path(tmp)
+        remove_tree(location)
+        loc = resolve(location)
+        pafs.copy_files(tmp, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)

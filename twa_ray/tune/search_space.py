@@ -78,8 +78,14 @@ def trial_concurrency(cfg: Config, cpus: float, gpus: float) -> int:
     workers = max_workers(cfg)
     if gpus >= 1:
         return max(1, int(gpus // workers))
-    per_trial = cfg.tune.trial_cpus + workers * cfg.twa.cpus_per_worker
+    per_trial = cfg.tune.trial_cpus + workers * trial_cpus_per_worker(cfg)
     return max(1, int(cpus // per_trial + 1e-9))
+
+
+def trial_cpus_per_worker(cfg: Config) -> float:
+    """CPUs each TWA worker of a trial reserves: twa.cpus_per_worker, 1 when unset (the
+    main job's default of a node's CPUs per worker would leave no room for the trial's driver)."""
+    return cfg.twa.cpus_per_worker if cfg.twa.cpus_per_worker is not None else 1.0
 
 
 def max_workers(cfg: Config) -> int:

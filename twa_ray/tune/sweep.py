@@ -31,7 +31,7 @@ from ray.train import UserCallback
 from ..config import Config, config_to_dict, select_candidates
 from ..output.atomic import write_json
 from ..store import CandidateStore
-from .search_space import apply_params, max_epochs, param_space, trial_concurrency
+from .search_space import apply_params, max_epochs, param_space, trial_concurrency, trial_cpus_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, e
     cfg = apply_params(base, params)
     cfg.twa.checkpoint_every_steps = None  # one report per epoch: the metric ASHA compares
     cfg.twa.select_eval = True  # that metric
+    cfg.twa.cpus_per_worker = trial_cpus_per_worker(cfg)
     _trial_event(events, "start", trial_id)
     result = run_twa(cfg, store_uri, storage_path=train_storage, run_name=f"trial-{trial_id}",
                      callbacks=[TuneReportCallback(), EpochEvents(events, trial_id)])
@@ -97,8 +98,17 @@ class SweepResult:
     experiment_path: str
 
 
-def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
-    """Run (or resume) the sweep ``cfg.tune`` describes over the candidates at ``store_uri``."""
+def sweep_run_config(name: str, storage_path: str, verbose: bool = False):
+    """The sweep's ``tune.RunConfig``: Tune's own console reporter (its trial status tables)
+    silent (``verbose=0``) unless ``verbose``, which keeps Tune's default."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage_path, verbose=None if verbose else 0)
+
+
+def run_sweep(cfg: Config, store_uri: str, verbose: bool = False) -> SweepResult:
+    """Run (or resume) the sweep ``cfg.tune`` describes over the candidates at ``store_uri``;
+    Tune's trial tables only when ``verbose`` (a resumed sweep keeps its first run's setting)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -136,7 +146,7 @@ def run_sweep(cfg: Config, store_uri: str) -> SweepResult:
                 metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrency, scheduler=scheduler,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+            run_config=sweep_run_config(name, str(storage), verbose),
         )
     log.info("sweep %s: up to %d trial(s) at a time", name, concurrency)
     grid = tuner.fit()

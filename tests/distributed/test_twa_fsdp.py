@@ -1,0 +1,225 @@
+"""TWA on FSDP2-sharded models (``twa.sharding: fsdp``) against the one-process core: two
+gloo ranks without Ray (several bases, bit widths and granularities, uneven and empty row
+shards), and the Ray Train run users start, with a lost worker."""
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from twa_ray.config import ConfigError, TWAConfig, config_from_dict
+from twa_ray.core import TWA, ScheduleSpec, flatten_params
+from twa_ray.core.blocks import make_blocks
+from twa_ray.core.params import ParamLayout
+from twa_ray.core.quant import packed_bytes
+from twa_ray.distributed.batches import local_slice
+from twa_ray.distributed.twa_fsdp import RowLayout, build_fsdp_twa, fsdp_wrap, local_param_bytes
+from twa_ray.store import CandidateStore
+
+WORLD = 2
+STEPS = 6
+# (bits, basis, granularity, grad_clip)
+CASES = [
+    (8, "normalized", "tensor", None),
+    (32, "normalized", "tensor", None),
+    (4, "normalized", "size:20", 0.05),  # the clipping norm is summed over ranks
+    (32, "orthonormal", "tensor", None),
+    (2, "orthonormal-global", "model", None),
+]
+
+
+class _Net(nn.Module):
+    """Rows 5, 5, 3, 3 and 1: uneven row shards, and a tensor rank 1 holds nothing of."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))) * self.gain
+
+
+def _cfg(bits, basis, granularity, grad_clip) -> TWAConfig:
+    return TWAConfig(bits=bits, basis=basis, granularity=granularity, grad_clip=grad_clip, lr=0.2, epochs=1,
+                     sharding="fsdp")
+
+
+def _batches():
+    """STEPS global batches of 16 (x (16, 6), y (16,))."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    return [(x[16 * (s % 3) : 16 * (s % 3 + 1)], y[16 * (s % 3) : 16 * (s % 3 + 1)]) for s in range(STEPS)]
+
+
+def _train(model, twa, rank=0, world=1):
+    """STEPS TWA steps; each rank back-propagates its slice's share of the global mean loss."""
+    for x, y in _batches():
+        lo, hi = local_slice(len(x), rank, world)
+        for p in model.parameters():
+            p.grad = None
+        (nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") / len(x)).backward()
+        twa.step()
+
+
+def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))  # a failing rank stops the other soon
+    try:
+        store = CandidateStore.open(store_uri)
+        results = []
+        for case in CASES:
+            model = fsdp_wrap(_Net(), WORLD, torch.device("cpu"))
+            twa = build_fsdp_twa(model, store, store.candidate_indices(), _cfg(*case), STEPS, rank, WORLD).twa
+            _train(model, twa, rank, WORLD)
+            grads = [p.grad.to_local() for p in model.parameters()]
+            results.append({
+                "X": twa.X.detach().clone(), "weights": twa.weights().clone(), "q": twa.projection.dequantized(),
+                # what FSDP all-gathers for the next forward pass
+                "full": torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]),
+                "projection_bytes": twa.projection.nbytes, "param_bytes": local_param_bytes(model),
+                "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
+            })
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory):
+    """Five candidates around the net's initial weights; the gain is the same in all of them."""
+    model = _Net()
+    store = CandidateStore.create_for_model(str(tmp_path_factory.mktemp("fsdp") / "store"), model)
+    gen = torch.Generator().manual_seed(1)
+    base = flatten_params(model)
+    for _ in range(5):
+        w = base + 0.3 * torch.randn(base.numel(), generator=gen)
+        w[-1] = 1.0
+        store.append_flat(w)
+    return store.uri
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, store_uri):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank_main, args=(_free_port(), str(out), store_uri), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _reference(store_uri, case):
+    """The same TWA in one process with the core API."""
+    cfg = _cfg(*case)
+    model = _Net()
+    twa = TWA.from_candidates(
+        model, CandidateStore.open(store_uri).read(), bits=cfg.bits, granularity=cfg.granularity, basis=cfg.basis,
+        optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, grad_clip=cfg.grad_clip,
+        schedule=ScheduleSpec(kind=cfg.schedule, total_steps=STEPS, warmup_frac=cfg.warmup, epochs=cfg.epochs),
+    )
+    q = twa.projection.dequantized()
+    _train(model, twa)
+    return twa, q
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_coefficients_and_weights_equal_the_one_process_core(two_ranks, store_uri, case):
+    ref, q = _reference(store_uri, CASES[case])
+    rows = RowLayout(ParamLayout.from_model(_Net()), WORLD)
+    assert ref.X.abs().sum() > 0
+    for rank, results in enumerate(two_ranks):
+        got = results[case]
+        torch.testing.assert_close(got["X"], ref.X.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["weights"], flatten_params(ref.model), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["full"], got["weights"], rtol=0, atol=0)  # written into FSDP's shards
+        torch.testing.assert_close(got["q"], rows.take(q, rank), rtol=0, atol=1e-6)  # this rank's rows of Q
+
+
+def test_each_rank_holds_its_rows_of_model_gradient_and_projection(two_ranks):
+    layout = ParamLayout.from_model(_Net())
+    rows = RowLayout(layout, WORLD)
+    assert [rows.numel(r) for r in range(WORLD)] == [3 * 6 + 3 + 2 * 5 + 2 + 1, 2 * 6 + 2 + 1 * 5 + 1 + 0]
+    for case, (bits, _, granularity, _) in enumerate(CASES):
+        blocks = make_blocks(layout.numels, granularity)
+        for rank, results in enumerate(two_ranks):
+            got = results[case]
+            assert got["param_bytes"] == got["grad_bytes"] == 4 * rows.numel(rank)
+            own = [sum(rows.numels(rank)[a:b]) for a, b in blocks.tensor_ranges]
+            assert got["projection_bytes"] == 5 * sum(packed_bytes(m, bits) for m in own)
+    assert sum(r[0]["param_bytes"] for r in two_ranks) == 4 * layout.num_params
+
+
+def test_fsdp_refuses_what_it_does_not_support():
+    base = {"twa": {"sharding": "fsdp"}}
+    with pytest.raises(ConfigError, match=r"twa.sharding: 'fsdp' does not support twa.basis: checkpoints"):
+        config_from_dict({"twa": {**base["twa"], "basis": "checkpoints"}})
+    with pytest.raises(ConfigError, match="twa.sharding: 'fsdp' does not support twa.select_eval"):
+        config_from_dict({"twa": {**base["twa"], "select_eval": True}})
+    with pytest.raises(ConfigError, match="twa.sharding: 'rows' is not one of"):
+        config_from_dict({"twa": {"sharding": "rows"}})
+    assert config_from_dict({}).twa.sharding == "blocks"
+
+
+# ---------------------------------------------------------------- the Ray Train run
+
+
+def _ray_cfg(out, **twa):
+    return config_from_dict({
+        "name": "fsdp", "output_dir": str(out), "seed": 3,
+        "data": {"name": "synthetic", "val_ratio": 0.25, "batch_size": 32,
+                 "synthetic": {"num_train": 160, "num_test": 32, "num_classes": 3, "channels": 1, "image_size": 4}},
+        "model": {"name": "mlp", "kwargs": {"hidden": [16, 15]}},  # 15 rows: uneven shards
+        "twa": {"workers": 2, "sharding": "fsdp", "bits": 8, "granularity": "tensor", "epochs": 2, "lr": 0.2, **twa},
+    })
+
+
+@pytest.mark.ray
+def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_path):
+    from twa_ray.data.from_config import splits_from_config
+    from twa_ray.distributed.batches import ShardedBatchSampler, batches_per_epoch, loader_for
+    from twa_ray.distributed.twa_train import run_twa
+    from twa_ray.models.from_config import model_from_config
+
+    cfg = _ray_cfg(tmp_path / "run", checkpoint_every_steps=2)
+    splits = splits_from_config(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, splits)
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), model)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        store.append_flat(flatten_params(model) + 0.2 * torch.randn(store.num_params, generator=gen))
+
+    cfg.debug.fail_at_step = 5  # one run, which loses a worker at step 5 and resumes from step 4's checkpoint
+    result = run_twa(cfg, store.uri)
+    assert (tmp_path / "run" / "debug" / "twa-failed-at-step-5").exists()
+
+    # the single-process core on the same global batches
+    torch.manual_seed(cfg.seed)
+    ref_model = model_from_config(cfg, splits)
+    steps = batches_per_epoch(len(splits.train), 32) * 2
+    twa = TWA.from_candidates(ref_model, store.read(), bits=8, granularity="tensor", lr=0.2,
+                              schedule=ScheduleSpec(cfg.twa.schedule, steps))
+    for epoch in range(2):
+        for x, y in loader_for(splits.train, ShardedBatchSampler(len(splits.train), 32, 0, 1, cfg.seed, epoch)):
+            ref_model.zero_grad()
+            nn.functional.cross_entropy(ref_model(x), y).backward()
+            twa.step()
+    torch.testing.assert_close(result.coefficients[0], twa.X.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.weights, flatten_params(ref_model), rtol=0, atol=1e-5)
+    assert [h["step"] for h in result.history] == [steps // 2, steps]
+
+    # each worker holds its rows: about half of the parameters and of the projection
+    rows = RowLayout(ParamLayout.from_model(ref_model), 2)
+    assert result.param_bytes == [4 * rows.numel(r) for r in range(2)]
+    assert sum(result.param_bytes) == 4 * store.num_params
+    assert sum(result.projection_bytes) == 4 * store.num_params  # 8 bits: one byte per value, 4 candidates
+    assert max(result.projection_bytes) <= 0.55 * sum(result.projection_bytes)

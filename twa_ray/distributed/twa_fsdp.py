@@ -1,0 +1,202 @@
+"""TWA on an FSDP2-sharded model (``twa.sharding: fsdp``).
+
+The workers wrap the model with ``torch.distributed.fsdp.fully_shard``: rank r keeps rows
+``store.fsdp_row_range(shape, r, k)`` of dim 0 of every parameter, and of its gradient. Its TWA
+shard is exactly those rows: it reads them from the candidate store and builds its packed
+Q and center for them (``core.row_shards``: per-block norms, Grams and quantisation
+ranges are all-reduced). One TWA step after ``loss.backward()``:
+
+1. FSDP's reduce-scatter has left the summed gradient's local rows in ``p.grad`` (a DTensor);
+2. G_r = Q[:, rows_r] g[rows_r] over all L blocks -> all-reduce (n x L numbers);
+3. the same optimizer step on X on every rank;
+4. w[rows_r] = c[rows_r] + Q[:, rows_r]^T X written into the local shards; FSDP all-gathers
+   them for the next forward pass, so TWA adds no weight traffic of its own.
+
+Per worker, model + gradient + projection are 1/k of the whole (plus FSDP's transient
+all-gather of one unit). Bases: ``row_shards.ROW_BASES`` (not ``checkpoints``); every
+bit width and granularity.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import TWAConfig, sharding_problems
+from ..core import TWA, ScheduleSpec
+from ..core.blocks import make_blocks
+from ..core.params import ParamLayout, trainable_parameters
+from ..core.row_shards import build_row_projection, row_block_sizes
+from ..store import CandidateStore, fsdp_element_ranges
+from .collectives import TorchCollectives
+from .twa_shard import ShardSetup, check_store_matches
+
+log = logging.getLogger(__name__)
+
+
+class RowLayout:
+    """Where each rank's rows sit in the flat parameter vector (D,), tensor by tensor.
+
+    A rank's own vector is its rows of tensor 0, then of tensor 1, ... (``numel(rank)`` values)."""
+
+    def __init__(self, layout: ParamLayout, world: int) -> None:
+        self.layout = layout
+        self.world = world
+        # spans[r][t]: the flat [start, end) rank r's rows of tensor t occupy in the (D,) vector
+        self.spans = [
+            [(o + a, o + b) for (a, b), o in zip(fsdp_element_ranges(layout.shapes, r, world), layout.offsets)]
+            for r in range(world)
+        ]
+
+    def numels(self, rank: int) -> list[int]:
+        """Elements of each tensor ``rank`` holds."""
+        return [e - s for s, e in self.spans[rank]]
+
+    def numel(self, rank: int) -> int:
+        return sum(self.numels(rank))
+
+    def take(self, flat: torch.Tensor, rank: int) -> torch.Tensor:
+        """(..., D) -> (..., numel(rank)): ``rank``'s rows of every tensor."""
+        return torch.cat([flat[..., s:e] for s, e in self.spans[rank]], dim=-1)
+
+    def put(self, own: torch.Tensor, rank: int, out: torch.Tensor) -> None:
+        """Inverse of ``take``: write ``rank``'s values (numel(rank),) into ``out`` (D,)."""
+        pos = 0
+        for s, e in self.spans[rank]:
+            out[s:e] = own[pos : pos + e - s]
+            pos += e - s
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself when not distributed)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDPShard:
+    """A ``core.twa.ParamShard`` over the local shards FSDP2 keeps: this rank's dim-0 rows of
+    every trainable parameter, in layout order."""
+
+    def __init__(self, model: nn.Module, rows: RowLayout, rank: int, device) -> None:
+        self.model = model
+        self.rows = rows
+        self.rank = rank
+        self.numels = rows.numels(rank)
+        self.numel = sum(self.numels)
+        local = [_local(p).numel() for p in trainable_parameters(model)]
+        if local != self.numels:
+            raise ValueError(f"rank {rank}: FSDP's local shards hold {local} elements, the row layout says "
+                             f"{self.numels} (is the model wrapped with fully_shard on a 1-D mesh of "
+                             f"{rows.world} ranks?)")
+        self._grad = torch.empty(self.numel, device=device)
+
+    def gradient(self) -> torch.Tensor:
+        for p, dst in zip(trainable_parameters(self.model), self._grad.split(self.numels)):
+            if p.grad is None:
+                dst.zero_()
+            else:
+                dst.copy_(_local(p.grad).reshape(-1))
+        return self._grad
+
+    @torch.no_grad()
+    def write(self, own: torch.Tensor) -> None:
+        for p, part in zip(trainable_parameters(self.model), own.split(self.numels)):
+            local = _local(p)
+            local.copy_(part.view_as(local))
+
+    @torch.no_grad()
+    def gather(self, own: torch.Tensor) -> torch.Tensor:
+        """(D,) from every rank's rows: one all-gather (at the end of a round, not per step)."""
+        out = torch.empty(self.rows.layout.num_params, device=own.device)
+        world = self.rows.world
+        if world == 1:
+            self.rows.put(own, 0, out)
+            return out
+        pad = max(self.rows.numel(r) for r in range(world))
+        src = torch.zeros(pad, device=own.device)
+        src[: own.numel()] = own
+        gathered = torch.empty(world * pad, device=own.device)
+        dist.all_gather_single(gathered, src)
+        for r in range(world):
+            self.rows.put(gathered[r * pad : (r + 1) * pad], r, out)
+        return out
+
+
+def fsdp_wrap(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """``model`` (on ``device``) under FSDP2 over all ``world`` ranks: every module that holds
+    parameters of its own is an all-gather unit, then the root. Gradients are summed over
+    ranks, not averaged (each rank's loss is already its share of the global batch mean).
+    One rank and no process group: the model as it is."""
+    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for module in list(model.modules())[1:]:
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+class _Collectives(TorchCollectives):
+    """TWA's collectives under FSDP: the all-reduces (sum, max). Rank r's coordinates are
+    [sum of numel(<r), sum of numel(<=r)) of the rank-major order; TWA never reduce-scatters
+    or all-gathers them (FSDP does)."""
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+
+def build_fsdp_twa(
+    model: nn.Module,
+    store: CandidateStore,
+    candidate_indices: list[int],
+    cfg: TWAConfig,
+    total_steps: int,
+    rank: int = 0,
+    world_size: int = 1,
+    center: torch.Tensor | None = None,
+) -> ShardSetup:
+    """TWA for this rank of an FSDP2 model (``fsdp_wrap``): its rows of the chosen candidates
+    -> its packed Q rows. ``center`` (D,): the origin (X = 0) when given (a later round)."""
+    problems = sharding_problems(cfg)
+    if problems:
+        raise ValueError("twa.sharding: " + "; ".join(problems))
+    layout = check_store_matches(store, model)
+    rows = RowLayout(layout, world_size)
+    device = _local(next(model.parameters())).device
+    shard = FSDPShard(model, rows, rank, device)
+    blocks = make_blocks(layout.numels, cfg.granularity)
+    sizes = row_block_sizes(blocks, shard.numels)
+    ends = torch.tensor([rows.numel(r) for r in range(world_size)]).cumsum(0).tolist()
+    comm = _Collectives(list(zip([0] + ends[:-1], ends)), rank, world_size)
+    w = store.read_fsdp_shard(rank, world_size, candidate_indices).to(device)  # (n, numel(rank)): only these rows
+    proj = build_row_projection(
+        w, sizes, cfg.basis, cfg.bits, comm.all_reduce_sum, comm.all_reduce_max,
+        center=None if center is None else rows.take(center.to(device), rank), max_chunk_bytes=cfg.max_chunk_bytes,
+        kernel=cfg.kernel,
+    )
+    del w
+    twa = TWA(
+        model, proj, len(blocks), (0, len(blocks)),
+        optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov, grad_clip=cfg.grad_clip, collectives=comm, shard=shard,
+        schedule=ScheduleSpec(kind=cfg.schedule, total_steps=max(1, total_steps), warmup_frac=cfg.warmup,
+                              epochs=cfg.epochs),
+    )
+    log.debug("rank %d: %d of %d coordinates, %d projection bytes", rank, shard.numel, layout.num_params, proj.nbytes)
+    return ShardSetup(twa, blocks, None, list(candidate_indices))
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of the trainable parameters this rank holds (its FSDP shards, or the whole model)."""
+    return sum(_local(p).numel() * _local(p).element_size() for p in trainable_parameters(model))
