@@ -143,6 +143,9 @@ def test_method_rows_of_the_main_job():
     assert rows["swa"]["epochs"] == 4 and rows["swa"]["compute_s"] == 60.0
     assert rows["full_budget"]["epochs"] == 8 and rows["full_budget"]["compute_s"] == 118.0
     assert rows["full_budget"]["test_loss"] == 0.33
+    # two rounds of TWA: summary["epochs"]["twa"] counts both
+    rounds = {**MAIN_SUMMARY, "epochs": {"base": 4, "twa": 4, "full_budget": 8}}
+    assert {r["key"]: r for r in method_rows(rounds)}["twa"]["epochs"] == 8
 
 
 def test_method_rows_of_the_soup_job():

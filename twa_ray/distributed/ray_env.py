@@ -51,6 +51,8 @@ QUIET_WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 TRAIN_LOG_LEVEL = "WARNING"
+# the placement-group cleaner's warnings a healthy run (or sweep) prints (see quiet_worker)
+QUIET_CLEANER_MESSAGES = ("Failed to query Ray Train Controller actor state", "Detected that the Ray Train controller actor")
 
 
 def quiet_ray(verbose: bool = False) -> dict:
@@ -66,6 +68,8 @@ def quiet_ray(verbose: bool = False) -> dict:
     for key, value in {**QUIET_DRIVER_ENV, **QUIET_WORKER_ENV}.items():
         os.environ.setdefault(key, value)
 
+    cleaner_messages = QUIET_CLEANER_MESSAGES
+
     def quiet_worker() -> None:  # runs in every Ray worker process of the job
         import logging
         import os
@@ -73,9 +77,11 @@ def quiet_ray(verbose: bool = False) -> dict:
         import ray
 
         # A local Ray without the dashboard has no State API: the placement-group cleaner
-        # warns every second that it cannot reach it. Its other warnings stay.
+        # warns every second that it cannot reach it; and when Tune stops a trial early
+        # (ASHA), it warns that the trial's controller died while removing its placement
+        # group, the normal end of a stopped trial. Its other warnings stay.
         logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
-            lambda record: not record.getMessage().startswith("Failed to query Ray Train Controller actor state"))
+            lambda record: not record.getMessage().startswith(cleaner_messages))
         # "Reporting training result ..." (per report, per rank) is logged under the file's
         # path, out of reach of Train's LoggingConfig.
         context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")

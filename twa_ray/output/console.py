@@ -177,6 +177,9 @@ def _main_job_method(summary: Mapping[str, Any], method: str) -> tuple[float | N
     train = f"{dataset} train" if dataset else "train"
     twa_data = summary.get("twa_data")
     if method == "twa":
+        # epochs.twa counts every round's epochs (twa_epochs is one round's)
+        twa_total = _number((summary.get("epochs") or {}).get("twa"))
+        twa_epochs = twa_total if twa_total is not None else twa_epochs
         epochs = base + twa_epochs if base is not None and twa_epochs is not None else None
         on = f"{train}; TWA on {twa_data}" if twa_data else train
         return epochs, _seconds(times, "base_train", "twa"), on
