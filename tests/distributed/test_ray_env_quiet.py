@@ -23,9 +23,37 @@ def record(name: str, level: int, msg: str) -> logging.LogRecord:
 
 
 def test_verbose_keeps_rays_defaults(clean_env):
-    assert quiet_ray(verbose=True) == {}
+    kwargs = quiet_ray(verbose=True)
+    assert list(kwargs["runtime_env"]) == ["worker_process_setup_hook"]  # only the address pin below
     assert all(key not in os.environ for key in [*QUIET_DRIVER_ENV, *QUIET_WORKER_ENV])
     assert train_logging_config().log_level == "INFO"
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_workers_ask_their_own_cluster(clean_env, verbose):
+    """With two Ray instances on the machine, an address-less State API lookup (Train's
+    placement-group cleaner) fails; every worker pins RAY_ADDRESS to its own cluster."""
+    import ray
+
+    class Context:
+        gcs_address = "127.0.0.1:61234"
+
+    clean_env.setattr(ray, "get_runtime_context", lambda: Context())
+    clean_env.delenv("RAY_ADDRESS", raising=False)
+    cleaner = logging.getLogger(CLEANER)
+    filters = list(cleaner.filters)
+    context = logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
+                                             "execution", "context.py"))
+    level = context.level
+    try:
+        quiet_ray(verbose=verbose)["runtime_env"]["worker_process_setup_hook"]()
+        assert os.environ["RAY_ADDRESS"] == "127.0.0.1:61234"
+        clean_env.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster the job joined keeps its address
+        quiet_ray(verbose=verbose)["runtime_env"]["worker_process_setup_hook"]()
+        assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379"
+    finally:
+        cleaner.filters[:] = filters
+        context.setLevel(level)
 
 
 def test_quiet_sets_the_switches_and_a_worker_hook(clean_env):

@@ -63,8 +63,21 @@ def quiet_ray(verbose: bool = False) -> dict:
     INFO lines (worker-group start, one per checkpoint) go with ``train_logging_config``.
     """
     os.environ["TWA_RAY_VERBOSE"] = "1" if verbose else "0"  # train_logging_config in Tune trials
+
+    def pin_cluster_address() -> None:  # runs in every Ray worker process of the job
+        import os
+
+        import ray
+
+        # Ray Train's placement-group cleaner asks the State API with no address; with more
+        # than one Ray on the machine (two jobs, or a test's cluster) that lookup raises
+        # "Found multiple active Ray instances" and kills its monitor thread. A worker's own
+        # cluster is the one to ask.
+        if not os.environ.get("RAY_ADDRESS"):
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
     if verbose:
-        return {}
+        return {"runtime_env": {"worker_process_setup_hook": pin_cluster_address}}
     for key, value in {**QUIET_DRIVER_ENV, **QUIET_WORKER_ENV}.items():
         os.environ.setdefault(key, value)
 
@@ -75,6 +88,8 @@ def quiet_ray(verbose: bool = False) -> dict:
         import os
 
         import ray
+
+        pin_cluster_address()
 
         # A local Ray without the dashboard has no State API: the placement-group cleaner
         # warns every second that it cannot reach it; and when Tune stops a trial early
