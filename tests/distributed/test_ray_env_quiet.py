@@ -11,10 +11,22 @@ from twa_ray.distributed.ray_env import QUIET_DRIVER_ENV, QUIET_WORKER_ENV, quie
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+class FakeContext:
+    gcs_address = "127.0.0.1:61234"
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
+    import ray
+
     for key in [*QUIET_DRIVER_ENV, *QUIET_WORKER_ENV, "TWA_RAY_VERBOSE"]:
         monkeypatch.delenv(key, raising=False)
+    # the worker hooks set RAY_ADDRESS directly, from the runtime context: setenv first, so
+    # that the teardown restores it as it was (a leaked one would make every later ray.init
+    # join a cluster that is not there), and no Ray is started for a context here
+    monkeypatch.setenv("RAY_ADDRESS", "unset-below")
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: FakeContext())
     yield monkeypatch
 
 
@@ -35,11 +47,6 @@ def test_workers_ask_their_own_cluster(clean_env, verbose):
     placement-group cleaner) fails; every worker pins RAY_ADDRESS to its own cluster."""
     import ray
 
-    class Context:
-        gcs_address = "127.0.0.1:61234"
-
-    clean_env.setattr(ray, "get_runtime_context", lambda: Context())
-    clean_env.delenv("RAY_ADDRESS", raising=False)
     cleaner = logging.getLogger(CLEANER)
     filters = list(cleaner.filters)
     context = logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
