@@ -171,7 +171,7 @@ def test_tune_verbose_flag_reaches_ray_and_the_sweeps_run_config(verbose, tmp_pa
         main(["tune", "--config", "configs/tune_quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
              + (["--verbose"] if verbose else []))
     (init,) = ray_calls
-    assert ("runtime_env" in init) is not verbose  # quiet_ray's worker switches only when quiet
+    assert ("env_vars" in init.get("runtime_env", {})) is not verbose  # quiet_ray's worker switches only when quiet
     run_config = seen["run_config"]
     if verbose:  # Tune's default reporter and its trial tables
         assert get_air_verbosity(run_config.verbose) == AirVerbosity.DEFAULT
@@ -190,4 +190,4 @@ def test_soup_verbose_flag_reaches_ray(verbose, tmp_path, monkeypatch, ray_calls
         main(["soup", "--config", "configs/soup_quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
              + (["--verbose"] if verbose else []))
     (init,) = ray_calls
-    assert ("runtime_env" in init) is not verbose
+    assert ("env_vars" in init.get("runtime_env", {})) is not verbose
