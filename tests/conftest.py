@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """Every test leaves ``os.environ`` as it found it: ``init_ray`` sets variables that a later
+    test's job subprocess would inherit (a stale RAY_API_SERVER_ADDRESS sends ``ray job
+    submit`` and Train's placement-group cleaner to a dashboard that is gone)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def mlp():
     return tiny_mlp()
@@ -57,14 +68,17 @@ def ray_local():
 
     import ray
 
+    saved = dict(os.environ)
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def ray_subprocess_env(**extra: str) -> dict:
     """Environment for a job subprocess that starts its own local Ray on the loopback."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **extra)
     return env
 

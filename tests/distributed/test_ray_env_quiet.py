@@ -112,3 +112,20 @@ def test_the_hook_runs_where_twa_ray_cannot_be_imported(clean_env, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+def test_a_local_ray_with_a_dashboard_names_its_own_api_server(clean_env):
+    """A RAY_API_SERVER_ADDRESS left from an earlier local Ray names a dashboard that is gone:
+    Train's placement-group cleaner then never frees a stopped trial's CPUs (the sweep hung)."""
+    import ray
+
+    from twa_ray.distributed.ray_env import init_ray
+
+    calls = []
+    clean_env.setattr(ray, "is_initialized", lambda: False)
+    clean_env.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    clean_env.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    init_ray(num_cpus=1, dashboard=True)
+    (kwargs,) = calls
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kwargs['dashboard_port']}"
+    assert kwargs["dashboard_port"] != 1 and kwargs["include_dashboard"]

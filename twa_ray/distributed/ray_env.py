@@ -141,9 +141,10 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
     if dashboard:
         # Ray's own actors (Train's placement-group cleaner, which frees the resources of
         # an early-stopped Tune trial) find the State API through this variable; without
-        # it they guess, and fail when another Ray runs on the same machine.
+        # it they guess, and fail when another Ray runs on the same machine. Set, not
+        # defaulted: a value left from an earlier local Ray names a dashboard that is gone.
         port = _free_port()
-        os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
         num_cpus=num_cpus,

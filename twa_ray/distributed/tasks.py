@@ -7,6 +7,8 @@ one CPU with one torch thread: one task per core is how the cores are used.
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -14,6 +16,8 @@ import torch
 from ..config import Config, config_from_dict, config_to_dict
 from ..output.console import setup_logging
 from .ray_env import cluster_cpus, cluster_gpus, worker_runtime_env
+
+log = logging.getLogger(__name__)
 
 
 def run_task(fn: Callable[..., Any], cfg: Config, *args: Any):
@@ -44,3 +48,25 @@ def task_slots(cap: int | None = None) -> int:
     gpus = cluster_gpus()
     fit = gpus if gpus > 0 else cluster_cpus()
     return max(1, int(min(cap, fit) if cap else fit))
+
+
+def wait_for_slot(warn_every_s: float = 60.0, poll_s: float = 0.5) -> None:
+    """Return once the cluster has a CPU (a GPU, where it has GPUs) free for a ``run_task``.
+
+    While it waits, every ``warn_every_s`` it logs the placement groups that still reserve
+    resources: a Ray Train run whose group was never removed (an early-stopped Tune trial
+    whose cleaner could not reach the State API) otherwise shows only as a driver that hangs.
+    """
+    import ray
+
+    key = "GPU" if cluster_gpus() > 0 else "CPU"
+    started = warned = time.monotonic()
+    while ray.available_resources().get(key, 0.0) < 1.0:
+        now = time.monotonic()
+        if now - warned >= warn_every_s:
+            warned = now
+            held = [f"{pg.get('name') or pg_id} ({pg.get('state')}: {list(pg.get('bundles', {}).values())})"
+                    for pg_id, pg in ray.util.placement_group_table().items() if pg.get("state") != "REMOVED"]
+            log.warning("waited %.0f s for a free %s; placement groups holding resources: %s",
+                        now - started, key, "; ".join(held) or "none")
+        time.sleep(poll_s)

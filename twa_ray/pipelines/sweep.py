@@ -5,6 +5,7 @@ import os
 
 from ..config import Config, config_to_dict
 from ..distributed.evaluate import Evaluated, evaluate_on_ray
+from ..distributed.tasks import wait_for_slot
 from ..tune.search_space import apply_params
 
 
@@ -14,6 +15,7 @@ def evaluate_best_trial(cfg: Config, sweep) -> Evaluated:
     from ..tune.sweep import best_weights  # imports Ray: after init_ray
 
     best_cfg = apply_params(config_to_dict(cfg), sweep.best["params"])
+    wait_for_slot()  # the trials' resources are freed as Tune stops them: say so if one never is
     result = evaluate_on_ray(best_cfg, {"twa": best_weights(sweep.best)}, None, os.getcwd())["twa"]
     sweep.best["test_acc"] = result.accuracy
     return result
