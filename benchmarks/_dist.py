@@ -33,13 +33,19 @@ from torch import nn
 
 
 @dataclass
-class Setting:
+class ModelSetting:
+    """The model and projection both distributed benchmarks time."""
+
     model: str = "resnet18"
     image_size: int = 32
     num_classes: int = 10
     candidates: int = 20
     bits: int = 4
     granularity: str = "tensor"
+
+
+@dataclass
+class Setting(ModelSetting):
     global_batch: int = 64
     steps: int = 3
     warmup_steps: int = 1
@@ -258,13 +264,7 @@ def setting_dict(setting: Setting) -> dict:
 
 
 @dataclass
-class CollectiveTiming:
-    model: str = "resnet18"
-    image_size: int = 32
-    num_classes: int = 10
-    candidates: int = 20
-    bits: int = 4
-    granularity: str = "tensor"
+class CollectiveTiming(ModelSetting):
     rounds: int = 10
     warmup_rounds: int = 2
     bucket_mb: tuple[float, ...] = (1.0, 4.0, 25.0)  # 25 MB: DistributedDataParallel's default bucket

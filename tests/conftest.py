@@ -61,6 +61,24 @@ def perturbed_candidates(model: nn.Module, n: int, seed: int = 1, spread: float 
     return base + spread * torch.randn(n, base.numel(), generator=gen)
 
 
+def perturbed_store(cfg, uri: str, n: int = 5) -> str:
+    """A candidate store at ``uri`` of ``n`` candidates for ``cfg``'s model: its initial
+    weights (seed 0), perturbed a little more for each; returns the store's URI."""
+    from twa_ray.data.from_config import splits_from_config
+    from twa_ray.models.from_config import model_from_config
+    from twa_ray.store import CandidateStore
+
+    torch.manual_seed(0)
+    model = model_from_config(cfg, splits_from_config(cfg))
+    store = CandidateStore.create_for_model(uri, model)
+    for _ in range(n):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        store.append_model(model, {})
+    return store.uri
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray on 127.0.0.1 with 2 CPUs for one test module, shut down afterwards."""

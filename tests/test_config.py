@@ -211,12 +211,13 @@ def test_the_job_refuses_a_relative_output_dir_on_a_cluster_before_ray(tmp_path,
     assert not (tmp_path / "runs").exists()  # nothing made in the working dir either
 
 
-@pytest.mark.parametrize("stage", ["head_stage", "tail_stage"])
-def test_a_stage_sweep_reuses_its_stage_candidate_store(stage):
-    """configs/tune_<stage>.yaml chose <stage>.yaml's TWA settings over the same candidates:
+@pytest.mark.parametrize("sweep_name, stage", [("tune_head_stage", "head_stage"), ("tune_head_bits", "head_stage"),
+                                               ("tune_head_bases", "head_stage"), ("tune_tail_stage", "tail_stage")])
+def test_a_stage_sweep_reuses_its_stage_candidate_store(sweep_name, stage):
+    """A sweep over a stage's TWA settings (configs/tune_*.yaml) runs over the stage's candidates:
     its seed, data, model and train sections must equal the stage's (the store is reused)."""
     from twa_ray.pipelines.main import CANDIDATE_SECTIONS
 
-    sweep, run = (config_to_dict(load_config(ROOT / "configs" / f"{name}.yaml")) for name in (f"tune_{stage}", stage))
+    sweep, run = (config_to_dict(load_config(ROOT / "configs" / f"{name}.yaml")) for name in (sweep_name, stage))
     assert differing_settings(sweep, run, CANDIDATE_SECTIONS) == []
     assert sweep["store"] == f"runs/{stage}/candidates"  # where `run --config configs/<stage>.yaml` keeps it

@@ -24,11 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import S3_ENV, free_port, ray_subprocess_env
+from conftest import S3_ENV, free_port, perturbed_store, ray_subprocess_env
 from twa_ray.config import config_from_dict
-from twa_ray.data.from_config import splits_from_config
-from twa_ray.models.from_config import model_from_config
-from twa_ray.store import CandidateStore
 from twa_ray.store import fs as store_fs
 
 pytestmark = pytest.mark.ray
@@ -113,20 +110,6 @@ def _cfg(out: str, placement: str = "PACK"):
     })
 
 
-def _store(cfg, uri: str) -> str:
-    """Five candidates on S3: the model's initial weights, perturbed."""
-    splits = splits_from_config(cfg)
-    torch.manual_seed(0)
-    model = model_from_config(cfg, splits)
-    store = CandidateStore.create_for_model(uri, model)
-    for _ in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        store.append_model(model, {})
-    return store.uri
-
-
 def _worker_nodes(before: set) -> list[str]:
     """The nodes (by their custom resource) of the Train workers started since ``before``."""
     import ray._private.state
@@ -150,7 +133,7 @@ def test_two_workers_on_two_nodes_equal_a_one_node_run(s3_uri, tmp_path, monkeyp
     try:
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         init_ray()  # joins the cluster in RAY_ADDRESS, as a job's driver does
-        store = _store(_cfg(str(tmp_path)), store_fs.join(s3_uri, "candidates"))
+        store = perturbed_store(_cfg(str(tmp_path)), store_fs.join(s3_uri, "candidates"))
 
         before = set(ray._private.state.actors())
         one = run_twa(_cfg(store_fs.join(s3_uri, "one")), store)  # the head is the only node

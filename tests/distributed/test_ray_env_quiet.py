@@ -67,6 +67,7 @@ def test_quiet_sets_the_switches_and_a_worker_hook(clean_env):
     kwargs = quiet_ray(verbose=False)
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_DISABLE_WORKER_LOG_PREFIX"] == "1"
+    assert os.environ["RAY_DEDUP_LOGS"] == "0"  # no "[repeated 2x across cluster]" lines
     assert kwargs["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     assert train_logging_config().log_level == "WARNING"
     assert train_logging_config(verbose=True).log_level == "INFO"

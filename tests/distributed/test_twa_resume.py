@@ -5,12 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import perturbed_store
 from twa_ray.config import config_from_dict
-from twa_ray.data.from_config import splits_from_config
 from twa_ray.distributed.checkpoints import load_checkpoint
 from twa_ray.distributed.twa_train import FINAL_FILE, run_twa
-from twa_ray.models.from_config import model_from_config
-from twa_ray.store import CandidateStore
 
 pytestmark = pytest.mark.ray
 
@@ -26,22 +24,8 @@ def _cfg(out: Path, model: dict, twa: dict, fail_at_step: int | None = None):
     })
 
 
-def _store(cfg, path: Path) -> str:
-    """Five candidates: the model's initial weights, perturbed."""
-    splits = splits_from_config(cfg)
-    torch.manual_seed(0)
-    model = model_from_config(cfg, splits)
-    store = CandidateStore.create_for_model(str(path), model)
-    for _ in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        store.append_model(model, {})
-    return store.uri
-
-
 def _clean_and_faulty(tmp_path: Path, model: dict, twa: dict, fail_at_step: int):
-    store = _store(_cfg(tmp_path, model, twa), tmp_path / "store")
+    store = perturbed_store(_cfg(tmp_path, model, twa), str(tmp_path / "store"))
     clean = run_twa(_cfg(tmp_path / "clean", model, twa), store)
     faulty = run_twa(_cfg(tmp_path / "faulty", model, twa, fail_at_step), store)
     assert (tmp_path / "faulty" / "debug" / f"twa-failed-at-step-{fail_at_step}").exists()
@@ -84,4 +68,4 @@ def test_each_rank_resumes_its_own_batchnorm_buffers_with_sync_bn_on_cpu(ray_loc
 def test_a_global_batch_smaller_than_the_workers_is_refused(ray_local, tmp_path):
     cfg = _cfg(tmp_path, {"name": "mlp"}, {"batch_size": 1})
     with pytest.raises(ValueError, match="leaves some of the twa.workers=2 workers without an example"):
-        run_twa(cfg, _store(cfg, tmp_path / "store"))
+        run_twa(cfg, perturbed_store(cfg, str(tmp_path / "store")))

@@ -44,6 +44,9 @@ QUIET_DRIVER_ENV = {
     # Tune's legacy console reporter: silent at RunConfig(verbose=0) (tune.sweep). The new
     # one prints its experiment table and paths at any verbosity.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Two trials' progress lines differ only in their numbers: Ray folds them into one
+    # "[repeated 2x across cluster]" line plus a paragraph on how to turn that off.
+    "RAY_DEDUP_LOGS": "0",
 }
 QUIET_WORKER_ENV = {
     # The watcher actor only logs node drains, and starting it logs a core_worker.cc error
