@@ -107,3 +107,16 @@ def test_scaling():
     assert two["projection_bytes_total"] == one["projection_bytes_total"]  # shards add up to the whole
     assert two["projection_bytes_per_worker"] == two["planned_projection_bytes_per_worker"]
     assert two["max_over_even_share"] >= 1.0 and two["speedup_over_1_worker"] > 0
+
+
+def test_sweep_rows_are_the_sweeps_trials_with_the_chosen_one_marked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"trial_id": "t0", "twa.lr": 0.1, "final_select_acc": 90.0}, {"trial_id": "t1", "twa.lr": 1.0, "final_select_acc": 91.0}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tune_results.parquet")
+    (tmp_path / "best.json").write_text(json.dumps({"trial_id": "t1", "params": {"twa.lr": 1.0}}))
+    records = run_benchmark("sweep_rows", str(tmp_path), "--name", "tune_x", "--command", "python -m twa_ray tune ...")
+    assert [(r["benchmark"], r["trial_id"], r["twa.lr"], r["best"]) for r in records] == [
+        ("tune_x", "t0", 0.1, False), ("tune_x", "t1", 1.0, True)]
+    assert all(r["command"] == "python -m twa_ray tune ..." and r["machine"]["cores"] for r in records)
