@@ -25,7 +25,7 @@ def sweep_rows(run_dir: Path, name: str, command: str, note: str | None) -> list
         raise SystemExit(f"{results}: no such file (is {run_dir} a finished sweep's output_dir?)")
     best = json.loads((run_dir / "best.json").read_text())
     finished = datetime.fromtimestamp(results.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    context = {"benchmark": name, "date": finished, "command": command, "machine": machine(),
+    context = {"benchmark": "sweep_rows", "sweep": name, "date": finished, "command": command, "machine": machine(),
                **({"note": note} if note else {})}
     return [{**context, **row, "best": row["trial_id"] == best.get("trial_id")}
             for row in pq.read_table(results).to_pylist()]
@@ -34,7 +34,7 @@ def sweep_rows(run_dir: Path, name: str, command: str, note: str | None) -> list
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--name", required=True, help="the benchmark name of the lines, e.g. tune_tail_stage")
+    parser.add_argument("--name", required=True, help="the sweep's name in the lines (\"sweep\"), e.g. tune_tail_stage")
     parser.add_argument("--command", required=True, help="the command that ran the sweep")
     parser.add_argument("--note", default=None, help="how to read the lines, e.g. taken under load")
     args = parser.parse_args(argv)

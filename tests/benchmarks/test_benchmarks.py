@@ -117,6 +117,6 @@ def test_sweep_rows_are_the_sweeps_trials_with_the_chosen_one_marked(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tune_results.parquet")
     (tmp_path / "best.json").write_text(json.dumps({"trial_id": "t1", "params": {"twa.lr": 1.0}}))
     records = run_benchmark("sweep_rows", str(tmp_path), "--name", "tune_x", "--command", "python -m twa_ray tune ...")
-    assert [(r["benchmark"], r["trial_id"], r["twa.lr"], r["best"]) for r in records] == [
+    assert [(r["sweep"], r["trial_id"], r["twa.lr"], r["best"]) for r in records] == [
         ("tune_x", "t0", 0.1, False), ("tune_x", "t1", 1.0, True)]
     assert all(r["command"] == "python -m twa_ray tune ..." and r["machine"]["cores"] for r in records)
