@@ -14,8 +14,8 @@ seeds 0 .. N-1 (``seed=`` override):
    twa_v, full_budget; ratios: cost_ratio and wall_ratio of each TWA against the full budget.
 2. tail (configs/tail_stage.yaml): TWA against SWA and EMA of the constant-lr tail's candidates.
 3. bits: the head stage's TWA-t with twa.bits 1/2/4/8/32, and twa.basis normalized /
-   orthonormal / checkpoints, on each seed's head-stage candidate store: base training runs
-   once per seed, only TWA and evaluation run again.
+   orthonormal / checkpoints, each at its lr chosen on val (BITS_LR, BASIS_LR), on each seed's
+   head-stage candidate store: base training runs once per seed, only TWA and evaluation run again.
 4. soups (configs/soup_quickstart.yaml, ``twa-ray soup``): TWA-v against the greedy soup, the
    uniform soup and the best single fine-tuned model.
 
@@ -56,6 +56,12 @@ COMMANDS = {"head": "run", "tail": "run", "bits": "run", "soups": "soup"}  # pyt
 SEEDS = {"full": 3, "quick": 1, "smoke": 1}
 BITS = (1, 2, 4, 8, 32)
 BASES = ("normalized", "orthonormal", "checkpoints")
+# The coefficient lr of each bits run, chosen on val (select_acc) by configs/tune_head_bits.yaml
+# over lr 0.1 / 0.3 / 1.0 on seed 0's head-stage candidates (benchmarks/results/tune_head_bits.jsonl;
+# from 2 bits up every lr was within 0.3 points). 1 bit: no lr trains (43 % at best).
+BITS_LR = {1: 0.1, 2: 0.3, 4: 0.1, 8: 0.3, 32: 0.1}
+# ... and of each other basis (8 bits), by configs/tune_head_bases.yaml (tune_head_bases.jsonl)
+BASIS_LR = {"orthonormal": 1.0, "checkpoints": 1.0}
 # TWA-v trains on the 6k val images: 9 epochs of them are as many examples as TWA-t's one
 # epoch over the 54k training images, so the two cost alike
 TWA_V = ("twa.data=val", "twa.epochs=9")
@@ -213,10 +219,11 @@ def plan(claim: str, mode: str) -> list[Run]:
 
         default = load_config(ROOT / CONFIGS["bits"], list(base)).twa
         fixed = base + ("compare_full_budget=false",)
-        runs = [Run("bits", f"bits_{bits}", fixed + (f"twa.bits={bits}",), True,
+        runs = [Run("bits", f"bits_{bits}", fixed + (f"twa.bits={bits}", f"twa.lr={BITS_LR[bits]}"), True,
                     (f"bits={bits}",) + ((f"basis={default.basis}",) if bits == default.bits else ()))
                 for bits in BITS]
-        runs += [Run("bits", f"bits_basis_{b}", fixed + (f"twa.basis={b}",), True, (f"basis={b}",))
+        runs += [Run("bits", f"bits_basis_{b}", fixed + (f"twa.basis={b}", f"twa.lr={BASIS_LR[b]}"), True,
+                     (f"basis={b}",))
                  for b in BASES if b != default.basis]
         return runs
     return [Run(claim, claim, base, False)]

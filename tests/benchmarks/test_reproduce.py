@@ -99,6 +99,10 @@ def test_bits_runs_cover_every_width_and_basis_once():
     labels = [label for run in runs for label in run.labels]
     assert sorted(labels) == sorted([f"bits={b}" for b in reproduce.BITS] + [f"basis={b}" for b in reproduce.BASES])
     assert all(run.shared_store and "compare_full_budget=false" in run.overrides for run in runs)
+    # each at the lr its sweep chose on val
+    assert [o for r in runs for o in r.overrides if o.startswith("twa.lr=")] == (
+        [f"twa.lr={reproduce.BITS_LR[b]}" for b in reproduce.BITS]
+        + [f"twa.lr={reproduce.BASIS_LR[b]}" for b in reproduce.BASES if b != "normalized"])
     head = reproduce.plan("head", "full")
     assert [r.shared_store for r in head] == [True, True]  # base training once per seed
 

@@ -68,6 +68,15 @@ def test_each_baseline_averages_the_right_candidates_and_is_evaluated_once(run):
     assert (evaluation.results["swa"].accuracy, evaluation.results["swa"].loss) == (alone.accuracy, alone.loss)
 
 
+def test_the_baselines_take_every_stored_candidate_whatever_window_twa_learns_over(run):
+    cfg, store, base, twa, calls = run
+    twa.rounds = [[0, 1]]  # a window of the first two: TWA's subset would give last 1, SWA [1], best-k [1]
+    evaluation = main.evaluate_run(cfg, base, twa)
+    (sources,) = calls
+    assert sources["last"] == 3 and sources["swa"] == [1, 2, 3] and sources["best_k"] == [2, 3]
+    assert evaluation.members["twa"] == [0, 1] and evaluation.members["swa"] == [1, 2, 3]
+
+
 def test_candidates_are_evaluated_only_when_asked_and_last_is_not_repeated(run):
     cfg, store, base, twa, calls = run
     cfg.eval.candidates = True

@@ -164,14 +164,17 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     store = CandidateStore.open(base.store_uri)
     infos = {c.index: c.info for c in store.list_candidates()}
     chosen = sorted({c for r in twa.rounds for c in r})
-    pairs = [(c, infos.get(c, {})) for c in chosen]
-    members = {"last": [chosen[-1]], "swa": after_start(pairs), "best_k": best_k(pairs, cfg.baselines.best_k),
+    # The baselines take every stored candidate, whichever window (twa.candidates) TWA learns
+    # over: SWA is SWA's recipe, not TWA's subset of it.
+    pairs = sorted(infos.items())
+    last = max(after_start(pairs) or infos)
+    members = {"last": [last], "swa": after_start(pairs), "best_k": best_k(pairs, cfg.baselines.best_k),
                "twa": chosen}
     sources: dict = {}
     if cfg.eval.candidates:
         sources.update({f"cand:{c}": c for c in infos})
     else:
-        sources["last"] = chosen[-1]
+        sources["last"] = last
     for name in ("swa", "best_k"):
         if members[name]:
             sources[name] = members[name]
@@ -186,7 +189,7 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     run = evaluate_parallel(cfg, sources, base.store_uri, os.getcwd(), keep_state=("twa",),
                             max_tasks=cfg.eval.workers)
     if cfg.eval.candidates:
-        run.results["last"] = run.results[f"cand:{chosen[-1]}"]  # the same model: evaluated once
+        run.results["last"] = run.results[f"cand:{last}"]  # the same model: evaluated once
     initial = [i for i, info in infos.items() if info.get("kind") == INITIAL_KIND]
     return RunEvaluation(run, members, initial)
 
