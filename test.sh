@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+exec "${PYTHON:-python3}" -m pytest -q --durations=15 "$@"

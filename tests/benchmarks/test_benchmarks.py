@@ -120,3 +120,24 @@ def test_sweep_rows_are_the_sweeps_trials_with_the_chosen_one_marked(tmp_path):
     assert [(r["sweep"], r["trial_id"], r["twa.lr"], r["best"]) for r in records] == [
         ("tune_x", "t0", 0.1, False), ("tune_x", "t1", 1.0, True)]
     assert all(r["command"] == "python -m twa_ray tune ..." and r["machine"]["cores"] for r in records)
+
+
+def test_quant_error_fidelity_improves_with_bits():
+    records = run_benchmark("quant_error", "--smoke")
+    assert [r["bits"] for r in records] == [1, 2, 4, 8]
+    errs = [r["rel_err"] for r in records]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.02  # 8-bit codes: within 2 % of the direction
+    assert records[0]["norm_ratio"] > 2 and abs(records[-1]["norm_ratio"] - 1) < 1e-3 and records[-1]["cosine"] > 0.999
+
+
+def test_direction_fidelity_of_exact_codes_is_perfect():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quant_error import direction_fidelity
+
+    # two levels per block: 1-bit min-max codes hold these directions exactly
+    u = torch.tensor([[1.0, -1.0, 1.0, 2.0, 2.0, -2.0]])
+    assert direction_fidelity(u, [3, 3], 1) == pytest.approx({"norm_ratio": 1.0, "cosine": 1.0, "rel_err": 0.0}, abs=1e-6)
