@@ -1,6 +1,6 @@
 """The paper's claims on real data, each over several seeds: mean ± std, and each target met or not.
 
-    python benchmarks/reproduce.py [--claims head,tail,bits,soups] [--seeds 3] [--out DIR] [--work DIR]
+    python benchmarks/reproduce.py [--claims head,tail,bits,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
@@ -282,8 +282,9 @@ def measure(run: Run, summary: dict, source: str, head_t: tuple[dict, str] | Non
 
 
 def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl: Path, threads: int | None,
-               invocation: str) -> list[dict]:
-    """Every run of every claim and seed, each record written to ``jsonl`` (and stdout) as it comes."""
+               invocation: str, only: set[str] | None = None) -> list[dict]:
+    """Every run of every claim and seed (``only``: those runs by name), each record written to
+    ``jsonl`` (and stdout) as it comes."""
     records: list[dict] = []
     head_t: dict[int, tuple[dict, str]] = {}  # seed -> the TWA-t run's (summary, path): TWA-v's cost
     jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +292,8 @@ def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl
         for claim in claims:
             for seed in seeds:
                 for run in plan(claim, mode):
+                    if only and run.name not in only:
+                        continue
                     cmd, run_dir = job_command(run, seed, work)
                     wall, reused = execute(cmd, threads)
                     path = run_dir / "summary.json"
@@ -553,6 +556,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="where reproduce.{jsonl,md,png} go")
     parser.add_argument("--work", default=None, help="run folders (default runs/reproduce/<mode>)")
     parser.add_argument("--fresh", action="store_true", help="empty --work first: run everything again")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated run names of the claims (e.g. bits_4,bits_32): only those")
     parser.add_argument("--results", default=None, help="a reproduce.jsonl: only write its tables, plot and targets")
     parser.add_argument("--readme", default=None,
                         help="also write the tables and targets into this file's results block (README.md)")
@@ -568,10 +573,16 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds if args.seeds is not None else SEEDS[mode]))
     if not seeds:
         parser.error("--seeds must be >= 1")
+    only = {r.strip() for r in args.runs.split(",") if r.strip()} if args.runs else None
+    if only:
+        names = {run.name for claim in args.claims for run in plan(claim, mode)}
+        if only - names:
+            parser.error(f"--runs: {', '.join(sorted(only - names))} is no run of {','.join(args.claims)} "
+                         f"(runs: {', '.join(sorted(names))})")
     prepare_work(work, args.fresh)
     invocation = shlex.join(["python", "benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        records = run_claims(args.claims, seeds, mode, work, out / "reproduce.jsonl", args.threads, invocation)
+        records = run_claims(args.claims, seeds, mode, work, out / "reproduce.jsonl", args.threads, invocation, only)
     except SummaryError as exc:
         raise SystemExit(f"error: {exc}") from None
     report(records, out, Path(args.readme) if args.readme else None)

@@ -163,3 +163,20 @@ def test_readme_block_is_replaced_and_a_file_without_it_is_left_alone(tmp_path):
     with pytest.raises(SystemExit, match="PLAIN.md has no"):
         reproduce.write_readme(plain, rows, targets)
     assert plain.read_text() == "no block\n"
+
+
+def test_runs_picks_runs_by_name_and_an_unknown_name_is_named(tmp_path, monkeypatch, capsys):
+    class Ran(Exception):
+        pass
+
+    def execute(cmd, threads):
+        raise Ran(cmd)
+
+    monkeypatch.setattr(reproduce, "execute", execute)
+    args = ["--claims", "bits", "--seeds", "1", "--work", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    with pytest.raises(Ran) as ran:
+        reproduce.main(args + ["--runs", "bits_32"])
+    assert "twa.bits=32" in ran.value.args[0] and "twa.bits=1" not in ran.value.args[0]  # bits_1 comes first otherwise
+    with pytest.raises(SystemExit):
+        reproduce.main(args + ["--runs", "bits_3"])
+    assert "--runs: bits_3 is no run of bits" in capsys.readouterr().err
