@@ -28,7 +28,7 @@ from .core.projection import KERNELS
 from .core.subspace import BASES, RAW_BASES, check_start
 
 
-SHARDINGS = ("blocks", "fsdp")  # twa.sharding
+SHARDINGS = ("blocks", "fsdp")  # twa.sharding, train.sharding
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,12 @@ class TrainConfig:
     epochs: int = 10  # epochs actually run
     budget_epochs: int | None = None  # the full budget the schedule is laid out for (default: epochs)
     workers: int = 1
+    # how the workers share the model: "blocks" (DDP: each holds the whole model) or "fsdp"
+    # (FSDP2: each holds its dim-0 rows of every parameter, of its gradient, optimizer state
+    # and EMA, and writes those rows of each candidate into the store, in parallel with the
+    # others; buffers such as BatchNorm's statistics are replicated, rank 0's broadcast
+    # before every forward pass as DDP does). The candidates are the same either way.
+    sharding: str = "blocks"
     cpus_per_worker: float | None = None  # None: a single node's CPUs shared by the workers
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
@@ -546,6 +552,7 @@ def _validate(cfg: Config, where: str) -> list[str]:
         check(sub.epochs >= 1 if section == "twa" else sub.epochs >= 0, f"{section}.epochs", f"{sub.epochs} is too small")
         check(sub.lr > 0, f"{section}.lr", f"{sub.lr} is not > 0")
         check(0.0 <= sub.warmup < 1.0, f"{section}.warmup", f"{sub.warmup} is not in [0, 1)")
+    check(cfg.train.sharding in SHARDINGS, "train.sharding", f"{cfg.train.sharding!r} is not one of {list(SHARDINGS)}")
     check(
         cfg.train.budget_epochs is None or cfg.train.budget_epochs >= cfg.train.epochs,
         "train.budget_epochs", f"{cfg.train.budget_epochs} is less than train.epochs={cfg.train.epochs}",

@@ -16,7 +16,8 @@ from twa_ray.core.blocks import make_blocks
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.quant import packed_bytes
 from twa_ray.distributed.batches import local_slice
-from twa_ray.distributed.twa_fsdp import RowLayout, build_fsdp_twa, fsdp_wrap, local_param_bytes
+from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
+from twa_ray.distributed.twa_fsdp import RowLayout, build_fsdp_twa
 from twa_ray.store import CandidateStore
 
 WORLD = 2

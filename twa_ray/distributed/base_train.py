@@ -22,6 +22,9 @@ The driver (:func:`run_base_training`) launches a ``TorchTrainer`` whose workers
 - Rank 0 keeps an exponential moving average of the weights, updated after every
   optimizer step (``core.baselines.ema_update_``, timm ModelEmaV3's decay with
   ``baselines.ema_decay`` and ``baselines.ema_warmup``): the EMA baseline.
+- ``train.sharding: fsdp``: the workers shard the model with FSDP2 instead of DDP
+  replicas, and every rank writes its rows of each candidate, in parallel
+  (``base_fsdp``); the store ends up with the same candidates.
 - Every epoch all ranks report metrics; rank 0 attaches a checkpoint (model, optimizer,
   scheduler, EMA, epoch, step, metrics history). A restarted worker group (FailureConfig)
   or a re-run with the same run name resumes at the next epoch, exactly (the EMA too);
@@ -53,8 +56,10 @@ from ..models.from_config import model_from_config
 from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
 from ..store import fs as store_fs
+from .base_fsdp import RowCandidateWriter, gathered_state, loss_scale, sharded_optimizer_state
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
 from .checkpoints import CHECKPOINTS_TO_KEEP, load_ray_checkpoint
+from .fsdp import broadcast_buffers, fsdp_wrap, local_shard, shard_like
 from .worker import all_reduce_sum, evaluate_across_ranks, inject_fault, report, seed_rng, sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -269,14 +274,23 @@ class _CandidateWriter:
                         "when a restarted group replays its first epoch; for a new experiment use a new "
                         "output_dir or store)", self.store.uri, max(later))
 
-    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict) -> None:
+    def info_for(self, *, kind: str, step: int, lr: float, metrics: dict) -> dict | None:
+        """The info of the candidate due at ``step``; None when none is (before
+        ``save_from_epoch``, or the store already holds that step)."""
         epoch = step / self.steps_per_epoch  # float for candidates inside an epoch
         if epoch < self.save_from_epoch or step in self.saved_steps:
-            return
-        info = {"stage": STAGE, "kind": kind, "epoch": round(epoch) if kind != "step" else epoch,
+            return None
+        return {"stage": STAGE, "kind": kind, "epoch": round(epoch) if kind != "step" else epoch,
                 "step": step, "lr": lr, "metrics": metrics}
-        index = self.store.append_model(net, info)
-        self.saved_steps.add(step)
+
+    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict) -> None:
+        info = self.info_for(kind=kind, step=step, lr=lr, metrics=metrics)
+        if info is not None:
+            self.saved(self.store.append_model(net, info), info)
+
+    def saved(self, index: int, info: dict) -> None:
+        """Record that candidate ``index`` with ``info`` is in the store."""
+        self.saved_steps.add(info["step"])
         log.debug("candidate %d: %s", index, info)
 
 
@@ -292,17 +306,22 @@ class _Trainer:
     world: int
     device: torch.device
     splits: DataSplits
-    net: nn.Module  # the plain module (candidates, checkpoints)
-    model: nn.Module  # ``net`` wrapped in DDP when world > 1
+    net: nn.Module  # the plain module (candidates, checkpoints); with FSDP the sharded one
+    model: nn.Module  # ``net`` wrapped in DDP when world > 1; with FSDP ``net`` itself
     optimizer: torch.optim.Optimizer
     scheduler: Any
     drop_last: bool
     steps_per_epoch: int
-    writer: _CandidateWriter | None  # rank 0 only
+    writer: _CandidateWriter | RowCandidateWriter | None  # rank 0 only; with FSDP every rank
     start_epoch: int
     step: int
     history: list[dict]
-    ema: list[torch.Tensor] | None  # rank 0 only: the EMA of each trainable parameter
+    # the EMA of each trainable parameter: rank 0 only; with FSDP every rank, of its rows
+    ema: list[torch.Tensor] | None
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.train.sharding == "fsdp"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -319,14 +338,28 @@ def train_loop_per_worker(config: dict) -> None:
         t.history.append(metrics)
         if t.writer is not None:
             t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics)
+        if t.writer is not None and t.rank == 0:
             progress.done(epoch - 1, loss=metrics["train_loss"], train_acc=metrics["train_acc"],
                           val_acc=metrics.get("val_acc", "-"), lr=metrics["lr"])
+        info = {"epoch": epoch, "step": t.step, "history": t.history}
+        if isinstance(t.writer, RowCandidateWriter):  # a collective
+            info["candidate_bytes_written"] = t.writer.bytes_by_rank()
+        report(metrics, _checkpoint_state(t, epoch), info)  # every rank, once per epoch
+
+
+def _checkpoint_state(t: _Trainer, epoch: int) -> dict | None:
+    """Rank 0's checkpoint state, full tensors in either mode (FSDP: gathered, a collective);
+    None on the other ranks."""
+    if t.fsdp:
+        state = gathered_state(t.net, t.optimizer, t.ema, t.rank)
+    elif t.rank == 0:
+        state = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
+                 "ema": torch.cat([e.reshape(-1) for e in t.ema]).cpu()}
+    else:
         state = None
-        if t.rank == 0:
-            state = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
-                     "scheduler": t.scheduler.state_dict(), "epoch": epoch, "step": t.step,
-                     "ema": torch.cat([e.reshape(-1) for e in t.ema]).cpu()}
-        report(metrics, state, {"epoch": epoch, "step": t.step, "history": t.history})  # every rank, once per epoch
+    if state is not None:
+        state.update(scheduler=t.scheduler.state_dict(), epoch=epoch, step=t.step)
+    return state
 
 
 def _setup(config: dict) -> _Trainer:
@@ -353,7 +386,11 @@ def _setup(config: dict) -> _Trainer:
     state, info = load_ray_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     if state is not None:
         net.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; net stays the unwrapped module
+    fsdp = tc.sharding == "fsdp"
+    if fsdp:  # sharded after loading: each rank keeps its rows of the checkpoint's weights
+        net = model = fsdp_wrap(net.to(device), world, device)
+    else:
+        model = ray.train.torch.prepare_model(net)  # DDP when world > 1; net stays the unwrapped module
     optimizer = make_optimizer(net.parameters(), tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.nesterov)
     scheduler = make_scheduler(optimizer, ScheduleSpec(
         kind=tc.schedule, total_steps=tc.schedule_epochs * steps_per_epoch, warmup_frac=tc.warmup,
@@ -361,12 +398,16 @@ def _setup(config: dict) -> _Trainer:
         epochs=tc.schedule_epochs,
     ))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(
+            sharded_optimizer_state(state["optimizer"], optimizer) if fsdp else state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     writer = None
     if rank == 0 and config.get("write_candidates", True):
         writer = _CandidateWriter(cfg, net, splits, steps_per_epoch, checkpoint is not None, config["run_storage"])
-    ema = _load_ema(net, state) if rank == 0 else None
+    if fsdp and config.get("write_candidates", True):
+        _barrier(device)  # rank 0 has created the store
+        writer = RowCandidateWriter(writer, cfg.store_uri, rank, world, device)
+    ema = _load_ema(net, state) if rank == 0 or fsdp else None
     start_epoch = int(info.get("epoch", 0)) + 1
     if rank == 0:
         log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
@@ -376,16 +417,17 @@ def _setup(config: dict) -> _Trainer:
 
 
 def _load_ema(net: nn.Module, state: dict | None) -> list[torch.Tensor]:
-    """The EMA of each trainable parameter of ``net``: the checkpoint's, or a copy of the
-    weights (the first update overwrites it: its decay is 0)."""
+    """The EMA of each trainable parameter of ``net`` (with FSDP its local rows): the
+    checkpoint's, or a copy of the weights (the first update overwrites it: its decay is 0)."""
     params = trainable_parameters(net)
     if state is not None and state.get("ema") is not None:
-        flat = state["ema"].to(params[0].device)
-        return [v.view_as(p).clone() for v, p in zip(flat.split([p.numel() for p in params]), params)]
+        flat = state["ema"]
+        return [local_shard(shard_like(v.view(p.shape), p)).clone()
+                for v, p in zip(flat.split([p.numel() for p in params]), params)]
     if state is not None:
         log.warning("the checkpoint holds no EMA of the weights (made by an older version): the EMA restarts "
                     "from its weights")
-    return [p.detach().clone() for p in params]
+    return [local_shard(p).detach().clone() for p in params]
 
 
 def _load_splits(cfg: Config, local_rank: int, world: int, device: torch.device) -> DataSplits:
@@ -413,10 +455,11 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
     for (x, y), global_size in zip(loader, sampler.global_sizes):
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
         lr = t.optimizer.param_groups[0]["lr"]
+        if t.fsdp:
+            broadcast_buffers(t.net)  # rank 0's BatchNorm statistics, as DDP does
         out = t.model(x)  # (B_local, num_classes)
         loss_sum = criterion(out, y)
-        # DDP averages over ranks: world / global_size makes it the global batch's mean loss
-        loss = loss_sum * (t.world / global_size)
+        loss = loss_sum * loss_scale(tc.sharding, t.world, global_size)  # the global batch's mean loss
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip is not None:
@@ -425,7 +468,8 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
         t.scheduler.step()
         if t.ema is not None:
             b = t.cfg.baselines
-            ema_update_(t.ema, trainable_parameters(t.net), ema_decay(t.step, b.ema_decay, b.ema_warmup))
+            ema_update_(t.ema, [local_shard(p) for p in trainable_parameters(t.net)],
+                        ema_decay(t.step, b.ema_decay, b.ema_warmup))
         t.step += 1
         progress.step(epoch - 1, t.step - (epoch - 1) * t.steps_per_epoch)  # a line now and then on long epochs
         with torch.no_grad():
@@ -447,7 +491,8 @@ def _val_metrics(t: _Trainer) -> dict:
     """Loss and accuracy on the val split (monitoring only), shared across ranks."""
     if len(t.splits.val) == 0:
         return {}
-    res = evaluate_across_ranks(t.net, t.splits.val, t.rank, t.world, t.device, t.cfg.data.eval_batch_size)
+    res = evaluate_across_ranks(t.net, t.splits.val, t.rank, t.world, t.device, t.cfg.data.eval_batch_size,
+                                lockstep=t.fsdp)
     return {"val_loss": res.loss, "val_acc": res.accuracy}
 
 

@@ -43,18 +43,25 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset | DataLoader, device: torch.device | str = "cpu", batch_size: int = 512) -> EvalResult:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: Dataset | DataLoader, device: torch.device | str = "cpu", batch_size: int = 512,
+             min_batches: int = 0) -> EvalResult:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``data``.
+
+    ``min_batches``: forward passes to make at least, the last batch again (not counted):
+    the ranks of a model whose forward pass is a collective (FSDP) must make as many."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, batches = 0, 0, 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(dim=1) == y).sum())
         total += len(y)
+        batches += 1
+    for _ in range(batches, min_batches):
+        model(x)
     model.train(was_training)
     if total == 0:
         return EvalResult(float("nan"), float("nan"), 0)

@@ -13,7 +13,8 @@ ranges are all-reduced). One TWA step after ``loss.backward()``:
    them for the next forward pass, so TWA adds no weight traffic of its own.
 
 Per worker, model + gradient + projection are 1/k of the whole (plus FSDP's transient
-all-gather of one unit). Bases: ``row_shards.ROW_BASES`` (not ``checkpoints``); every
+all-gather of one unit). The wrapping (``fsdp_wrap``) is ``distributed.fsdp``'s, shared with
+base training. Bases: ``row_shards.ROW_BASES`` (not ``checkpoints``); every
 bit width and granularity.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..core.params import ParamLayout, trainable_parameters
 from ..core.row_shards import build_row_projection, row_block_sizes
 from ..store import CandidateStore, fsdp_element_ranges
 from .collectives import TorchCollectives
+from .fsdp import local_shard
 from .twa_shard import ShardSetup, check_store_matches
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,6 @@ class RowLayout:
             pos += e - s
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (the tensor itself when not distributed)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class FSDPShard:
     """A ``core.twa.ParamShard`` over the local shards FSDP2 keeps: this rank's dim-0 rows of
     every trainable parameter, in layout order."""
@@ -84,7 +81,7 @@ class FSDPShard:
         self.rank = rank
         self.numels = rows.numels(rank)
         self.numel = sum(self.numels)
-        local = [_local(p).numel() for p in trainable_parameters(model)]
+        local = [local_shard(p).numel() for p in trainable_parameters(model)]
         if local != self.numels:
             raise ValueError(f"rank {rank}: FSDP's local shards hold {local} elements, the row layout says "
                              f"{self.numels} (is the model wrapped with fully_shard on a 1-D mesh of "
@@ -96,13 +93,13 @@ class FSDPShard:
             if p.grad is None:
                 dst.zero_()
             else:
-                dst.copy_(_local(p.grad).reshape(-1))
+                dst.copy_(local_shard(p.grad).reshape(-1))
         return self._grad
 
     @torch.no_grad()
     def write(self, own: torch.Tensor) -> None:
         for p, part in zip(trainable_parameters(self.model), own.split(self.numels)):
-            local = _local(p)
+            local = local_shard(p)
             local.copy_(part.view_as(local))
 
     @torch.no_grad()
@@ -121,28 +118,6 @@ class FSDPShard:
         for r in range(world):
             self.rows.put(gathered[r * pad : (r + 1) * pad], r, out)
         return out
-
-
-def fsdp_wrap(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    """``model`` (on ``device``) under FSDP2 over all ``world`` ranks: every module that holds
-    parameters of its own is an all-gather unit, then the root. Gradients are summed over
-    ranks, not averaged (each rank's loss is already its share of the global batch mean).
-    One rank and no process group: the model as it is."""
-    if world == 1 and not (dist.is_available() and dist.is_initialized()):
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    mesh = init_device_mesh(device.type, (world,))
-    for module in list(model.modules())[1:]:
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
-    return model
 
 
 class _Collectives(TorchCollectives):
@@ -173,7 +148,7 @@ def build_fsdp_twa(
         raise ValueError("twa.sharding: " + "; ".join(problems))
     layout = check_store_matches(store, model)
     rows = RowLayout(layout, world_size)
-    device = _local(next(model.parameters())).device
+    device = local_shard(next(model.parameters())).device
     shard = FSDPShard(model, rows, rank, device)
     blocks = make_blocks(layout.numels, cfg.granularity)
     sizes = row_block_sizes(blocks, shard.numels)
@@ -195,8 +170,3 @@ def build_fsdp_twa(
     )
     log.debug("rank %d: %d of %d coordinates, %d projection bytes", rank, shard.numel, layout.num_params, proj.nbytes)
     return ShardSetup(twa, blocks, None, list(candidate_indices))
-
-
-def local_param_bytes(model: nn.Module) -> int:
-    """Bytes of the trainable parameters this rank holds (its FSDP shards, or the whole model)."""
-    return sum(_local(p).numel() * _local(p).element_size() for p in trainable_parameters(model))

@@ -32,7 +32,8 @@ from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
 from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint
-from .twa_fsdp import build_fsdp_twa, fsdp_wrap, local_param_bytes
+from .fsdp import fsdp_wrap, local_param_bytes
+from .twa_fsdp import build_fsdp_twa
 from .twa_shard import build_shard_twa, candidate_rounds
 from .worker import (all_reduce_sum, evaluate_across_ranks, gather_from_ranks, inject_fault, report, seed_rng,
                      sync_batchnorm)

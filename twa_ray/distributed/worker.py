@@ -76,11 +76,17 @@ def gather_from_ranks(tensors: dict[str, torch.Tensor], device: torch.device | s
 
 
 def evaluate_across_ranks(
-    model: nn.Module, data: Dataset, rank: int, world: int, device: torch.device | str, batch_size: int
+    model: nn.Module, data: Dataset, rank: int, world: int, device: torch.device | str, batch_size: int,
+    lockstep: bool = False,
 ) -> EvalResult:
     """Accuracy and mean loss of ``model`` on ``data``: rank r evaluates examples r, r + world, ...,
-    and the sums are all-reduced, so every rank returns the result on all of ``data`` (a collective)."""
-    res = evaluate(model, Subset(data, list(range(rank, len(data), world))), device, batch_size=batch_size)
+    and the sums are all-reduced, so every rank returns the result on all of ``data`` (a collective).
+    ``lockstep``: every rank makes as many forward passes (a model sharded with FSDP)."""
+    indices = list(range(rank, len(data), world))
+    batches = -(-len(range(0, len(data), world)) // batch_size) if lockstep else 0  # rank 0's, the most
+    if not indices and batches:  # fewer examples than ranks: forward passes on one example, not counted
+        evaluate(model, Subset(data, [0]), device, batch_size=batch_size, min_batches=batches)
+    res = evaluate(model, Subset(data, indices), device, batch_size=batch_size, min_batches=batches if indices else 0)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     if res.count:
         sums = torch.tensor([res.loss * res.count, round(res.accuracy * res.count / 100.0), res.count],

@@ -19,7 +19,7 @@ Every rank's TWA shard is its FSDP2 shard of every parameter: its dim-0 rows
   FSDP's reduce-scatter input while it prefetches the next unit's weights: the peak is
   bounded by 4 x that all-gather on top of the persistent bytes (activations not counted).
 
-Units (:func:`fsdp_units`), as ``distributed.twa_fsdp.fsdp_wrap`` wraps them: one
+Units (:func:`fsdp_units`), as ``distributed.fsdp.fsdp_wrap`` wraps them: one
 ``fully_shard`` per module that holds parameters of its own, then the root. The even share
 is total/k, total = the same state on one worker (k = 1: no padding, nothing replicated).
 """

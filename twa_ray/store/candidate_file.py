@@ -9,12 +9,15 @@ Row ranges: :func:`locate_values` finds where each column's float32 values lie i
 from the record batch's message header alone (Arrow IPC: magic, schema message, record
 batch message = 8-byte prefix + flatbuffer metadata + body), so :func:`read_value_ranges`
 reads just the wanted element ranges: slices of the memory map locally, ranged reads on
-other filesystems such as S3.
+other filesystems such as S3. On a local filesystem the same offsets let several writers
+fill one file in row pieces: :func:`write_zero_candidate_file` lays the file out with its
+values as holes, :func:`write_value_ranges` writes a piece.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -36,6 +39,8 @@ __all__ = [
     "open_source",
     "locate_values",
     "read_value_ranges",
+    "write_zero_candidate_file",
+    "write_value_ranges",
 ]
 
 INFO_KEY = b"twa_ray.info"
@@ -61,6 +66,12 @@ def write_candidate_file(
         arrays: per parameter a contiguous 1-D float32 array of shape (numel_i,).
         info_json: the candidate's info, already JSON-encoded.
     """
+    with fs.open_output_stream(path) as sink:
+        _write_ipc(sink, names, arrays, info_json)
+
+
+def _write_ipc(sink, names: Sequence[str], arrays: Sequence[np.ndarray], info_json: str) -> None:
+    """The candidate file's bytes into ``sink`` (a pyarrow or Python file object)."""
     fields = [pa.field(n, _column_type(a.size), nullable=False) for n, a in zip(names, arrays)]
     schema = pa.schema(
         fields,
@@ -70,9 +81,79 @@ def write_candidate_file(
         pa.FixedSizeListArray.from_arrays(pa.array(a, type=pa.float32()), a.size) for a in arrays
     ]
     batch = pa.record_batch(columns, schema=schema)
-    with fs.open_output_stream(path) as sink:
-        with pa.ipc.new_file(sink, schema) as writer:
-            writer.write_batch(batch)
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(batch)
+
+
+class _HoleWriter:
+    """A Python file object for Arrow that seeks over all-zero writes instead of writing
+    them: the file holds the same bytes (a hole reads as zeros) without writing them."""
+
+    closed = False
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.written = 0  # bytes actually written
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if np.frombuffer(view, dtype=np.uint8).any():
+            self.file.write(view)
+            self.written += len(view)
+        else:
+            self.file.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:  # the caller closes the file
+        self.closed = True
+
+
+def write_zero_candidate_file(path: str, names: Sequence[str], numels: Sequence[int], info_json: str) -> int:
+    """Write a candidate whose values are all zero to the local file ``path`` (the caller
+    writes to a temp name and moves it), for :func:`write_value_ranges` to fill in.
+
+    The values are holes: only the headers and footer (a few hundred bytes plus about 200
+    per column) are written, whatever the size of the tensors. Returns the bytes written.
+    """
+    arrays = [np.zeros(n, dtype=np.float32) for n in numels]  # untouched pages: no memory used
+    with open(path, "wb") as file:
+        sink = _HoleWriter(file)
+        _write_ipc(sink, names, arrays, info_json)
+        file.truncate(file.tell())  # the size, in case the file ends in a hole
+    return sink.written
+
+
+def write_value_ranges(
+    path: str, numels: Sequence[int], ranges: Sequence[tuple[int, int]], values: np.ndarray
+) -> int:
+    """Overwrite elements ``[start, end)`` of every column's values of the local candidate
+    file ``path`` with consecutive slices of ``values`` (the inverse of :func:`read_value_ranges`).
+
+    Args:
+        numels: per column (file order) its number of values.
+        ranges: per column (file order) an element range ``[start, end)``, possibly empty.
+        values: float32, shape (sum of the ranges' lengths,); taken in column order.
+    Returns:
+        Bytes written: 4 per element.
+    """
+    with open_source(pafs.LocalFileSystem(), path, is_local=True) as source:
+        offsets, _ = locate_values(source, path, numels)
+    data = np.ascontiguousarray(values, dtype="<f4")
+    at, nbytes = 0, 0
+    with open(path, "r+b") as file:
+        for offset, (start, end) in zip(offsets, ranges):
+            if end > start:
+                file.seek(offset + 4 * start)
+                file.write(memoryview(data[at:at + end - start]).cast("B"))
+                nbytes += 4 * (end - start)
+                at += end - start
+    return nbytes
 
 
 @contextmanager

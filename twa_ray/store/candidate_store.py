@@ -18,6 +18,13 @@ only those columns' bytes (Arrow column projection, memory-mapped when local). R
 are the FSDP2 shard unit: :meth:`CandidateStore.read_fsdp_shard` reads only a rank's dim-0
 rows of every tensor (:meth:`CandidateStore.read_ranges`: slices of the memory map locally,
 ranged reads on S3 and other filesystems).
+
+Writes are atomic: a candidate is written under a temporary name and moved to its final
+name when complete, so a reader lists and reads whole candidates only. On a local (or
+network) filesystem several writers can also fill one candidate in row pieces, each its
+FSDP2 rows: one :meth:`CandidateStore.begin_candidate`, a
+:meth:`CandidateStore.write_rows` per writer, then one :meth:`CandidateStore.commit_candidate`
+once every writer is done.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from .candidate_file import (
     read_schema,
     read_value_ranges,
     write_candidate_file,
+    write_value_ranges,
+    write_zero_candidate_file,
 )
 from .rows import fsdp_element_ranges
 
@@ -111,6 +120,8 @@ class CandidateStore:
         bytes_read: payload bytes requested by :meth:`read`, :meth:`read_ranges` (and the
             methods built on them) on this instance: selected values x candidates x 4.
             Footer and metadata reads are not counted. Reset it by assigning 0.
+        bytes_written: bytes written by :meth:`begin_candidate` (headers and footer) and
+            :meth:`write_rows` (values) on this instance. Reset it by assigning 0.
     """
 
     def __init__(self, location: _fs.ResolvedLocation, metadata: dict):
@@ -128,6 +139,7 @@ class CandidateStore:
         self._footer_cache: dict[str, tuple[int, CandidateInfo]] = {}
         self._warned_bad: set[tuple[str, int]] = set()
         self.bytes_read: int = 0
+        self.bytes_written: int = 0
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -363,11 +375,23 @@ class CandidateStore:
         """
         arrays = self._to_arrays(tensors)
         info_json = self._info_json(info)
-        cand_dir = _fs.join(self._loc.path, CANDIDATE_DIR)
-        tmp = _fs.temp_name(_fs.join(cand_dir, "cand.arrow"))
+        tmp = self._temp_path()
+        try:
+            write_candidate_file(self._loc.fs, tmp, self._names, arrays, info_json)
+        except BaseException:
+            _fs.delete_quietly(self._loc.fs, tmp)
+            raise
+        return self._commit(tmp)
+
+    def _temp_path(self) -> str:
+        """A new temporary name in the candidate folder: no reader lists it."""
+        return _fs.temp_name(_fs.join(self._candidate_dir(), "cand.arrow"))
+
+    def _commit(self, tmp: str) -> int:
+        """Move the complete candidate file ``tmp`` to the next free index; returns the index.
+        ``tmp`` is deleted when that fails."""
         fs = self._loc.fs
         try:
-            write_candidate_file(fs, tmp, self._names, arrays, info_json)
             for _ in range(10_000):
                 index = self._next_free_index()
                 if _fs.move_into_place(fs, tmp, self._candidate_path(index), overwrite=False):
@@ -379,6 +403,77 @@ class CandidateStore:
             raise
         logger.debug("stored candidate %d in %s", index, self.uri)
         return index
+
+    # ------------------------------------------------------------------ writing in row pieces
+    def begin_candidate(self, info: Mapping[str, Any] | None = None) -> str:
+        """Start a candidate that several writers fill in pieces (e.g. FSDP2 ranks, each its rows).
+
+        Writes the candidate's file, all values zero and not yet written (holes: only the
+        headers and footer take bytes), under a temporary name that no reader lists.
+        Every writer then calls :meth:`write_rows` with the returned path (from its own
+        instance of the store), and one of them :meth:`commit_candidate` once all are done;
+        or :meth:`discard_candidate`.
+
+        Only on a local filesystem (shared by the writers: one node, or a network
+        filesystem): object stores cannot write into a file. Raises ValueError elsewhere,
+        and TypeError when ``info`` is not JSON-serialisable.
+        """
+        if not self.is_local:
+            raise ValueError(f"candidate store {self.uri}: writing a candidate in pieces needs a local or network "
+                             "filesystem (an object store cannot write into a file); use append()")
+        info_json = self._info_json(info)
+        pending = self._temp_path()
+        try:
+            self.bytes_written += write_zero_candidate_file(pending, self._names, self._numels, info_json)
+        except BaseException:
+            _fs.delete_quietly(self._loc.fs, pending)
+            raise
+        return pending
+
+    def write_rows(self, pending: str, ranges: Sequence[tuple[int, int]], values: torch.Tensor) -> int:
+        """Write one piece of the candidate :meth:`begin_candidate` started at ``pending``.
+
+        Args:
+            ranges: per tensor (store order, length P) a flat element range ``[start, end)``
+                (e.g. :meth:`fsdp_ranges`); pieces of different writers must not overlap.
+            values: shape (sum of (end - start),), any floating dtype and device: the ranges'
+                values concatenated in store order (e.g. the local FSDP2 shards, flattened).
+        Returns:
+            The bytes written (4 per value).
+        Raises:
+            ValueError: ``ranges`` do not fit the tensors, ``values`` has the wrong size,
+                or holds NaN/Inf (the message names the parameter).
+        """
+        self._check_pending(pending)
+        ranges, width = self._checked_ranges(ranges)
+        values = torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        if values.numel() != width:
+            raise ValueError(f"{values.numel()} values for ranges of {width} elements")
+        at = 0
+        for name, (a, b) in zip(self._names, ranges):
+            part = values[at:at + b - a]
+            if not bool(torch.isfinite(part).all()):
+                raise ValueError(f"parameter {name!r}: rows [{a}, {b}) hold NaN or Inf values")
+            at += b - a
+        nbytes = write_value_ranges(pending, self._numels, ranges, values.numpy())
+        self.bytes_written += nbytes
+        return nbytes
+
+    def commit_candidate(self, pending: str) -> int:
+        """Publish the candidate at ``pending`` once every writer's :meth:`write_rows` has
+        returned: it moves to the next free index atomically. Returns that index."""
+        self._check_pending(pending)
+        return self._commit(pending)
+
+    def discard_candidate(self, pending: str) -> None:
+        """Delete a candidate started with :meth:`begin_candidate` and not committed."""
+        self._check_pending(pending)
+        _fs.delete_quietly(self._loc.fs, pending)
+
+    def _check_pending(self, pending: str) -> None:
+        head, tail = pending.rsplit("/", 1) if "/" in pending else ("", pending)
+        if head != self._candidate_dir() or _fs.TEMP_MARKER not in tail:
+            raise ValueError(f"{pending!r} is not a candidate begun in store {self.uri}")
 
     def append_flat(self, vector: torch.Tensor, info: Mapping[str, Any] | None = None) -> int:
         """Add one candidate given as a flat vector of shape (D,) in ``names`` order.
@@ -629,13 +724,7 @@ class CandidateStore:
             ValueError: ``ranges`` do not fit the tensors, or a candidate file is
                 incomplete or does not match the store.
         """
-        ranges = [(operator.index(a), operator.index(b)) for a, b in ranges]
-        if len(ranges) != len(self._names):
-            raise ValueError(f"got {len(ranges)} ranges for the {len(self._names)} tensors of store {self.uri}")
-        for name, (a, b), numel in zip(self._names, ranges, self._numels):
-            if not 0 <= a <= b <= numel:
-                raise ValueError(f"range [{a}, {b}) does not fit parameter {name!r} of {numel} elements")
-        width = sum(b - a for a, b in ranges)
+        ranges, width = self._checked_ranges(ranges)
         targets = self._targets(candidates)
         out = torch.empty((len(targets), width), dtype=torch.float32)
         out_np = out.numpy()
@@ -645,6 +734,16 @@ class CandidateStore:
                     read_value_ranges(source, path, self._numels, ranges, out_np[row])
             self.bytes_read += 4 * width
         return out
+
+    def _checked_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+        """(ranges as ints, their total length); ValueError when they do not fit the tensors."""
+        ranges = [(operator.index(a), operator.index(b)) for a, b in ranges]
+        if len(ranges) != len(self._names):
+            raise ValueError(f"got {len(ranges)} ranges for the {len(self._names)} tensors of store {self.uri}")
+        for name, (a, b), numel in zip(self._names, ranges, self._numels):
+            if not 0 <= a <= b <= numel:
+                raise ValueError(f"range [{a}, {b}) does not fit parameter {name!r} of {numel} elements")
+        return ranges, sum(b - a for a, b in ranges)
 
     def read_fsdp_shard(self, rank: int, world: int, candidates: Iterable[int] | None = None) -> torch.Tensor:
         """``rank``'s FSDP2 shard of selected candidates: ``read_ranges(fsdp_ranges(rank, world), candidates)``.

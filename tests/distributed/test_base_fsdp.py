@@ -1,0 +1,261 @@
+"""Base training on FSDP2 (``train.sharding: fsdp``): the helpers on two gloo ranks without
+Ray (full-state checkpoints, sharded optimizer state, every rank writing its rows of a
+candidate), and Ray Train runs against DDP replicas (same candidates, each rank's bytes,
+exact resume after a lost worker)."""
+import os
+import socket
+from datetime import timedelta
+
+import fsspec
+import pyarrow.fs as pafs
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from twa_ray.config import ConfigError, config_from_dict
+from twa_ray.core.params import ParamLayout
+from twa_ray.distributed.base_fsdp import RowCandidateWriter, gathered_state, loss_scale, sharded_optimizer_state
+from twa_ray.distributed.fsdp import fsdp_wrap, local_rows, local_shard, shard_like
+from twa_ray.store import CandidateStore
+
+WORLD = 2
+
+# --------------------------------------------------------------------- no Ray
+
+
+def test_train_sharding_is_checked_and_defaults_to_blocks():
+    assert config_from_dict({}).train.sharding == "blocks"
+    assert config_from_dict({"train": {"sharding": "fsdp"}}).train.sharding == "fsdp"
+    with pytest.raises(ConfigError, match=r"train.sharding: 'rows' is not one of \['blocks', 'fsdp'\]"):
+        config_from_dict({"train": {"sharding": "rows"}})
+
+
+def test_loss_scale_gives_the_global_mean_either_way():
+    # DDP averages the 4 ranks' gradients, FSDP sums them: both end at sum / 64
+    assert loss_scale("blocks", 4, 64) / 4 == loss_scale("fsdp", 4, 64) == 1 / 64
+
+
+def test_lockstep_evaluation_makes_as_many_forward_passes_on_every_rank():
+    from torch.utils.data import TensorDataset
+
+    from twa_ray.distributed.evaluate import evaluate
+    from twa_ray.distributed.worker import evaluate_across_ranks
+
+    data = TensorDataset(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    model, calls = _Net(), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    plain = evaluate(model, data, batch_size=2)
+    assert len(calls) == 3
+    padded = evaluate(model, data, batch_size=2, min_batches=5)  # the last batch twice more, not counted
+    assert len(calls) == 3 + 5 and padded == plain
+    # rank 1 of 2 holds examples 1 and 3 (one batch of 2), rank 0 three (two batches): rank 1 pads one
+    calls.clear()
+    evaluate_across_ranks(model, data, 1, 2, "cpu", batch_size=2, lockstep=True)
+    assert len(calls) == 2
+    calls.clear()
+    evaluate_across_ranks(model, data, 1, 2, "cpu", batch_size=2)
+    assert len(calls) == 1
+    calls.clear()
+    evaluate_across_ranks(model, torch.utils.data.Subset(data, [0]), 1, 2, "cpu", batch_size=2, lockstep=True)
+    assert len(calls) == 1  # no example of its own: still rank 0's one pass
+
+
+def test_rows_of_plain_tensors():
+    full = torch.arange(15.0).view(5, 3)
+    assert torch.equal(local_rows(full, 0, 2), full[:3]) and torch.equal(local_rows(full, 1, 2), full[3:])
+    assert local_rows(full, 3, 4).shape == (0, 3)  # 5 rows in chunks of 2: rank 3 holds none
+    assert torch.equal(shard_like(full, torch.zeros(5, 3)), full)  # not sharded: the tensor itself
+
+
+class _Net(nn.Module):
+    """Rows 5, 5, 3 and 3: uneven row shards."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def _steps(model, optimizer, rank=0, world=1, steps=3):
+    """SGD steps on fixed batches of 8; each rank takes its half of the global mean loss."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum")
+        (loss * loss_scale("fsdp", world, 8)).backward()
+        optimizer.step()
+
+
+class _Decides:
+    """Rank 0's candidate writer as base training has it: saves every step once."""
+
+    def __init__(self, store):
+        self.store, self.saved_infos = store, []
+
+    def info_for(self, *, kind, step, lr, metrics):
+        return {"kind": kind, "step": step}
+
+    def saved(self, index, info):
+        self.saved_infos.append((index, info))
+
+
+def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        model = fsdp_wrap(_Net(), WORLD, torch.device("cpu"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _steps(model, optimizer, rank, WORLD)
+        ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
+        state = gathered_state(model, optimizer, ema, rank)
+        # a fresh sharded optimizer takes the full state back: its rows of every momentum buffer
+        fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        full_opt = [None]
+        if rank == 0:
+            full_opt = [state["optimizer"]]
+        dist.broadcast_object_list(full_opt, src=0)
+        fresh.load_state_dict(sharded_optimizer_state(full_opt[0], fresh))
+        momentum = [local_shard(fresh.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
+        store = CandidateStore.open(store_uri)
+        writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, WORLD, torch.device("cpu"))
+        writer.save(model, kind="epoch", step=3, lr=0.1, metrics={})
+        # a store that cannot be written in pieces (not pyarrow's local filesystem): rank 0 gathers
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
+        remote = CandidateStore.open(store.path, filesystem=fs)
+        gathering = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_uri, rank, WORLD,
+                                       torch.device("cpu"))
+        gathering.save(model, kind="epoch", step=4, lr=0.1, metrics={})
+        torch.save({"state": state, "momentum": momentum, "bytes": writer.bytes_by_rank(),
+                    "saved": writer.writer.saved_infos if rank == 0 else None}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_checkpoint_full_state_and_write_their_rows(tmp_path):
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), _Net())
+    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), store.uri), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    ref = _Net()  # the same steps in one process
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    _steps(ref, opt)
+    state = ranks[0]["state"]
+    assert ranks[1]["state"] is None
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6)
+    buffers = [opt.state[p]["momentum_buffer"] for p in ref.parameters()]
+    for i, buf in enumerate(buffers):  # the checkpoint holds full buffers, each rank gets its rows back
+        torch.testing.assert_close(state["optimizer"]["state"][i]["momentum_buffer"], buf, rtol=1e-5, atol=1e-6)
+        for rank in range(WORLD):
+            torch.testing.assert_close(ranks[rank]["momentum"][i], local_rows(buf, rank, WORLD), rtol=1e-5, atol=1e-6)
+    flat = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    torch.testing.assert_close(state["ema"], 0.5 * flat, rtol=1e-5, atol=1e-6)
+
+    # the candidate: every rank's rows, committed once, equal to the full weights
+    assert ranks[0]["saved"] == [(0, {"kind": "epoch", "step": 3})]
+    assert len(store) == 2 and not [f for f in os.listdir(tmp_path / "store" / "candidates") if ".tmp-" in f]
+    torch.testing.assert_close(store.read_flat(0), flat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(store.read_flat(1), flat, rtol=1e-5, atol=1e-6)  # gathered, appended whole
+    values = [4 * sum(b - a for a, b in store.fsdp_ranges(r, WORLD)) for r in range(WORLD)]
+    assert values[0] != values[1] and sum(values) == 4 * store.num_params  # uneven rows
+    written = ranks[0]["bytes"]
+    assert written == ranks[1]["bytes"]  # every rank got the counts
+    size = os.path.getsize(store.list_candidates()[0].path)
+    assert written[1] == values[1] and values[0] < written[0] <= values[0] + size - 4 * store.num_params
+
+
+# --------------------------------------------------------------------- Ray Train
+
+
+def _raw(out, **train) -> dict:
+    """8x8 synthetic images, an MLP (no BatchNorm) with uneven row shards (15 and 5 rows),
+    2 workers, 2 epochs of 4 steps, candidates also every 3 steps."""
+    return {
+        "name": "tiny", "output_dir": str(out), "seed": 0,
+        "data": {"name": "synthetic", "batch_size": 32, "val_ratio": 0.2,
+                 "synthetic": {"num_train": 160, "num_test": 32, "num_classes": 5, "channels": 1, "image_size": 8}},
+        "model": {"name": "mlp", "kwargs": {"hidden": [15]}},
+        "train": {"epochs": 2, "budget_epochs": 4, "schedule": "linear", "lr": 0.1, "workers": WORLD,
+                  "save_every_steps": 3, "grad_clip": 1.0, **train},
+    }
+
+
+def _final(result, store):
+    from twa_ray.distributed.base_train import read_final
+
+    return read_final(result.checkpoint_path, ParamLayout(tuple(store.names), tuple(map(tuple, store.shapes))))
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """{sharding: (result, store)} of the same 2-worker run with DDP replicas and with FSDP."""
+    from twa_ray.distributed.base_train import run_base_training
+
+    out = {}
+    for sharding in ("blocks", "fsdp"):
+        result = run_base_training(config_from_dict(_raw(tmp_path_factory.mktemp(sharding), sharding=sharding)))
+        out[sharding] = result, CandidateStore.open(result.store_uri)
+    return out
+
+
+@pytest.mark.ray
+def test_fsdp_candidates_equal_ddp_replicas(runs):
+    (blocks, replicas), (fsdp, sharded) = runs["blocks"], runs["fsdp"]
+    infos = [(c.info["kind"], c.info["step"]) for c in sharded.list_candidates()]
+    assert infos == [(c.info["kind"], c.info["step"]) for c in replicas.list_candidates()]
+    assert infos == [("initial", 0), ("step", 3), ("epoch", 4), ("step", 6), ("epoch", 8)]
+    assert sharded.names == replicas.names and sharded.shapes == replicas.shapes
+    w = sharded.read()
+    torch.testing.assert_close(w, replicas.read(), rtol=0, atol=1e-5)
+    assert (w[-1] - w[0]).abs().max() > 1e-2  # it trained
+    # the checkpoints hold full tensors in both modes: final weights and EMA agree too
+    for a, b in zip(_final(fsdp, sharded), _final(blocks, replicas)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert [m["train_loss"] for m in fsdp.metrics] == pytest.approx([m["train_loss"] for m in blocks.metrics], abs=1e-5)
+    assert [m["val_acc"] for m in fsdp.metrics] == [m["val_acc"] for m in blocks.metrics]
+
+
+@pytest.mark.ray
+def test_each_rank_wrote_only_its_rows(runs):
+    from twa_ray.distributed.base_train import checkpoint_info
+
+    result, store = runs["fsdp"]
+    written = checkpoint_info(result.checkpoint_path)["candidate_bytes_written"]
+    n = len(store)
+    values = [4 * n * sum(b - a for a, b in store.fsdp_ranges(r, WORLD)) for r in range(WORLD)]
+    assert values[0] != values[1] and sum(values) == 4 * n * store.num_params  # uneven: 8 + 7 and 3 + 2 rows
+    assert written[1] == values[1]  # exactly its rows of every candidate
+    # rank 0: its rows plus each file's layout (headers and footer), none of rank 1's values
+    layout = sum(os.path.getsize(c.path) for c in store.list_candidates()) - 4 * n * store.num_params
+    assert values[0] < written[0] <= values[0] + layout
+
+
+@pytest.mark.ray
+def test_fsdp_run_resumed_after_a_lost_worker_ends_the_same(ray_local, runs, tmp_path):
+    """The last rank fails once at the start of epoch 2; the restarted group resumes from the
+    epoch-1 checkpoint (full state, sharded again) and ends with the same candidates."""
+    from twa_ray.distributed.base_train import run_base_training
+
+    result = run_base_training(config_from_dict({**_raw(tmp_path / "run", sharding="fsdp"),
+                                                  "debug": {"fail_at_epoch": 2}}))
+    assert os.path.exists(os.path.join(result.run_path, "base-failed-at-epoch-2"))
+    store = CandidateStore.open(result.store_uri)
+    uninterrupted, reference = runs["fsdp"]
+    assert [c.info["step"] for c in store.list_candidates()] == [0, 3, 4, 6, 8]  # none twice
+    torch.testing.assert_close(store.read(), reference.read(), rtol=0, atol=1e-6)
+    for a, b in zip(_final(result, store), _final(uninterrupted, reference)):  # weights and EMA
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

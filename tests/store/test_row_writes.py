@@ -1,0 +1,73 @@
+"""Writing one candidate in row pieces (FSDP2 ranks, each its rows): the file equals append's,
+nobody lists it before the commit, and each writer writes only its piece."""
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from twa_ray.store import CandidateStore
+
+SHAPES = {"emb": (300, 40), "conv": (3, 2, 2, 2), "bias": (5,), "one_row": (1, 4), "tiny": (2,)}
+INFO = {"kind": "epoch", "step": 4, "metrics": {"train_loss": 0.5}}
+
+
+def _pieces(store: CandidateStore, flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """``rank``'s rows of every tensor of ``flat`` (D,), concatenated in store order."""
+    return torch.cat([flat[o + a:o + b] for o, (a, b) in zip(store.offsets, store.fsdp_ranges(rank, world))])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_pieces_of_all_writers_give_appends_file(tmp_path, world):
+    store = CandidateStore.create(tmp_path / "s", list(SHAPES), list(SHAPES.values()))
+    flat = torch.randn(store.num_params, generator=torch.Generator().manual_seed(world))
+    store.append_flat(flat, INFO)  # the reference: candidate 0, written in one go
+
+    pending = store.begin_candidate(INFO)
+    header_bytes = store.bytes_written
+    writers = [CandidateStore.open(store.uri) for _ in range(world)]  # one instance per rank
+    for rank in reversed(range(world)):  # in any order
+        assert len(store) == 1  # not listed before the commit
+        piece = _pieces(store, flat, rank, world)
+        assert writers[rank].write_rows(pending, store.fsdp_ranges(rank, world), piece) == 4 * piece.numel()
+    for rank, writer in enumerate(writers):  # each wrote its rows and nothing else
+        assert writer.bytes_written == 4 * _pieces(store, flat, rank, world).numel()
+    assert store.commit_candidate(pending) == 1 and not os.path.exists(pending)
+
+    a, b = (c.path for c in store.list_candidates())
+    assert open(a, "rb").read() == open(b, "rb").read()  # byte for byte
+    assert store.list_candidates()[1].info == INFO
+    torch.testing.assert_close(store.read_flat(1), flat, rtol=0, atol=0)
+    # the values were holes until written: laying the file out wrote its headers only
+    assert 0 < header_bytes <= os.path.getsize(b) - 4 * store.num_params
+
+
+def test_discard_and_errors_name_the_problem(tmp_path):
+    store = CandidateStore.create(tmp_path / "s", list(SHAPES), list(SHAPES.values()))
+    pending = store.begin_candidate({})
+    ranges = store.fsdp_ranges(0, 2)
+    width = sum(b - a for a, b in ranges)
+    with pytest.raises(ValueError, match="values for ranges of"):
+        store.write_rows(pending, ranges, torch.zeros(width + 1))
+    bad = torch.zeros(width)
+    bad[width - 1] = float("nan")  # the last tensor's rows
+    with pytest.raises(ValueError, match="'tiny'"):
+        store.write_rows(pending, ranges, bad)
+    with pytest.raises(ValueError, match="does not fit parameter 'bias'"):
+        store.write_rows(pending, [(0, 0), (0, 0), (0, 6), (0, 0), (0, 0)], torch.zeros(6))
+    with pytest.raises(ValueError, match="not a candidate begun"):
+        store.write_rows(str(tmp_path / "elsewhere.arrow"), ranges, torch.zeros(width))
+    store.discard_candidate(pending)
+    assert not os.path.exists(pending) and len(store) == 0
+    remote = CandidateStore.open(store.path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(_memory_fs())))
+    assert not remote.is_local
+    with pytest.raises(ValueError, match="object store cannot write into a file"):
+        remote.begin_candidate({})
+
+
+def _memory_fs():
+    """The local files through fsspec: not pyarrow's LocalFileSystem, so ``is_local`` is False."""
+    fsspec = pytest.importorskip("fsspec")
+    return fsspec.filesystem("file")
