@@ -4,6 +4,7 @@
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
+    python benchmarks/reproduce.py --results A.jsonl B.jsonl --merged all.jsonl   # several invocations' lines as one
 
 Each run is the real job in a subprocess (a local Ray per job, or the cluster in RAY_ADDRESS),
 seeds 0 .. N-1 (``seed=`` override):
@@ -47,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from _common import ROOT, common_args, emit, machine, note
+from _common import ROOT, common_args, emit, machine, note, write_jsonl
 
 CLAIMS = ("head", "tail", "bits", "soups")  # the order they run in: bits reuses head's candidates
 CONFIGS = {"head": "configs/head_stage.yaml", "tail": "configs/tail_stage.yaml",
@@ -509,6 +510,19 @@ def write_readme(path: Path, rows: list[dict], targets: list[dict]) -> None:
         tmp.write_text(new)
 
 
+def merged_records(paths: list[Path]) -> list[dict]:
+    """The lines of reproduce.jsonl files, one per (claim, seed, run): where several files hold
+    the same run (a run reused by a later invocation, or run again), the last file's line, in
+    the place of the first."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                merged[(rec["claim"], rec["seed"], rec["run"])] = rec
+    return list(merged.values())
+
+
 def report(records: list[dict], out: Path, readme: Path | None = None) -> list[dict]:
     """reproduce.md and reproduce.png in ``out``, the table and targets on stderr; returns the targets."""
     rows = aggregate(records)
@@ -558,15 +572,19 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="empty --work first: run everything again")
     parser.add_argument("--runs", default=None,
                         help="comma-separated run names of the claims (e.g. bits_4,bits_32): only those")
-    parser.add_argument("--results", default=None, help="a reproduce.jsonl: only write its tables, plot and targets")
+    parser.add_argument("--results", nargs="+", default=None,
+                        help="reproduce.jsonl files: only write their tables, plot and targets (a run in several: "
+                             "the last file's line)")
+    parser.add_argument("--merged", default=None, help="with --results: also write their lines, merged, to this file")
     parser.add_argument("--readme", default=None,
                         help="also write the tables and targets into this file's results block (README.md)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     if args.results:
-        lines = Path(args.results).read_text().splitlines()
-        report([json.loads(line) for line in lines if line.strip()], Path(args.out or Path(args.results).parent),
-               Path(args.readme) if args.readme else None)
+        records = merged_records([Path(p) for p in args.results])
+        if args.merged:
+            write_jsonl(args.merged, records)
+        report(records, Path(args.out or Path(args.results[0]).parent), Path(args.readme) if args.readme else None)
         return 0
     work = Path(args.work or ROOT / "runs" / "reproduce" / mode).resolve()
     out = Path(args.out or (ROOT / "benchmarks" / "results" if mode == "full" else work)).resolve()

@@ -180,3 +180,16 @@ def test_runs_picks_runs_by_name_and_an_unknown_name_is_named(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         reproduce.main(args + ["--runs", "bits_3"])
     assert "--runs: bits_3 is no run of bits" in capsys.readouterr().err
+
+
+def test_results_of_several_files_merge_one_line_per_run_the_last_file_winning(tmp_path):
+    first, again = HEAD[0], dict(HEAD[0], acc={**HEAD[0]["acc"], "twa_t": 99.0})
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in HEAD))
+    b.write_text(json.dumps(again) + "\n")
+    merged = reproduce.merged_records([a, b])
+    assert len(merged) == len(HEAD) and merged[0]["acc"]["twa_t"] == 99.0 and merged[1:] == HEAD[1:]
+    assert first["acc"]["twa_t"] != 99.0
+    assert reproduce.main(["--results", str(a), str(b), "--merged", str(tmp_path / "all.jsonl"),
+                           "--out", str(tmp_path)]) == 0
+    assert [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()] == merged
