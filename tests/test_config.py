@@ -11,6 +11,7 @@ from twa_ray.config import (
     config_to_dict,
     differing_settings,
     load_config,
+    recorded_config,
     resolve_storage,
     select_candidates,
     settings_fingerprint,
@@ -221,3 +222,15 @@ def test_a_stage_sweep_reuses_its_stage_candidate_store(sweep_name, stage):
     sweep, run = (config_to_dict(load_config(ROOT / "configs" / f"{name}.yaml")) for name in (sweep_name, stage))
     assert differing_settings(sweep, run, CANDIDATE_SECTIONS) == []
     assert sweep["store"] == f"runs/{stage}/candidates"  # where `run --config configs/<stage>.yaml` keeps it
+
+
+def test_a_recorded_config_from_before_a_new_key_has_the_same_settings():
+    """A store or run folder made before a key existed (e.g. train.sharding) is the same
+    settings today; one with a key since removed is not."""
+    today = config_to_dict(load_config(ROOT / "configs" / "quickstart.yaml"))
+    earlier = json.loads(json.dumps(today))
+    del earlier["train"]["sharding"]
+    assert differing_settings(earlier, today) == ["train"]  # compared raw, the new key differs
+    assert differing_settings(recorded_config(earlier), today) == []
+    removed = dict(earlier, old_key=1)
+    assert recorded_config(removed) is removed and "old_key" in differing_settings(recorded_config(removed), today)

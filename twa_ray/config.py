@@ -607,6 +607,17 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def recorded_config(raw: dict) -> dict:
+    """A config dict an earlier run recorded (a store's meta, a run folder's config.json),
+    with the keys added since at their defaults, so that it compares equal to the same
+    settings today (a new key such as ``train.sharding`` must not make every earlier store
+    "made with other settings"). A dict that no longer builds (a key since removed) comes
+    back as it was: it differs, as it should."""
+    errors: list[str] = []
+    cfg = _build(Config, dict(raw or {}), "", errors, "recorded config")
+    return raw if errors else config_to_dict(cfg)
+
+
 # ---------------------------------------------------------------- same settings?
 
 _ABSENT = object()

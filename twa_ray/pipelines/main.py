@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, check_twa_start, config_to_dict, differing_settings, select_candidates
+from ..config import Config, check_twa_start, config_to_dict, differing_settings, recorded_config, select_candidates
 from ..core.baselines import INITIAL_KIND, after_start, best_k
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
@@ -101,7 +101,7 @@ def ensure_candidates(cfg: Config):
         store = CandidateStore.open(uri)
     except FileNotFoundError:
         return run_base_training(cfg)
-    stored = _candidate_settings(store.meta.get("config", {}))
+    stored = _candidate_settings(recorded_config(store.meta.get("config", {})))
     keys = CANDIDATE_SECTIONS + (("baselines",) if "baselines" in stored else ())
     differ = differing_settings(stored, _candidate_settings(config_to_dict(cfg)), keys)
     if differ:

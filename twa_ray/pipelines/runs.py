@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import Config, ConfigError, config_to_dict, differing_settings
+from ..config import Config, ConfigError, config_to_dict, differing_settings, recorded_config
 from ..data import DataSplits
 from ..data.from_config import splits_from_config
 from ..models.from_config import model_from_config
@@ -60,7 +60,7 @@ def finished_run(cfg: Config, run_dir: Path | str) -> bool:
     if not (store_fs.file_exists(summary) and store_fs.file_exists(recorded)):
         return False
     try:
-        return not differing_settings(read_json(recorded), config_to_dict(cfg))
+        return not differing_settings(recorded_config(read_json(recorded)), config_to_dict(cfg))
     except ValueError:
         return False
 
