@@ -406,12 +406,15 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         if not any(claim == target.claim for claim, _ in means):
             continue  # the claim did not run
 
+        used: list[int] = []  # the seed counts of the metrics the target compares
+
         def mean(metric: str, claim: str = target.claim) -> float:
             if (claim, metric) not in means:
                 raise ValueError(f"target {claim!r} {target.text!r} needs {metric}, which no run of {claim} gave")
+            used.append(means[(claim, metric)]["n"])
             return means[(claim, metric)]["mean"]
         met, measured = target.check(mean)
-        n = min(r["n"] for (claim, _), r in means.items() if claim == target.claim)
+        n = min(used)
         out.append({"claim": target.claim, "target": target.text, "measured": measured, "met": met, "n": n})
     return out
 

@@ -193,3 +193,9 @@ def test_results_of_several_files_merge_one_line_per_run_the_last_file_winning(t
     assert reproduce.main(["--results", str(a), str(b), "--merged", str(tmp_path / "all.jsonl"),
                            "--out", str(tmp_path)]) == 0
     assert [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()] == merged
+
+
+def test_a_targets_seed_count_is_that_of_the_metrics_it_compares():
+    bits = records("bits", [{"bits=1": 10.0, "bits=4": 91.0, "bits=32": 91.1}, {"bits=4": 91.2, "bits=32": 91.1}])
+    (target,) = reproduce.evaluate_targets(reproduce.aggregate(bits))
+    assert target["n"] == 2 and target["met"]  # bits=1 ran on one seed only: not compared
