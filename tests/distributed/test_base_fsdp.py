@@ -3,7 +3,6 @@ Ray (full-state checkpoints, sharded optimizer state, every rank writing its row
 candidate), and Ray Train runs against DDP replicas (same candidates, each rank's bytes,
 exact resume after a lost worker)."""
 import os
-import socket
 from datetime import timedelta
 
 import fsspec
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from twa_ray.config import ConfigError, config_from_dict
 from twa_ray.core.params import ParamLayout
 from twa_ray.distributed.base_fsdp import RowCandidateWriter, gathered_state, loss_scale, sharded_optimizer_state
@@ -139,15 +139,9 @@ def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_checkpoint_full_state_and_write_their_rows(tmp_path):
     store = CandidateStore.create_for_model(str(tmp_path / "store"), _Net())
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), store.uri), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), store.uri), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     ref = _Net()  # the same steps in one process
