@@ -213,7 +213,8 @@ def test_the_job_refuses_a_relative_output_dir_on_a_cluster_before_ray(tmp_path,
 
 
 @pytest.mark.parametrize("sweep_name, stage", [("tune_head_stage", "head_stage"), ("tune_head_bits", "head_stage"),
-                                               ("tune_head_bases", "head_stage"), ("tune_tail_stage", "tail_stage")])
+                                               ("tune_head_bases", "head_stage"), ("tune_head_probe", "head_stage"),
+                                               ("tune_tail_stage", "tail_stage")])
 def test_a_stage_sweep_reuses_its_stage_candidate_store(sweep_name, stage):
     """A sweep over a stage's TWA settings (configs/tune_*.yaml) runs over the stage's candidates:
     its seed, data, model and train sections must equal the stage's (the store is reused)."""
