@@ -1,6 +1,6 @@
 """The paper's claims on real data, each over several seeds: mean ± std, and each target met or not.
 
-    python benchmarks/reproduce.py [--claims head,tail,bits,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
+    python benchmarks/reproduce.py [--claims head,tail,bits,probe,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
@@ -17,7 +17,11 @@ seeds 0 .. N-1 (``seed=`` override):
 3. bits: the head stage's TWA-t with twa.bits 1/2/4/8/32, and twa.basis normalized /
    orthonormal / checkpoints, each at its lr chosen on val (BITS_LR, BASIS_LR), on each seed's
    head-stage candidate store: base training runs once per seed, only TWA and evaluation run again.
-4. soups (configs/soup_quickstart.yaml, ``twa-ray soup``): TWA-v against the greedy soup, the
+4. probe: why the head stage's TWA stays below the full budget, on each seed: TWA-t trained for
+   6 epochs over the head-stage store (``twa_t_6_epochs``: the best the candidates' span gives,
+   at a cost no longer below 0.6), and the head stage with a cosine budget instead of the step
+   schedule (its own store: candidates from a decaying lr; ``cosine_*`` and ``cost_ratio_cosine_twa_t``).
+5. soups (configs/soup_quickstart.yaml, ``twa-ray soup``): TWA-v against the greedy soup, the
    uniform soup and the best single fine-tuned model.
 
 Writes to --out (default benchmarks/results; with --quick or --smoke, the --work folder):
@@ -50,10 +54,12 @@ from typing import Callable
 
 from _common import ROOT, common_args, emit, machine, note, write_jsonl
 
-CLAIMS = ("head", "tail", "bits", "soups")  # the order they run in: bits reuses head's candidates
+# the order they run in: bits and probe reuse head's candidates
+CLAIMS = ("head", "tail", "bits", "probe", "soups")
 CONFIGS = {"head": "configs/head_stage.yaml", "tail": "configs/tail_stage.yaml",
-           "bits": "configs/head_stage.yaml", "soups": "configs/soup_quickstart.yaml"}
-COMMANDS = {"head": "run", "tail": "run", "bits": "run", "soups": "soup"}  # python -m twa_ray COMMAND
+           "bits": "configs/head_stage.yaml", "probe": "configs/head_stage.yaml",
+           "soups": "configs/soup_quickstart.yaml"}
+COMMANDS = {"head": "run", "tail": "run", "bits": "run", "probe": "run", "soups": "soup"}  # python -m twa_ray COMMAND
 SEEDS = {"full": 3, "quick": 1, "smoke": 1}
 BITS = (1, 2, 4, 8, 32)
 BASES = ("normalized", "orthonormal", "checkpoints")
@@ -87,14 +93,14 @@ SMOKE_HEAD = SMOKE_DATA + ["train.epochs=2", "train.budget_epochs=4", "train.sav
 MODE_OVERRIDES = {
     "full": {claim: [] for claim in CLAIMS},
     "quick": {
-        "head": QUICK_HEAD, "bits": QUICK_HEAD,
+        "head": QUICK_HEAD, "bits": QUICK_HEAD, "probe": QUICK_HEAD,
         "tail": QUICK_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
                               "train.save_every_steps=10", "twa.epochs=1"],
         "soups": QUICK_DATA + ["finetune.pretrain_epochs=2", "finetune.num_models=4", "finetune.epochs=1",
                                "twa.epochs=2"],
     },
     "smoke": {
-        "head": SMOKE_HEAD, "bits": SMOKE_HEAD,
+        "head": SMOKE_HEAD, "bits": SMOKE_HEAD, "probe": SMOKE_HEAD,
         "tail": SMOKE_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
                               "train.save_every_steps=3", "twa.epochs=1"],
         "soups": SMOKE_DATA + ["finetune.pretrain_epochs=1", "finetune.pretrain_classes=[0, 1]",
@@ -180,6 +186,24 @@ def head_twa_v(summary: dict, twa_t_summary: dict, source: str, twa_t_source: st
     return {"twa_v": float(need(summary, "test_acc.twa", source))}, ratios
 
 
+PROBE_EPOCHS = 6  # TWA epochs of the probe's run to convergence in the span
+
+
+def probe_epochs_run(summary: dict, source: str) -> tuple[dict, dict]:
+    """TWA-t's accuracy after PROBE_EPOCHS epochs over the head stage's candidates."""
+    check_twa_data(summary, "train", source)
+    if need(summary, "twa_epochs", source) != PROBE_EPOCHS:
+        raise SummaryError(f"{source}: twa_epochs is {summary['twa_epochs']}, expected {PROBE_EPOCHS}")
+    return {f"twa_t_{PROBE_EPOCHS}_epochs": float(need(summary, "test_acc.twa", source))}, {}
+
+
+def probe_cosine_run(summary: dict, source: str) -> tuple[dict, dict]:
+    """The head stage's methods and TWA-t's cost ratio under a cosine budget, each prefixed ``cosine_``."""
+    acc, ratios = head_twa_t(summary, source)
+    return ({f"cosine_{k}": v for k, v in acc.items()},
+            {"cost_ratio_cosine_twa_t": ratios["cost_ratio_twa_t"]})
+
+
 def tail_run(summary: dict, source: str) -> tuple[dict, dict]:
     return pick(summary, TAIL_ACC, source), {}
 
@@ -227,6 +251,10 @@ def plan(claim: str, mode: str) -> list[Run]:
                      (f"basis={b}",))
                  for b in BASES if b != default.basis]
         return runs
+    if claim == "probe":
+        return [Run("probe", f"probe_twa_{PROBE_EPOCHS}_epochs",
+                    base + ("compare_full_budget=false", f"twa.epochs={PROBE_EPOCHS}"), True),
+                Run("probe", "probe_cosine", base + ("compare_full_budget=true", "train.schedule=cosine"), False)]
     return [Run(claim, claim, base, False)]
 
 
@@ -279,6 +307,10 @@ def measure(run: Run, summary: dict, source: str, head_t: tuple[dict, str] | Non
         return head_twa_v(summary, *head_t, source)
     if run.claim == "bits":
         return bits_run(summary, source, run.labels)
+    if run.name == "probe_cosine":
+        return probe_cosine_run(summary, source)
+    if run.claim == "probe":
+        return probe_epochs_run(summary, source)
     return {"tail": tail_run, "soups": soups_run}[run.claim](summary, source)
 
 

@@ -199,3 +199,28 @@ def test_a_targets_seed_count_is_that_of_the_metrics_it_compares():
     bits = records("bits", [{"bits=1": 10.0, "bits=4": 91.0, "bits=32": 91.1}, {"bits=4": 91.2, "bits=32": 91.1}])
     (target,) = reproduce.evaluate_targets(reproduce.aggregate(bits))
     assert target["n"] == 2 and target["met"]  # bits=1 ran on one seed only: not compared
+
+
+def _head_summary(twa_epochs: int = 1) -> dict:
+    """A head-stage TWA-t summary.json with the keys reproduce reads."""
+    return {"twa_data": "train", "twa_epochs": twa_epochs, "cost_ratio": 0.55, "wall_ratio": 0.57,
+            "twa_epoch_vs_sgd_epoch": 0.96,
+            "test_acc": {"last": 89.0, "swa": 90.0, "ema": 91.0, "best_k": 90.5, "full_budget": 92.5, "twa": 91.5},
+            "time_s": {"base_train": {"startup": 10.0, "compute": 230.0}}}
+
+
+def test_the_probe_claim_trains_longer_on_heads_store_and_reruns_the_head_stage_with_a_cosine_budget(tmp_path):
+    epochs_run, cosine_run = reproduce.plan("probe", "full")
+    assert epochs_run.shared_store and f"twa.epochs={reproduce.PROBE_EPOCHS}" in epochs_run.overrides
+    assert not cosine_run.shared_store  # its own candidates: from a decaying lr
+    assert {"train.schedule=cosine", "compare_full_budget=true"} <= set(cosine_run.overrides)
+    cmd, run_dir = reproduce.job_command(epochs_run, 1, tmp_path)
+    assert f"store={tmp_path / 'seed1' / 'head_candidates'}" in cmd  # the head claim's store of that seed
+
+    acc, ratios = reproduce.measure(epochs_run, _head_summary(reproduce.PROBE_EPOCHS), "s.json", None)
+    assert acc == {f"twa_t_{reproduce.PROBE_EPOCHS}_epochs": 91.5} and ratios == {}
+    with pytest.raises(reproduce.SummaryError, match="s.json: twa_epochs is 1"):
+        reproduce.measure(epochs_run, _head_summary(1), "s.json", None)
+    acc, ratios = reproduce.measure(cosine_run, _head_summary(), "c.json", None)
+    assert acc["cosine_twa_t"] == 91.5 and acc["cosine_full_budget"] == 92.5 and "twa_t" not in acc
+    assert ratios == {"cost_ratio_cosine_twa_t": 0.55}
