@@ -1,7 +1,6 @@
 """The helpers both worker loops share (``distributed/worker.py``), on a real two-process
 gloo group without Ray, and TWA's run state through the checkpoint format."""
 import math
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from conftest import free_port
 
 from twa_ray.distributed import worker
 from twa_ray.distributed.checkpoints import load_checkpoint, load_checkpoint_info, save_checkpoint
@@ -48,16 +49,10 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
