@@ -9,23 +9,34 @@ and its projection bytes. With ``reference=True`` it also runs the paper's row-s
 scheme (gradient all-reduce + full parameter all-reduce) on the same candidates and
 checks that both reach the same weights.
 
+``run_workers(setting, k, "fsdp")`` runs the ``twa.sharding: fsdp`` mode on the same
+candidates (written to a candidate store): the model wrapped by ``fsdp_wrap``, TWA built by
+``build_fsdp_twa``, every collective counted by wrapping ``torch.distributed``'s functions
+(``DistCounter``: FSDP2's all-gathers and reduce-scatters, TWA's all-reduce).
+
 ``time_collectives(timing, k)`` spawns k processes that only time collectives, on gloo
 or NCCL (one GPU per rank): one TWA step's calls through ``TorchCollectives`` (shapes
-from the model's shard plan) against one all-reduce of D floats, and the alternatives
+from the model's shard plan) and the calls FSDP2 makes in one step of the fsdp mode
+(per unit, padded shards), against one all-reduce of D floats, and the alternatives
 (all-reduce + local slice for the reduce-scatter, bucketed all-reduces), interleaved
 round by round.
+
+``time_sharding_steps(setting, k)`` times whole TWA steps (forward, backward, ``twa.step()``)
+of both modes, built by the runtime's builders from one store, interleaved round by round.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import socket
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +53,16 @@ class ModelSetting:
     candidates: int = 20
     bits: int = 4
     granularity: str = "tensor"
+    in_channels: int = 3
+    model_kwargs: dict = field(default_factory=dict)  # the model's constructor arguments
+
+    def build(self) -> nn.Module:
+        from twa_ray.models import build_model
+
+        return build_model(self.model, self.num_classes, self.in_channels, self.image_size, **self.model_kwargs)
+
+
+SHARDINGS = ("blocks", "fsdp")  # twa.sharding
 
 
 @dataclass
@@ -50,8 +71,89 @@ class Setting(ModelSetting):
     steps: int = 3
     warmup_steps: int = 1
     threads: int = 1
-    reference: bool = False  # also run the paper's scheme
+    reference: bool = False  # also run the paper's scheme (blocks)
     lr: float = 0.05
+    grad_clip: float | None = None  # TWA clips the gradient's global norm (one more all-reduce, of a scalar)
+
+    def twa_config(self, sharding: str):
+        """The TWA settings of both modes' runtime builders (``build_shard_twa``, ``build_fsdp_twa``)."""
+        from twa_ray.config import TWAConfig
+
+        return TWAConfig(sharding=sharding, bits=self.bits, granularity=self.granularity, basis="normalized",
+                         lr=self.lr, momentum=0.9, schedule="constant", grad_clip=self.grad_clip)
+
+
+def wire_factor(op: str, k: int) -> float:
+    """Bytes one of k ranks sends per byte it hands to ``op``, with ring algorithms: a
+    reduce-scatter of an N-byte input sends (k-1)/k N, an all-gather of an N-byte slice
+    (k-1) N, an all-reduce 2(k-1)/k N; a (pipelined) broadcast (k-1)/k N on average."""
+    return {"reduce_scatter": (k - 1) / k, "all_gather": k - 1, "all_reduce": 2 * (k - 1) / k,
+            "broadcast": (k - 1) / k}[op]
+
+
+def _totals(calls: list[tuple[str, int, float]]) -> dict:
+    """Sums of (op, payload bytes, wire bytes) calls: payload, wire, and per op payload and calls."""
+    out: dict = {"payload": 0, "wire": 0.0, "by_op": {}, "calls": {}}
+    for op, payload, wire in calls:
+        out["payload"] += payload
+        out["wire"] += wire
+        out["by_op"][op] = out["by_op"].get(op, 0) + payload
+        out["calls"][op] = out["calls"].get(op, 0) + 1
+    return out
+
+
+class DistCounter:
+    """Counts the collectives any code issues through ``torch.distributed`` (FSDP2's own calls
+    included): inside ``with counter:`` its functions are wrapped, and while ``counting`` is
+    set each call is recorded as (op, bytes of its input, ring wire bytes). Calls that one
+    wrapped function makes through another count once."""
+
+    # torch.distributed function -> (op, the argument holding the bytes handed over)
+    FUNCTIONS = {
+        "all_gather_single": ("all_gather", "input_tensor"),
+        "all_gather_into_tensor": ("all_gather", "input_tensor"),
+        "reduce_scatter_single": ("reduce_scatter", "input"),
+        "reduce_scatter_tensor": ("reduce_scatter", "input"),
+        "all_reduce": ("all_reduce", "tensor"),
+        "broadcast": ("broadcast", "tensor"),
+    }
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.counting = False
+        self.calls: list[tuple[str, int, float]] = []
+        self._saved: dict[str, Callable] = {}
+        self._depth = 0
+
+    def __enter__(self) -> "DistCounter":
+        for name, (op, arg) in self.FUNCTIONS.items():
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(self._saved[name], op, arg))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+    def _wrap(self, fn: Callable, op: str, arg: str) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self.counting and self._depth == 0:
+                t = signature.bind(*args, **kwargs).arguments[arg]
+                payload = t.numel() * t.element_size()
+                self.calls.append((op, payload, wire_factor(op, self.world_size) * payload))
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return counted
+
+    def totals(self) -> dict:
+        return _totals(self.calls)
 
 
 class CountingCollectives:
@@ -67,30 +169,25 @@ class CountingCollectives:
         self.calls.append((op, payload, wire_factor * payload))
 
     def reduce_scatter_sum(self, flat):
-        before, k = self.inner.bytes_sent, self.world_size
+        before = self.inner.bytes_sent
         out = self.inner.reduce_scatter_sum(flat)
-        self._record("reduce_scatter", before, (k - 1) / k)  # sends (k-1)/k of its input
+        self._record("reduce_scatter", before, wire_factor("reduce_scatter", self.world_size))
         return out
 
     def all_reduce_sum(self, t):
-        before, k = self.inner.bytes_sent, self.world_size
+        before = self.inner.bytes_sent
         out = self.inner.all_reduce_sum(t)
-        self._record("all_reduce", before, 2 * (k - 1) / k)
+        self._record("all_reduce", before, wire_factor("all_reduce", self.world_size))
         return out
 
     def all_gather(self, own, out):
-        before, k = self.inner.bytes_sent, self.world_size
+        before = self.inner.bytes_sent
         res = self.inner.all_gather(own, out)
-        self._record("all_gather", before, k - 1)  # sends its (padded) slice to k-1 peers
+        self._record("all_gather", before, wire_factor("all_gather", self.world_size))
         return res
 
     def totals(self) -> dict:
-        out: dict = {"payload": 0, "wire": 0.0, "by_op": {}}
-        for op, payload, wire in self.calls:
-            out["payload"] += payload
-            out["wire"] += wire
-            out["by_op"][op] = out["by_op"].get(op, 0) + payload
-        return out
+        return _totals(self.calls)
 
 
 def _candidate_columns(base: torch.Tensor, numels, t0: int, t1: int, rows, n: int) -> torch.Tensor:
@@ -118,10 +215,26 @@ def _tensor_spans(numels, t0: int, t1: int) -> list[tuple[int, int]]:
 
 def _batch(setting: Setting, rank: int, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(setting.global_batch, 3, setting.image_size, setting.image_size, generator=gen)
+    x = torch.randn(setting.global_batch, setting.in_channels, setting.image_size, setting.image_size, generator=gen)
     y = torch.randint(0, setting.num_classes, (setting.global_batch,), generator=gen)
     idx = list(range(rank, setting.global_batch, k))
     return x[idx], y[idx], len(idx) / setting.global_batch
+
+
+def _loss_backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor, share: float) -> None:
+    """Back-propagate this rank's share of the global batch's mean loss (the ranks' sum)."""
+    net.zero_grad(set_to_none=True)
+    (nn.functional.cross_entropy(net(x), y) * share).backward()
+
+
+def _timed_step(model: nn.Module, twa, x: torch.Tensor, y: torch.Tensor, share: float) -> tuple[float, float]:
+    """One TWA step (forward, backward, ``twa.step()``): its seconds, and those of ``twa.step()``."""
+    t = time.perf_counter()
+    _loss_backward(model, x, y, share)
+    u = time.perf_counter()
+    twa.step()
+    end = time.perf_counter()
+    return end - t, end - u
 
 
 def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> None:
@@ -130,13 +243,12 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
     from twa_ray.core.params import ParamLayout, assign_flat, flatten_grads
     from twa_ray.core.projection import build_projection
     from twa_ray.distributed.collectives import TorchCollectives
-    from twa_ray.models import build_model
 
     torch.set_num_threads(setting.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
     try:
         torch.manual_seed(0)
-        model = build_model(setting.model, setting.num_classes, 3, setting.image_size).train()
+        model = setting.build().train()
         layout = ParamLayout.from_model(model)
         base = flatten_params(model)
         n, numels = setting.candidates, layout.numels
@@ -144,10 +256,6 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
         plan = plan_shards(blocks, setting.bits, k)
         (t0, t1), (l0, l1) = plan.tensor_runs[rank], plan.block_runs[rank]
         x, y, share = _batch(setting, rank, k)
-
-        def loss_backward(net: nn.Module) -> None:
-            net.zero_grad(set_to_none=True)
-            (nn.functional.cross_entropy(net(x), y) * share).backward()  # sum over ranks = global mean
 
         # ---- our scheme: column shards
         started = time.perf_counter()
@@ -157,12 +265,12 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
         proj = build_projection(cols, blocks.sizes[l0:l1], "normalized", setting.bits, center=own_center)
         del cols
         comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
-        twa = TWA(model, proj, len(blocks), (l0, l1), collectives=comm, lr=setting.lr)
+        twa = TWA(model, proj, len(blocks), (l0, l1), collectives=comm, lr=setting.lr, grad_clip=setting.grad_clip)
         build_s = time.perf_counter() - started
         torch.manual_seed(100 + rank)  # dropout masks: the reference scheme replays the same ones
         first_w = None
         for _ in range(setting.warmup_steps):
-            loss_backward(model)
+            _loss_backward(model, x, y, share)
             twa.step()
             if first_w is None:
                 first_w = flatten_params(model)
@@ -170,12 +278,9 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
         step_s, update_s = [], []
         for _ in range(setting.steps):
             dist.barrier()
-            t = time.perf_counter()
-            loss_backward(model)
-            u = time.perf_counter()
-            twa.step()
-            step_s.append(time.perf_counter() - t)
-            update_s.append(time.perf_counter() - u)
+            step, update = _timed_step(model, twa, x, y, share)
+            step_s.append(step)
+            update_s.append(update)
         ours = comm.totals()
         result = {
             "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(blocks),
@@ -189,7 +294,7 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
 
         # ---- the paper's scheme: candidate rows sharded, gradient + parameter all-reduce
         if setting.reference:
-            ref_model = build_model(setting.model, setting.num_classes, 3, setting.image_size).train()
+            ref_model = setting.build().train()
             ref_model.load_state_dict(model.state_dict())
             rows = list(range(rank, n, k))
             center = torch.cat([
@@ -212,8 +317,10 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
                     ref_comm.calls.clear()
                 dist.barrier()
                 t = time.perf_counter()
-                loss_backward(ref_model)
+                _loss_backward(ref_model, x, y, share)
                 g = ref_comm.all_reduce_sum(flatten_grads(ref_model, grad_buf))  # data-parallel gradient
+                if setting.grad_clip is not None:  # as TWA clips: by the global gradient norm
+                    g = g * min(1.0, setting.grad_clip / (float(g.double().norm()) + 1e-6))
                 xr.grad = ref_proj.coef_grad(g)
                 opt.step()
                 with torch.no_grad():
@@ -240,24 +347,161 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+def _fsdp_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str, out_dir: str) -> None:
+    """The fsdp mode as the runtime runs it (``fsdp_wrap`` + ``build_fsdp_twa``), every
+    collective of its steps counted through ``torch.distributed`` (``DistCounter``)."""
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
+    from twa_ray.distributed.twa_fsdp import build_fsdp_twa
+    from twa_ray.store import CandidateStore, fsdp_padded_numel
+
+    torch.set_num_threads(setting.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
+    try:
+        torch.manual_seed(0)
+        model = setting.build().train()
+        layout = ParamLayout.from_model(model)
+        model = fsdp_wrap(model, k, torch.device("cpu"))
+        store = CandidateStore.open(store_uri)
+        started = time.perf_counter()
+        setup = build_fsdp_twa(model, store, store.candidate_indices(), setting.twa_config("fsdp"),
+                               setting.warmup_steps + setting.steps, rank, k)
+        build_s = time.perf_counter() - started
+        twa = setup.twa
+        x, y, share = _batch(setting, rank, k)
+        torch.manual_seed(100 + rank)
+        counter = DistCounter(k)
+        step_s, update_s, twa_bytes = [], [], 0
+        with counter:
+            for i in range(setting.warmup_steps + setting.steps):
+                dist.barrier()
+                counter.counting = i >= setting.warmup_steps
+                before = twa.comm.bytes_sent
+                step, update = _timed_step(model, twa, x, y, share)
+                counter.counting = False
+                if i >= setting.warmup_steps:
+                    step_s.append(step)
+                    update_s.append(update)
+                    twa_bytes += twa.comm.bytes_sent - before
+        counted = counter.totals()
+        result = {
+            "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(setup.blocks),
+            "coords": twa.shard.numel, "padded_coords": sum(fsdp_padded_numel(s, k) for s in layout.shapes),
+            "param_bytes": local_param_bytes(model), "projection_bytes": twa.projection.nbytes,
+            "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
+            "payload_per_step": counted["payload"] / setting.steps, "wire_per_step": counted["wire"] / setting.steps,
+            "payload_by_op_per_step": {op: b / setting.steps for op, b in counted["by_op"].items()},
+            "calls_per_step": {op: c / setting.steps for op, c in counted["calls"].items()},
+            "twa_payload_per_step": twa_bytes / setting.steps,  # what TWA's own collectives counted
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_workers(setting: Setting, k: int) -> list[dict]:
-    """Spawn k gloo workers on this machine; their result dicts, by rank."""
+def _spawn(fn: Callable, k: int, *args) -> list[dict]:
+    """``fn(rank, k, port, *args, out_dir)`` in k processes; the JSON each wrote, by rank."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        mp.spawn(_worker, args=(k, free_port(), setting, out), nprocs=k, join=True)
+        mp.spawn(fn, args=(k, free_port(), *args, out), nprocs=k, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(k)]
+
+
+def write_candidate_store(setting: ModelSetting, path: str | Path) -> str:
+    """The candidates the blocks workers build from (``_candidate_columns`` of every tensor
+    around the model's initial weights with seed 0) as a candidate store at ``path``: its URI."""
+    from twa_ray.core import flatten_params
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.store import CandidateStore
+
+    torch.manual_seed(0)
+    model = setting.build()
+    numels, n = ParamLayout.from_model(model).numels, setting.candidates
+    store = CandidateStore.create_for_model(str(path), model)
+    for w in _candidate_columns(flatten_params(model), numels, 0, len(numels), list(range(n)), n):
+        store.append_flat(w)
+    return store.uri
+
+
+def run_workers(setting: Setting, k: int, sharding: str = "blocks") -> list[dict]:
+    """Spawn k gloo workers on this machine running TWA with ``sharding`` (blocks: our
+    column shards, with the paper's scheme when ``setting.reference``; fsdp: FSDP2's row
+    shards, from a candidate store of the same candidates); their result dicts, by rank."""
+    if sharding == "blocks":
+        return _spawn(_worker, k, setting)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _spawn(_fsdp_worker, k, setting, write_candidate_store(setting, Path(tmp, "store")))
 
 
 def setting_dict(setting: Setting) -> dict:
     return asdict(setting)
+
+
+# ---------------------------------------------------------------- whole steps of both modes timed
+
+
+def _speed_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str, out_dir: str) -> None:
+    """Both modes on this rank, built by the runtime's builders from one store; whole steps
+    timed in alternation (which mode goes first alternates by round)."""
+    from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
+    from twa_ray.distributed.twa_fsdp import build_fsdp_twa
+    from twa_ray.distributed.twa_shard import build_shard_twa
+    from twa_ray.store import CandidateStore
+
+    torch.set_num_threads(setting.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
+    try:
+        store = CandidateStore.open(store_uri)
+        chosen, total = store.candidate_indices(), setting.warmup_steps + setting.steps
+        models, twas, build_s = {}, {}, {}
+        for sharding, build in zip(SHARDINGS, (build_shard_twa, build_fsdp_twa)):
+            torch.manual_seed(0)
+            model = setting.build().train()
+            models[sharding] = fsdp_wrap(model, k, torch.device("cpu")) if sharding == "fsdp" else model
+            started = time.perf_counter()
+            twas[sharding] = build(models[sharding], store, chosen, setting.twa_config(sharding), total, rank, k).twa
+            build_s[sharding] = time.perf_counter() - started
+        x, y, share = _batch(setting, rank, k)
+        start = twas["blocks"].weights().clone()  # (D,) the candidates' mean, where both start (a reused buffer)
+        step_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+        update_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+        for r in range(total):
+            for sharding in SHARDINGS if r % 2 == 0 else SHARDINGS[::-1]:
+                dist.barrier()
+                step, update = _timed_step(models[sharding], twas[sharding], x, y, share)
+                if r >= setting.warmup_steps:
+                    step_s[sharding].append(step)
+                    update_s[sharding].append(update)
+            if r == 0:  # both modes took the same step: the same weights to float rounding
+                blocks_w, fsdp_w = twas["blocks"].weights(), twas["fsdp"].weights()
+                first_diff = float((blocks_w - fsdp_w).abs().max())
+                first_change = float((blocks_w - start).abs().max())
+        result = {
+            "rank": rank, "world_size": k, "num_params": start.numel(), "step_s": step_s, "twa_update_s": update_s,
+            "build_s": build_s, "first_step_weight_diff": first_diff, "first_step_weight_change": first_change,
+            "param_bytes": {s: local_param_bytes(m) for s, m in models.items()},
+            "projection_bytes": {s: t.projection.nbytes for s, t in twas.items()},
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def time_sharding_steps(setting: Setting, k: int) -> list[dict]:
+    """Spawn k gloo workers that each run TWA in both modes (``SHARDINGS``) on the same
+    candidates and time ``setting.steps`` whole steps of each, interleaved (after
+    ``setting.warmup_steps``); their result dicts by rank, with ``step_s[sharding]`` and
+    ``twa_update_s[sharding]``: seconds per round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _spawn(_speed_worker, k, setting, write_candidate_store(setting, Path(tmp, "store")))
 
 
 # ---------------------------------------------------------------- collectives timed
@@ -271,6 +515,7 @@ class CollectiveTiming(ModelSetting):
     backend: str = "gloo"
     threads: int = 1
     seed: int = 0
+    sharding: str = "both"  # whose step variants: blocks, fsdp or both (in the same rounds)
 
 
 # variant -> what one call does (every time is of one such call, on every rank)
@@ -287,6 +532,36 @@ TIMED_VARIANTS = {
                                  "in place of the all-gather (same result)",
     "all_reduce_coef": "the step's all-reduce of the n x L coefficient gradient alone",
 }
+# the fsdp mode's step: FSDP2's collectives (per unit: its padded shards, as fsdp_wrap makes the units)
+FSDP_TIMED_VARIANTS = {
+    "fsdp_step": "one fsdp-mode TWA step's collectives as FSDP2 makes them: per unit, the all-gather of its padded "
+                 "shards in the forward pass, again in the backward pass (not the root unit, which FSDP2 keeps "
+                 "gathered) and the reduce-scatter of its gradient; then the all-reduce of the n x L "
+                 "coefficient gradient",
+    "fsdp_step_flat": "the same bytes with the whole model as one unit: one all-gather of all padded shards, one "
+                      "reduce-scatter, the n x L all-reduce",
+    "fsdp_all_gathers": "the fsdp step's all-gathers alone (forward and backward)",
+    "fsdp_reduce_scatters": "the fsdp step's reduce-scatters alone",
+}
+# variants that belong to neither mode (the reference and what both modes share) -> no "sharding"
+SHARED_VARIANTS = ("all_reduce_D", "all_reduce_coef")
+
+
+def variant_sharding(variant: str) -> str | None:
+    """The twa.sharding mode a timed variant is a step (part) of; None for the references."""
+    if variant in SHARED_VARIANTS or variant.startswith("all_reduce_D"):
+        return None
+    return "fsdp" if variant in FSDP_TIMED_VARIANTS else "blocks"
+
+
+def fsdp_unit_sizes(names: Sequence[str], shapes: Sequence[Sequence[int]], k: int) -> dict[str, int]:
+    """FSDP2's units as ``distributed.fsdp.fsdp_wrap`` makes them (``planner.fsdp_units``, in
+    forward order; ``""`` = the root), each with the elements of its padded shard on every
+    rank: sum over its tensors of ceil(R_t/k) C_t (its all-gather input, 1/k of its reduce-scatter input)."""
+    from twa_ray.planner import fsdp_units
+    from twa_ray.store import fsdp_padded_numel
+
+    return {key: sum(fsdp_padded_numel(shapes[t], k) for t in ts) for key, ts in fsdp_units(names).items()}
 
 
 def bucket_variant(mb: float, asynchronous: bool) -> str:
@@ -303,7 +578,7 @@ def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir
     from twa_ray.core.blocks import make_blocks, plan_shards
     from twa_ray.core.params import ParamLayout
     from twa_ray.distributed.collectives import TorchCollectives
-    from twa_ray.models import build_model
+    from twa_ray.planner.fsdp import ROOT_UNIT
 
     torch.set_num_threads(timing.threads)
     if timing.backend == "nccl":
@@ -313,11 +588,13 @@ def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir
         device = torch.device("cpu")
     dist.init_process_group(timing.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
     try:
-        numels = ParamLayout.from_model(build_model(timing.model, timing.num_classes, 3, timing.image_size)).numels
+        layout = ParamLayout.from_model(timing.build())
+        numels = layout.numels
         blocks = make_blocks(numels, timing.granularity)
-        plan = plan_shards(blocks, timing.bits, k)
-        d, (start, end) = sum(numels), plan.ranges[rank]
-        comm = TorchCollectives(plan.ranges, rank, k)
+        with_blocks, with_fsdp = timing.sharding in ("blocks", "both"), timing.sharding in ("fsdp", "both")
+        plan = plan_shards(blocks, timing.bits, k) if with_blocks else None
+        d, (start, end) = sum(numels), plan.ranges[rank] if with_blocks else (0, 0)
+        comm = TorchCollectives(plan.ranges, rank, k) if with_blocks else None
         gen = torch.Generator().manual_seed(timing.seed + rank)
         grad = torch.randn(d, generator=gen).to(device)  # the model's gradient (reduce-scatter reads it)
         grad_ar = torch.zeros(d, device=device)  # all-reduced in place: zeros never overflow
@@ -357,24 +634,67 @@ def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir
 
         fns: dict[str, Callable[[], object]] = {
             "all_reduce_D": lambda: dist.all_reduce(flat),
-            "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
-            "twa_step_ar_slice": step(all_reduce_slice),
-            "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
-            "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
-            "all_gather": lambda: comm.all_gather(own, weights),
-            "all_gather_via_all_reduce": all_gather_via_all_reduce,
-            "all_reduce_coef": lambda: comm.all_reduce_sum(coef),
+            "all_reduce_coef": lambda: dist.all_reduce(coef),  # TorchCollectives.all_reduce_sum's call, both modes
         }
+        if with_blocks:
+            fns.update({
+                "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
+                "twa_step_ar_slice": step(all_reduce_slice),
+                "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
+                "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
+                "all_gather": lambda: comm.all_gather(own, weights),
+                "all_gather_via_all_reduce": all_gather_via_all_reduce,
+            })
+        units = fsdp_unit_sizes(layout.names, layout.shapes, k)
+        if with_fsdp:
+            # FSDP2's buffers: per unit its padded shard (all-gather input) and k of them
+            shard_in = {u: torch.randn(m, generator=gen).to(device) for u, m in units.items()}
+            gathered_out = {u: torch.empty(k * m, device=device) for u, m in units.items()}
+            grad_in = {u: torch.randn(k * m, generator=gen).to(device) for u, m in units.items()}
+            grad_out = {u: torch.empty(m, device=device) for u, m in units.items()}
+            flat_in, flat_grad = torch.cat(list(shard_in.values())), torch.cat(list(grad_in.values()))
+            flat_out, flat_grad_out = torch.empty(k * flat_in.numel(), device=device), torch.empty_like(flat_in)
+
+            def forward_gathers() -> None:
+                for u in units:
+                    dist.all_gather_single(gathered_out[u], shard_in[u])
+
+            def backward(gather: bool, scatter: bool) -> None:
+                for u in reversed(units):
+                    if gather and u != ROOT_UNIT:  # FSDP2 keeps the root unit gathered after forward
+                        dist.all_gather_single(gathered_out[u], shard_in[u])
+                    if scatter:
+                        dist.reduce_scatter_single(grad_out[u], grad_in[u])
+
+            def fsdp_step() -> None:
+                forward_gathers()
+                backward(gather=True, scatter=True)
+                dist.all_reduce(coef)
+
+            def fsdp_step_flat() -> None:
+                dist.all_gather_single(flat_out, flat_in)
+                dist.reduce_scatter_single(flat_grad_out, flat_grad)
+                dist.all_reduce(coef)
+
+            def fsdp_all_gathers() -> None:
+                forward_gathers()
+                backward(gather=True, scatter=False)
+
+            fns.update({"fsdp_step": fsdp_step, "fsdp_step_flat": fsdp_step_flat, "fsdp_all_gathers": fsdp_all_gathers,
+                        "fsdp_reduce_scatters": lambda: backward(gather=False, scatter=True)})
         for mb in timing.bucket_mb:
             for asynchronous in (False, True):
                 fns[bucket_variant(mb, asynchronous)] = bucketed(mb, asynchronous)
 
         # the alternatives compute what the library's calls compute (sums: to float rounding)
-        summed = grad.clone()
-        dist.all_reduce(summed)
-        gathered = comm.all_gather(own, weights).clone()
-        alternatives_match = (bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
-                              and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
+        alternatives_match = None
+        if with_blocks:
+            summed = grad.clone()
+            dist.all_reduce(summed)
+            gathered = comm.all_gather(own, weights).clone()
+            alternatives_match = (
+                bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
+                and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
 
         def sync() -> None:
             if device.type == "cuda":
@@ -394,8 +714,9 @@ def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir
                     times[name].append(time.perf_counter() - t)
         result = {
             "rank": rank, "world_size": k, "num_params": d, "num_blocks": len(blocks), "coords": end - start,
-            "padded_length": comm.pad, "alternatives_match": alternatives_match, "times": times,
-            "buckets": {f"{mb:g}": len(views) for mb, views in buckets.items()},
+            "padded_length": comm.pad if with_blocks else None, "alternatives_match": alternatives_match,
+            "times": times, "buckets": {f"{mb:g}": len(views) for mb, views in buckets.items()},
+            "fsdp_units": len(units), "fsdp_padded": sum(units.values()), "fsdp_root_padded": units.get(ROOT_UNIT, 0),
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -403,17 +724,12 @@ def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir
 
 
 def time_collectives(timing: CollectiveTiming, k: int) -> list[dict]:
-    """Spawn k workers that time collectives (``TIMED_VARIANTS`` and the bucketed
-    all-reduces); their result dicts by rank, each with ``times[variant]``: seconds per
-    timed round (a barrier before each call)."""
-    import torch.multiprocessing as mp
-
+    """Spawn k workers that time collectives (``TIMED_VARIANTS`` and/or ``FSDP_TIMED_VARIANTS``
+    as ``timing.sharding`` says, and the bucketed all-reduces); their result dicts by rank,
+    each with ``times[variant]``: seconds per timed round (a barrier before each call)."""
     if timing.backend == "nccl" and torch.cuda.device_count() < k:
         raise RuntimeError(f"NCCL with {k} ranks needs {k} GPUs, this machine has {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory() as out:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        mp.spawn(_time_worker, args=(k, free_port(), timing, out), nprocs=k, join=True)
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(k)]
+    return _spawn(_time_worker, k, timing)
 
 
 def slowest_rank_times(results: list[dict]) -> dict[str, list[float]]:

@@ -67,38 +67,86 @@ def test_step_overhead_head_stage_setting_is_the_configs_model():
     assert r["bits"] == 8 and r["target_ratio"] == 1.15 and r["meets_target"] == (r["ratio_twa_to_sgd"] <= 1.15)
 
 
+def _small_cnn_layout():
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.models import build_model
+
+    return ParamLayout.from_model(build_model("small_cnn", 10, 3, 8))
+
+
 def test_comm():
-    records = run_benchmark("comm", "--smoke")
-    assert [r["rank"] for r in records] == [0, 1]
-    for r in records:
+    from twa_ray.store import fsdp_padded_numel
+
+    # with gradient clipping: its norm is one more all-reduce (of a float64) in both modes
+    records = run_benchmark("comm", "--smoke", "--grad-clip", "0.5")
+    assert [(r["sharding"], r["rank"]) for r in records] == [("blocks", 0), ("blocks", 1), ("fsdp", 0), ("fsdp", 1)]
+    for r in records[:2]:
         d = r["num_params"]
         assert r["one_all_reduce_payload_bytes"] == 4 * d
         assert r["payload_bytes_per_step"] == r["planned_payload_bytes_per_step"]  # the planner predicts the run
         assert r["wire_bytes_per_step"] == pytest.approx(r["planned_wire_bytes_per_step"])
+        assert r["payload_by_op"]["all_reduce"] == 4 * 4 * r["num_blocks"] + 8
         assert r["paper_payload_bytes_per_step"] == 2 * 4 * d and r["paper_payload_ratio"] == 2.0
         assert set(r["payload_by_op"]) == {"reduce_scatter", "all_reduce", "all_gather"}
         assert r["first_step_weight_diff"] <= 1e-4 * r["first_step_weight_change"] + 1e-6  # the same weights
+    layout = _small_cnn_layout()
+    padded = sum(fsdp_padded_numel(shape, 2) for shape in layout.shapes)
+    for r in records[2:]:
+        # FSDP2's collectives, counted through torch.distributed, are what the planner's FSDP2 plan predicts
+        assert r["matches_plan"] and r["payload_by_op"] == r["planned_payload_by_op"]
+        assert r["calls_per_step"] == r["planned_calls_per_step"]
+        assert r["payload_bytes_per_step"] == r["planned_payload_bytes_per_step"]
+        assert r["wire_bytes_per_step"] == pytest.approx(r["planned_wire_bytes_per_step"])
+        # the small CNN's root holds no parameters: every unit gathered in forward and backward, scattered once
+        assert r["payload_by_op"] == {"all_gather": 2 * 4 * padded, "reduce_scatter": 2 * 4 * padded,
+                                      "all_reduce": 4 * 4 * r["num_blocks"] + 8}  # n = 4, + the squared norm
+        assert r["calls_per_step"]["all_gather"] == 2 * r["calls_per_step"]["reduce_scatter"] == 2 * r["fsdp_units"]
+        assert r["calls_per_step"]["all_reduce"] == 2
+        assert r["twa_payload_bytes_per_step"] == r["payload_by_op"]["all_reduce"]  # TWA's own: the n x L all-reduce
+        assert r["num_params"] == layout.num_params and r["coords"] == r["param_bytes"] // 4
+        assert r["projection_bytes"] == r["planned_projection_bytes"]
 
 
 def test_comm_time_smoke():
     sys.path.append(str(ROOT / "benchmarks"))
-    from _dist import TIMED_VARIANTS, bucket_variant
+    from _dist import FSDP_TIMED_VARIANTS, TIMED_VARIANTS, bucket_variant
+    from comm import planned_fsdp_traffic
 
-    from twa_ray.core.params import ParamLayout
-    from twa_ray.models import build_model
     from twa_ray.planner import plan_capacity
 
     records = run_benchmark("comm", "--time", "--smoke")
     by = {r["variant"]: r for r in records}
-    assert set(by) == {*TIMED_VARIANTS, *(bucket_variant(mb, a) for mb in (0.01, 0.04) for a in (False, True))}
+    assert set(by) == {*TIMED_VARIANTS, *FSDP_TIMED_VARIANTS,
+                       *(bucket_variant(mb, a) for mb in (0.01, 0.04) for a in (False, True))}
     assert all(r["measure"] == "time" and r["backend"] == "gloo" and r["workers"] == 2 and r["rounds"] == 2
                and r["median_s"] > 0 and r["alternatives_match"] for r in records)
+    assert {v: r["sharding"] for v, r in by.items() if r["sharding"]} == {
+        **{v: "blocks" for v in TIMED_VARIANTS if v not in ("all_reduce_D", "all_reduce_coef")},
+        **{v: "fsdp" for v in FSDP_TIMED_VARIANTS}}
     assert by["all_reduce_D"]["ratio_to_all_reduce_D"] == 1.0
-    numels = ParamLayout.from_model(build_model("small_cnn", 10, 3, 8)).numels
+    layout = _small_cnn_layout()
+    numels = layout.numels
     assert by["all_reduce_D"]["payload_bytes"] == 4 * sum(numels) == 4 * by["twa_step"]["num_params"]
-    # the timed step hands the collectives what the planner predicts for a step
+    # the timed steps hand the collectives what the planner predicts for a step of each mode
     assert by["twa_step"]["payload_bytes"] == plan_capacity(numels, 4, 4, 2, "tensor").payload["total"]
-    assert isinstance(by["twa_step"]["meets_target"], bool)
+    fsdp = planned_fsdp_traffic(layout.names, layout.shapes, 4, 4, 2, "tensor")
+    assert by["fsdp_step"]["payload_bytes"] == fsdp["payload"]
+    assert by["fsdp_step"]["fsdp_units"] == fsdp["units"] and by["fsdp_step"]["ratio_to_twa_step"] > 0
+    assert isinstance(by["twa_step"]["meets_target"], bool) and isinstance(by["fsdp_step"]["meets_target"], bool)
+
+
+def test_sharding_speed_smoke():
+    blocks, fsdp = run_benchmark("sharding_speed", "--smoke")
+    assert (blocks["sharding"], fsdp["sharding"]) == ("blocks", "fsdp")
+    d = _small_cnn_layout().num_params
+    for r in (blocks, fsdp):
+        assert r["model"] == "small_cnn" and r["mode"] == "smoke" and r["workers"] == 2 and r["rounds"] == 2
+        assert r["step_s"] > 0 and r["twa_update_s"] > 0 and r["num_params"] == d
+        assert r["ratio_fsdp_to_blocks"] == blocks["ratio_fsdp_to_blocks"] > 0
+        # both modes took the same first step
+        assert 0 < r["first_step_weight_change"] and r["first_step_weight_diff"] <= 1e-4 * r["first_step_weight_change"]
+    assert blocks["param_bytes_per_worker"] == [4 * d, 4 * d]  # a full replica each
+    assert sum(fsdp["param_bytes_per_worker"]) == 4 * d  # FSDP2's row shards
 
 
 def test_scaling():
