@@ -224,3 +224,10 @@ def test_the_probe_claim_trains_longer_on_heads_store_and_reruns_the_head_stage_
     acc, ratios = reproduce.measure(cosine_run, _head_summary(), "c.json", None)
     assert acc["cosine_twa_t"] == 91.5 and acc["cosine_full_budget"] == 92.5 and "twa_t" not in acc
     assert ratios == {"cost_ratio_cosine_twa_t": 0.55}
+
+
+def test_a_target_whose_metric_no_run_gave_is_left_out_with_a_note(capsys):
+    """--runs bits_1,bits_2 gives no bits=4 / bits=32: the 4-bit target is not evaluated (not an error)."""
+    bits = records("bits", [{"bits=1": 90.5, "bits=2": 91.4}, {"bits=1": 91.0, "bits=2": 91.5}])
+    assert reproduce.evaluate_targets(reproduce.aggregate(bits)) == []
+    assert "not evaluated, no run of bits gave bits=4" in capsys.readouterr().err
