@@ -556,15 +556,24 @@ def write_readme(path: Path, rows: list[dict], targets: list[dict]) -> None:
 
 def merged_records(paths: list[Path]) -> list[dict]:
     """The lines of reproduce.jsonl files, one per (claim, seed, run): where several files hold
-    the same run (a run reused by a later invocation, or run again), the last file's line, in
-    the place of the first."""
+    the same run (a run reused by a later invocation, or run again), the last file's line. In
+    the order a single invocation writes them (claims, then each claim's runs, then seeds), so
+    the tables list each claim's methods in the same order however the runs were split up."""
     merged: dict[tuple, dict] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
                 merged[(rec["claim"], rec["seed"], rec["run"])] = rec
-    return list(merged.values())
+    runs: dict[tuple[str, str], list[str]] = {}
+
+    def order(rec: dict) -> tuple:
+        claim, mode = rec["claim"], rec.get("mode", "full")
+        if claim not in CLAIMS:
+            return len(CLAIMS), 0, rec["seed"]
+        names = runs.setdefault((claim, mode), [r.name for r in plan(claim, mode)])
+        return CLAIMS.index(claim), names.index(rec["run"]) if rec["run"] in names else len(names), rec["seed"]
+    return sorted(merged.values(), key=order)
 
 
 def report(records: list[dict], out: Path, readme: Path | None = None) -> list[dict]:
