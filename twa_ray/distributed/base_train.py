@@ -26,7 +26,8 @@ The driver (:func:`run_base_training`) launches a ``TorchTrainer`` whose workers
   replicas, and every rank writes its rows of each candidate, in parallel
   (``base_fsdp``); the store ends up with the same candidates.
 - Every epoch all ranks report metrics; rank 0 attaches a checkpoint (model, optimizer,
-  scheduler, EMA, epoch, step, metrics history). A restarted worker group (FailureConfig)
+  scheduler, EMA, epoch, step, metrics history; with ``train.sharding: fsdp`` every rank
+  attaches its shards of the model, optimizer and EMA, ``base_fsdp``). A restarted worker group (FailureConfig)
   or a re-run with the same run name resumes at the next epoch, exactly (the EMA too);
   candidates already in the store (same global step) are not written twice.
 - The full-budget comparison (:func:`run_full_budget_training`) continues from base
@@ -56,10 +57,10 @@ from ..models.from_config import model_from_config
 from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
 from ..store import fs as store_fs
-from .base_fsdp import RowCandidateWriter, gathered_state, loss_scale, sharded_optimizer_state
+from .base_fsdp import RowCandidateWriter, checkpoint_shards, load_checkpoint_shards, loss_scale
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
-from .checkpoints import CHECKPOINTS_TO_KEEP, load_ray_checkpoint
-from .fsdp import broadcast_buffers, fsdp_wrap, local_shard, shard_like
+from .checkpoints import CHECKPOINTS_TO_KEEP, is_sharded, load_checkpoint, load_ray_checkpoint, read_sharded
+from .fsdp import broadcast_buffers, fsdp_wrap, local_shard
 from .worker import all_reduce_sum, evaluate_across_ranks, inject_fault, report, seed_rng, sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -243,12 +244,18 @@ def latest_checkpoint(run_path: str) -> str | None:
 
 def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weights, EMA) of a base-training checkpoint as (D,) vectors in ``layout`` order (the
-    candidates' parameter order); the EMA is None in a checkpoint that holds none."""
+    candidates' parameter order); the EMA is None in a checkpoint that holds none. A
+    ``train.sharding: fsdp`` checkpoint's are assembled here from every rank's shards."""
     import ray.train
 
-    state, _ = load_ray_checkpoint(ray.train.Checkpoint(checkpoint_path))
-    weights = flatten_state(state["model"], layout, source=checkpoint_path)
-    ema = state.get("ema")
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as folder:
+        if is_sharded(folder):
+            model, ema = read_sharded(folder, "model"), read_sharded(folder, "ema")
+            ema = flatten_state(ema, layout, source=checkpoint_path) if ema else None
+        else:
+            state = load_checkpoint(folder)
+            model, ema = state["model"], state.get("ema")
+    weights = flatten_state(model, layout, source=checkpoint_path)
     return weights, None if ema is None else ema.float()
 
 
@@ -344,14 +351,18 @@ def train_loop_per_worker(config: dict) -> None:
         info = {"epoch": epoch, "step": t.step, "history": t.history}
         if isinstance(t.writer, RowCandidateWriter):  # a collective
             info["candidate_bytes_written"] = t.writer.bytes_by_rank()
-        report(metrics, _checkpoint_state(t, epoch), info)  # every rank, once per epoch
+        state, sharded = _checkpoint_state(t, epoch)
+        report(metrics, state, info, sharded=sharded)  # every rank, once per epoch
 
 
-def _checkpoint_state(t: _Trainer, epoch: int) -> dict | None:
-    """Rank 0's checkpoint state, full tensors in either mode (FSDP: gathered, a collective);
-    None on the other ranks."""
+def _checkpoint_state(t: _Trainer, epoch: int) -> tuple[dict | None, dict | None]:
+    """(rank 0's checkpoint state, None on the other ranks; this rank's sharded state with
+    FSDP, else None). ``blocks``: full tensors in the state. FSDP (a collective): every rank's
+    shards of the model, optimizer and EMA for DCP, the optimizer's param groups in the state."""
+    sharded = None
     if t.fsdp:
-        state = gathered_state(t.net, t.optimizer, t.ema, t.rank)
+        sharded, param_groups = checkpoint_shards(t.net, t.optimizer, t.ema)
+        state = {"optimizer_groups": param_groups} if t.rank == 0 else None
     elif t.rank == 0:
         state = {"model": t.net.state_dict(), "optimizer": t.optimizer.state_dict(),
                  "ema": torch.cat([e.reshape(-1) for e in t.ema]).cpu()}
@@ -359,7 +370,7 @@ def _checkpoint_state(t: _Trainer, epoch: int) -> dict | None:
         state = None
     if state is not None:
         state.update(scheduler=t.scheduler.state_dict(), epoch=epoch, step=t.step)
-    return state
+    return state, sharded
 
 
 def _setup(config: dict) -> _Trainer:
@@ -384,10 +395,12 @@ def _setup(config: dict) -> _Trainer:
     if checkpoint is None and config.get("init_checkpoint"):  # the full budget continues base training
         checkpoint = ray.train.Checkpoint(config["init_checkpoint"])
     state, info = load_ray_checkpoint(checkpoint) if checkpoint is not None else (None, {})
-    if state is not None:
-        net.load_state_dict(state["model"])
     fsdp = tc.sharding == "fsdp"
-    if fsdp:  # sharded after loading: each rank keeps its rows of the checkpoint's weights
+    if state is not None:
+        _check_checkpoint_kind(state, fsdp, checkpoint.path)
+    if state is not None and not fsdp:
+        net.load_state_dict(state["model"])
+    if fsdp:  # a checkpoint's shards are loaded into the sharded model below
         net = model = fsdp_wrap(net.to(device), world, device)
     else:
         model = ray.train.torch.prepare_model(net)  # DDP when world > 1; net stays the unwrapped module
@@ -397,9 +410,13 @@ def _setup(config: dict) -> _Trainer:
         milestones=tc.milestones, gamma=tc.gamma, final_factor=tc.final_lr_factor, swa_start=tc.swa_start,
         epochs=tc.schedule_epochs,
     ))
+    ema = None
+    if state is not None and fsdp:  # every rank reads its shards of model, optimizer and EMA
+        with checkpoint.as_directory() as folder:
+            ema = load_checkpoint_shards(folder, net, optimizer, state["optimizer_groups"])
+    elif state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     if state is not None:
-        optimizer.load_state_dict(
-            sharded_optimizer_state(state["optimizer"], optimizer) if fsdp else state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     writer = None
     if rank == 0 and config.get("write_candidates", True):
@@ -407,7 +424,8 @@ def _setup(config: dict) -> _Trainer:
     if fsdp and config.get("write_candidates", True):
         _barrier(device)  # rank 0 has created the store
         writer = RowCandidateWriter(writer, cfg.store_uri, rank, world, device)
-    ema = _load_ema(net, state) if rank == 0 or fsdp else None
+    if ema is None and (rank == 0 or fsdp):
+        ema = _load_ema(net, state)
     start_epoch = int(info.get("epoch", 0)) + 1
     if rank == 0:
         log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
@@ -416,13 +434,23 @@ def _setup(config: dict) -> _Trainer:
                     writer, start_epoch, int(info.get("step", 0)), list(info.get("history", [])), ema)
 
 
+def _check_checkpoint_kind(state: dict, fsdp: bool, path: str) -> None:
+    """A ValueError when the checkpoint at ``path`` was made with the other ``train.sharding``."""
+    if fsdp and "optimizer_groups" not in state:
+        raise ValueError(f"checkpoint {path} holds full tensors (train.sharding: blocks, or an fsdp run of an older "
+                         "version); train.sharding: fsdp resumes from sharded checkpoints only")
+    if not fsdp and "model" not in state:
+        raise ValueError(f"checkpoint {path} holds sharded state (train.sharding: fsdp); train.sharding: blocks "
+                         "cannot resume from it")
+
+
 def _load_ema(net: nn.Module, state: dict | None) -> list[torch.Tensor]:
-    """The EMA of each trainable parameter of ``net`` (with FSDP its local rows): the
+    """The EMA of each trainable parameter of ``net`` (with FSDP its local part): a ``blocks``
     checkpoint's, or a copy of the weights (the first update overwrites it: its decay is 0)."""
     params = trainable_parameters(net)
     if state is not None and state.get("ema") is not None:
         flat = state["ema"]
-        return [local_shard(shard_like(v.view(p.shape), p)).clone()
+        return [v.view(p.shape).to(p.device, copy=True)
                 for v, p in zip(flat.split([p.numel() for p in params]), params)]
     if state is not None:
         log.warning("the checkpoint holds no EMA of the weights (made by an older version): the EMA restarts "

@@ -6,6 +6,8 @@ packed projection of its own blocks (``twa_shard``). Every epoch (and every
 (:class:`TWARunState`: the coefficients and every rank's BatchNorm buffers), so a
 restarted worker group resumes at the same step with the same data order; each step
 seeds torch's generators, so it also replays the same augmentations and dropout masks.
+With ``twa.sharding: fsdp`` the center is sharded: every rank keeps and checkpoints only its
+rows (``torch.distributed.checkpoint``, ``twa_fsdp.center_shards``), the rest as above.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..config import (Config, check_twa_start, config_from_dict, config_to_dict,
 from ..core import TWA
 from ..core.baselines import recalibrate_bn
 from ..core.blocks import make_blocks
+from ..core.params import trainable_parameters
 from ..data import calibration_loader
 from ..data.from_config import splits_from_config, twa_datasets
 from ..models.from_config import model_from_config
@@ -31,9 +34,9 @@ from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
-from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint
+from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint, load_sharded
 from .fsdp import fsdp_wrap, local_param_bytes
-from .twa_fsdp import build_fsdp_twa
+from .twa_fsdp import build_fsdp_twa, center_shards, gather_rows, own_rows
 from .twa_shard import build_shard_twa, candidate_rounds
 from .worker import (all_reduce_sum, evaluate_across_ranks, gather_from_ranks, inject_fault, report, seed_rng,
                      sync_batchnorm)
@@ -57,7 +60,9 @@ class TWARunState:
     epoch: int = 0  # the epoch of that round to run next
     batch: int = 0  # the batch of that epoch to run next
     twa: dict | None = None  # TWA.state_dict() inside a round: X (n, L), optimizer, scheduler, num_steps
-    center: torch.Tensor | None = None  # (D,) w(X) of the last finished round: the next round's origin
+    # (D,) w(X) of the last finished round: the next round's origin. twa.sharding fsdp: this
+    # rank's rows (numel(rank),), checkpointed sharded (DCP), not in the state file
+    center: torch.Tensor | None = None
     coefficients: list[torch.Tensor] = field(default_factory=list)  # per finished round: X (n_r, L)
     buffers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per rank: the model's buffers
     history: list[dict] = field(default_factory=list)  # metrics of each finished epoch
@@ -116,9 +121,10 @@ def twa_train_loop(config: dict) -> None:
             run.history.append(metrics)
             run.batch = 0
             if r < len(w.rounds) - 1 or epoch < w.cfg.twa.epochs - 1:  # the last one goes with the result
-                _report(metrics, _snapshot(w, run, twa, round=r, epoch=epoch + 1, batch=0))
+                _report(w, run, metrics, _snapshot(w, run, twa, round=r, epoch=epoch + 1, batch=0))
         run.coefficients.append(twa.X.detach().cpu().clone())
-        run.center = twa.weights().detach().cpu().clone()
+        # fsdp: the model's local shards hold this rank's rows of w(X), written by the last step
+        run.center = own_rows(trainable_parameters(w.model)) if _fsdp(w) else twa.weights().detach().cpu().clone()
         run.round, run.epoch, run.batch, run.twa = r + 1, 0, 0, None
     _report_final(w, run)
 
@@ -158,12 +164,21 @@ def _resume(w: _Worker, checkpoint) -> TWARunState:
         if len(run.buffers) != w.world:
             raise ValueError(f"the checkpoint holds the buffers of {len(run.buffers)} workers, this run has {w.world}")
         w.model.load_state_dict(run.buffers[w.rank], strict=False)
+    if _fsdp(w) and run.round > 0:  # a round has finished: its center, this rank's rows of every rank's shards
+        sharded = {"center": center_shards(w.model)}
+        with checkpoint.as_directory() as folder:
+            load_sharded(folder, sharded)
+        run.center = own_rows(sharded["center"].values())
     return run
+
+
+def _fsdp(w: _Worker) -> bool:
+    return w.cfg.twa.sharding == "fsdp"
 
 
 def _start_round(w: _Worker, run: TWARunState, r: int) -> TWA:
     """This rank's TWA of round r (resumed from ``run.twa`` when set); records projection bytes."""
-    build = build_fsdp_twa if w.cfg.twa.sharding == "fsdp" else build_shard_twa
+    build = build_fsdp_twa if _fsdp(w) else build_shard_twa
     setup = build(w.model, w.store, w.rounds[r], w.cfg.twa, w.steps_per_round, w.rank, w.world, center=run.center)
     twa = setup.twa
     if run.twa is not None:
@@ -199,12 +214,13 @@ def _train_epoch(w: _Worker, run: TWARunState, twa: TWA, r: int, epoch: int, pro
             # the gradient was all-reduced, so every rank stops here; X is still the last good one
             if w.rank == 0:
                 log.error("TWA step %d: the loss is not finite; stopping with the last good coefficients", step)
-            _report({"nonfinite_at_step": step}, _snapshot(w, run, twa, round=r, epoch=epoch, batch=run.batch + j))
+            _report(w, run, {"nonfinite_at_step": step},
+                    _snapshot(w, run, twa, round=r, epoch=epoch, batch=run.batch + j))
             return None
         progress.step(r * w.cfg.twa.epochs + epoch, run.batch + j + 1)  # a line now and then on long epochs
         every = cfg.twa.checkpoint_every_steps
         if every and twa.num_steps % every == 0 and j + 1 < len(sampler):
-            _report({"round": r, "epoch": epoch, "step": twa.num_steps},
+            _report(w, run, {"round": r, "epoch": epoch, "step": twa.num_steps},
                     _snapshot(w, run, twa, round=r, epoch=epoch, batch=run.batch + j + 1))
     sums = all_reduce_sum(sums, w.device)
     metrics = {
@@ -248,18 +264,24 @@ def _select_metrics(w: _Worker) -> dict:
 
 def _snapshot(w: _Worker, run: TWARunState, twa: TWA | None, **where: int) -> TWARunState | None:
     """The run state to checkpoint, positioned at ``where`` (round, epoch, batch), on rank 0;
-    None on the others. A collective: it gathers every rank's buffers."""
+    None on the others. A collective: it gathers every rank's buffers. With FSDP its center
+    is None: every rank's rows go into the checkpoint's sharded part (:func:`_report`)."""
     params = {name for name, _ in w.model.named_parameters()}
     buffers = gather_from_ranks({k: v for k, v in w.model.state_dict().items() if k not in params}, w.device)
     if w.rank != 0:
         return None
     elapsed = run.elapsed_s if run.done else run.elapsed_s + time.time() - w.started
-    return replace(run, twa=None if twa is None else twa.state_dict(), buffers=buffers, elapsed_s=elapsed, **where)
+    return replace(run, twa=None if twa is None else twa.state_dict(), buffers=buffers, elapsed_s=elapsed,
+                   center=None if _fsdp(w) else run.center, **where)
 
 
-def _report(metrics: dict, snapshot: TWARunState | None, final: dict | None = None) -> None:
+def _report(w: _Worker, run: TWARunState, metrics: dict, snapshot: TWARunState | None,
+            final: dict | None = None) -> None:
+    """Every rank: ``metrics`` with rank 0's ``snapshot`` (and ``final``); with FSDP every
+    rank's rows of ``run.center`` (once a round has finished) as sharded state (a collective)."""
     state, info = snapshot.to_checkpoint() if snapshot is not None else (None, None)
-    report(metrics, state, info, None if final is None else {FINAL_FILE: final})
+    sharded = {"center": center_shards(w.model, run.center)} if _fsdp(w) and run.center is not None else None
+    report(metrics, state, info, None if final is None else {FINAL_FILE: final}, sharded=sharded)
 
 
 def _report_final(w: _Worker, run: TWARunState) -> None:
@@ -268,15 +290,16 @@ def _report_final(w: _Worker, run: TWARunState) -> None:
         run.done, run.elapsed_s = True, run.elapsed_s + time.time() - w.started
     metrics = {**(run.history[-1] if run.history else {}), "twa_complete": True}  # not "done": Tune reads that key
     snapshot = _snapshot(w, run, None)
+    weights = gather_rows(w.model, run.center, w.rank, w.world).cpu() if _fsdp(w) else run.center  # the result
     final = None
     if w.rank == 0:
         final = {
-            "weights": run.center, "coefficients": run.coefficients, "rounds": w.rounds, "history": run.history,
+            "weights": weights, "coefficients": run.coefficients, "rounds": w.rounds, "history": run.history,
             "projection_bytes": run.projection_bytes, "param_bytes": run.param_bytes,
             "block_names": _block_names(w.store, w.cfg.twa.granularity),
             "time_s": run.elapsed_s,
         }
-    _report(metrics, snapshot, final)
+    _report(w, run, metrics, snapshot, final)
 
 
 def _block_names(store: CandidateStore, granularity: str) -> list[str]:

@@ -139,10 +139,11 @@ def inject_fault(
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-           extra: dict[str, dict[str, Any]] | None = None) -> None:
+           extra: dict[str, dict[str, Any]] | None = None, sharded: dict[str, Any] | None = None) -> None:
     """``ray.train.report`` of ``metrics``, every rank at the same point; the rank that holds
-    the checkpoint (rank 0) passes its ``state``, ``info`` and ``extra`` files, the others None."""
+    the checkpoint (rank 0) passes its ``state``, ``info`` and ``extra`` files, the others None.
+    ``sharded``: every rank's own shards (``checkpoints.save_sharded``), or None on every rank."""
     import ray.train
 
-    with ray_checkpoint(state, info, extra) as checkpoint:
+    with ray_checkpoint(state, info, extra, sharded) as checkpoint:
         ray.train.report(metrics, checkpoint=checkpoint)

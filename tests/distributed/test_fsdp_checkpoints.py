@@ -1,0 +1,180 @@
+"""Sharded checkpoints of ``sharding: fsdp`` (torch.distributed.checkpoint) without Ray: two
+gloo ranks each save their shards into their own folder, the folders are merged as Ray
+Train merges the ranks' reported folders, and three ranks resume from them (DCP reshards);
+one process reads the full tensors back. Loading runs no pickled code."""
+import os
+import pickle
+import shutil
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import free_port
+from twa_ray.core.params import ParamLayout
+from twa_ray.distributed.base_fsdp import checkpoint_shards, load_checkpoint_shards, loss_scale
+from twa_ray.distributed.checkpoints import is_sharded, load_sharded, read_sharded, save_sharded
+from twa_ray.distributed.fsdp import fsdp_wrap, local_shard
+from twa_ray.distributed.twa_fsdp import RowLayout, center_shards, gather_rows, own_rows
+
+SAVED_BY, RESUMED_BY = 2, 3
+
+
+class _Net(nn.Module):
+    """Rows 5, 5, 3, 3 and 1: uneven shards, and a tensor some ranks hold nothing of."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))) * self.gain
+
+
+def _steps(model, optimizer, first, last, rank=0, world=1):
+    """SGD steps first..last-1 on fixed global batches of 12; each rank its share of the mean loss."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(12, 6, generator=gen), torch.randint(0, 3, (12,), generator=gen)) for _ in range(last)]
+    for x, y in batches[first:last]:
+        part = slice(rank * 12 // world, (rank + 1) * 12 // world)
+        optimizer.zero_grad()
+        (nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum") * loss_scale("fsdp", world, 12)).backward()
+        optimizer.step()
+
+
+def _vector():
+    """A (D,) vector of _Net's size: TWA's center."""
+    return torch.arange(ParamLayout.from_model(_Net()).num_params, dtype=torch.float32) / 7.0
+
+
+def _init(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
+def _save_main(rank: int, port: int, out: str) -> None:
+    _init(rank, SAVED_BY, port)
+    try:
+        model = fsdp_wrap(_Net(), SAVED_BY, torch.device("cpu"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        _steps(model, optimizer, 0, 3, rank, SAVED_BY)
+        ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
+        sharded, groups = checkpoint_shards(model, optimizer, ema)
+        sharded["center"] = center_shards(model, RowLayout(ParamLayout.from_model(model), SAVED_BY).take(_vector(), rank))
+        save_sharded(f"{out}/rank{rank}", sharded)  # its own folder, as each Ray Train worker reports one
+        if rank == 0:
+            torch.save(groups, f"{out}/groups.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume_main(rank: int, port: int, out: str) -> None:
+    _init(rank, RESUMED_BY, port)
+    try:
+        model = fsdp_wrap(_Net(seed=1), RESUMED_BY, torch.device("cpu"))  # other weights until loaded
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+        groups = torch.load(f"{out}/groups.pt", weights_only=True)
+        ema = load_checkpoint_shards(f"{out}/merged", model, optimizer, groups)
+        sharded = {"center": center_shards(model)}
+        load_sharded(f"{out}/merged", sharded)
+        own = own_rows(sharded["center"].values())
+        full_center = gather_rows(model, own, rank, RESUMED_BY)
+        _steps(model, optimizer, 3, 5, rank, RESUMED_BY)  # lr 0.1 again: the checkpoint's param groups
+        torch.save({"ema": ema, "own": own, "center": full_center, "lr": optimizer.param_groups[0]["lr"],
+                    "weights": [p.full_tensor().detach() for p in model.parameters()],
+                    "local": [local_shard(p).numel() for p in model.parameters()]}, f"{out}/resumed{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dcp")
+    mp.spawn(_save_main, args=(free_port(), str(out)), nprocs=SAVED_BY, join=True)
+    os.makedirs(out / "merged")
+    for rank in range(SAVED_BY):  # what Ray Train does with the folders the ranks report
+        for name in os.listdir(out / f"rank{rank}"):
+            shutil.copy(out / f"rank{rank}" / name, out / "merged" / name)
+    return out
+
+
+def test_every_rank_saves_its_own_shards_and_one_process_reads_them_whole(merged):
+    assert sorted(os.listdir(merged / "rank0")) == [".metadata", "__0_0.distcp"]
+    assert sorted(os.listdir(merged / "rank1")) == ["__1_0.distcp"]  # rank 1's shards only
+    assert is_sharded(merged / "merged") and not is_sharded(merged / "rank1")
+    ref = _Net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    _steps(ref, opt, 0, 3)
+    model, momentum = read_sharded(merged / "merged", "model"), read_sharded(merged / "merged", "optimizer")
+    ema, center = read_sharded(merged / "merged", "ema"), read_sharded(merged / "merged", "center")
+    assert set(model) == set(ema) == set(center) == {n for n, _ in ref.named_parameters()}
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(model[name], p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ema[name], 0.5 * p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(momentum[f"{name}.momentum_buffer"], opt.state[p]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-6)
+    layout = ParamLayout.from_model(ref)
+    torch.testing.assert_close(torch.cat([center[n].reshape(-1) for n in layout.names]), _vector(), rtol=0, atol=0)
+
+
+def test_three_ranks_resume_from_two_ranks_shards_exactly(merged):
+    """DCP reshards: each of 3 ranks loads its part of the 2-rank checkpoint and 2 more steps
+    end where the uninterrupted single process does."""
+    mp.spawn(_resume_main, args=(free_port(), str(merged)), nprocs=RESUMED_BY, join=True)
+    got = [torch.load(merged / f"resumed{r}.pt", weights_only=True) for r in range(RESUMED_BY)]
+    ref = _Net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    _steps(ref, opt, 0, 3)
+    at_checkpoint = [p.detach().clone() for p in ref.parameters()]
+    _steps(ref, opt, 3, 5)
+    rows = RowLayout(ParamLayout.from_model(ref), RESUMED_BY)
+    for rank, g in enumerate(got):
+        assert g["lr"] == 0.1
+        assert g["local"] == rows.numels(rank)  # its part only
+        for p, w in zip(ref.parameters(), g["weights"]):
+            torch.testing.assert_close(w, p.detach(), rtol=1e-5, atol=1e-6)
+        full_ema = torch.cat([0.5 * p.reshape(-1) for p in at_checkpoint])
+        torch.testing.assert_close(torch.cat([e.reshape(-1) for e in g["ema"]]), rows.take(full_ema, rank),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g["own"], rows.take(_vector(), rank), rtol=0, atol=0)
+        torch.testing.assert_close(g["center"], _vector(), rtol=0, atol=0)
+
+
+def test_a_missing_key_or_shape_is_named(merged):
+    with pytest.raises(ValueError, match=r"holds no sharded state \(no .metadata\): it was not made with sharding: fsdp"):
+        load_sharded(merged / "rank1", {"model": {"hidden.weight": torch.zeros(5, 6)}})
+    with pytest.raises(ValueError, match=r"holds no tensor 'model.extra.weight'"):
+        load_sharded(merged / "merged", {"model": {"extra.weight": torch.zeros(2)}})
+    with pytest.raises(ValueError, match=r"'model.hidden.weight' has shape \[5, 6\], expected \[6, 5\]"):
+        load_sharded(merged / "merged", {"model": {"hidden.weight": torch.zeros(6, 5)}})
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_loading_runs_no_pickled_code(merged, tmp_path):
+    """DCP unpickles .metadata with plain pickle and non-tensor values with weights_only=False:
+    here .metadata may build DCP's classes only, and non-tensor values are neither saved nor loaded."""
+    bad = tmp_path / "bad"
+    shutil.copytree(merged / "merged", bad)
+    with open(bad / ".metadata", "wb") as f:
+        pickle.dump(_Payload(), f)
+    with pytest.raises(pickle.UnpicklingError, match=r"refers to posix.getcwd: not DCP metadata"):
+        read_sharded(bad, "model")
+    with pytest.raises(TypeError, match=r"holds only tensors; not: \['step'\]"):
+        save_sharded(tmp_path / "never", {"step": 3})
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"note": {"x": "a pickled string"}, "t": torch.ones(2)}, checkpoint_id=str(tmp_path / "objects"),
+             no_dist=True)
+    with pytest.raises(ValueError, match=r"holds no tensor 'note.x'"):
+        load_sharded(tmp_path / "objects", {"note": {"x": torch.zeros(1)}})
+    assert read_sharded(tmp_path / "objects", "note") == {}  # only tensors are read
