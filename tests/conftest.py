@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and candidates, and a local Ray."""
+import contextlib
 import os
 
 # Ray reads these when it is imported: keep every Ray test on the loopback, quiet.
@@ -115,6 +116,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world: int):
+    """torch.distributed as rank ``rank`` of ``world`` over a fake process group (collectives
+    return at once, with no data moved): FSDP2's sharding of one rank, in this one process."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

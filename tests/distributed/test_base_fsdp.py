@@ -1,7 +1,7 @@
 """Base training on FSDP2 (``train.sharding: fsdp``): the helpers on two gloo ranks without
-Ray (full-state checkpoints, sharded optimizer state, every rank writing its rows of a
-candidate), and Ray Train runs against DDP replicas (same candidates, each rank's bytes,
-exact resume after a lost worker)."""
+Ray (sharded checkpoints, every rank writing its rows of a candidate), and Ray Train runs
+against DDP replicas (same candidates, each rank's bytes, DCP checkpoints, exact resume
+after a lost worker). More on the checkpoints: ``test_fsdp_checkpoints.py``."""
 import os
 from datetime import timedelta
 
@@ -16,7 +16,8 @@ from torch import nn
 from conftest import free_port
 from twa_ray.config import ConfigError, config_from_dict
 from twa_ray.core.params import ParamLayout
-from twa_ray.distributed.base_fsdp import RowCandidateWriter, gathered_state, loss_scale, sharded_optimizer_state
+from twa_ray.distributed.base_fsdp import RowCandidateWriter, checkpoint_shards, load_checkpoint_shards, loss_scale
+from twa_ray.distributed.checkpoints import read_sharded, save_sharded
 from twa_ray.distributed.fsdp import fsdp_wrap, local_rows, local_shard, shard_like
 from twa_ray.store import CandidateStore
 
@@ -115,14 +116,11 @@ def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         _steps(model, optimizer, rank, WORLD)
         ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
-        state = gathered_state(model, optimizer, ema, rank)
-        # a fresh sharded optimizer takes the full state back: its rows of every momentum buffer
+        sharded, groups = checkpoint_shards(model, optimizer, ema)
+        save_sharded(f"{out}/checkpoint", sharded)  # both ranks into one folder
+        # a fresh sharded optimizer takes the state back: its rows of every momentum buffer
         fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        full_opt = [None]
-        if rank == 0:
-            full_opt = [state["optimizer"]]
-        dist.broadcast_object_list(full_opt, src=0)
-        fresh.load_state_dict(sharded_optimizer_state(full_opt[0], fresh))
+        load_checkpoint_shards(f"{out}/checkpoint", model, fresh, groups)
         momentum = [local_shard(fresh.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
         store = CandidateStore.open(store_uri)
         writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, WORLD, torch.device("cpu"))
@@ -133,13 +131,13 @@ def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
         gathering = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_uri, rank, WORLD,
                                        torch.device("cpu"))
         gathering.save(model, kind="epoch", step=4, lr=0.1, metrics={})
-        torch.save({"state": state, "momentum": momentum, "bytes": writer.bytes_by_rank(),
+        torch.save({"momentum": momentum, "bytes": writer.bytes_by_rank(),
                     "saved": writer.writer.saved_infos if rank == 0 else None}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_checkpoint_full_state_and_write_their_rows(tmp_path):
+def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
     store = CandidateStore.create_for_model(str(tmp_path / "store"), _Net())
     mp.spawn(_rank_main, args=(free_port(), str(tmp_path), store.uri), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -147,24 +145,25 @@ def test_two_gloo_ranks_checkpoint_full_state_and_write_their_rows(tmp_path):
     ref = _Net()  # the same steps in one process
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     _steps(ref, opt)
-    state = ranks[0]["state"]
-    assert ranks[1]["state"] is None
+    model, optimizer = read_sharded(tmp_path / "checkpoint", "model"), read_sharded(tmp_path / "checkpoint", "optimizer")
     for name, value in ref.state_dict().items():
-        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[name], value, rtol=1e-5, atol=1e-6)
+    names = [name for name, _ in ref.named_parameters()]
     buffers = [opt.state[p]["momentum_buffer"] for p in ref.parameters()]
-    for i, buf in enumerate(buffers):  # the checkpoint holds full buffers, each rank gets its rows back
-        torch.testing.assert_close(state["optimizer"]["state"][i]["momentum_buffer"], buf, rtol=1e-5, atol=1e-6)
+    for i, buf in enumerate(buffers):  # the shards make the full buffers, each rank gets its rows back
+        torch.testing.assert_close(optimizer[f"{names[i]}.momentum_buffer"], buf, rtol=1e-5, atol=1e-6)
         for rank in range(WORLD):
             torch.testing.assert_close(ranks[rank]["momentum"][i], local_rows(buf, rank, WORLD), rtol=1e-5, atol=1e-6)
     flat = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    torch.testing.assert_close(state["ema"], 0.5 * flat, rtol=1e-5, atol=1e-6)
+    ema = read_sharded(tmp_path / "checkpoint", "ema")
+    torch.testing.assert_close(torch.cat([ema[n].reshape(-1) for n in names]), 0.5 * flat, rtol=1e-5, atol=1e-6)
 
     # the candidate: every rank's rows, committed once, equal to the full weights
     assert ranks[0]["saved"] == [(0, {"kind": "epoch", "step": 3})]
     assert len(store) == 2 and not [f for f in os.listdir(tmp_path / "store" / "candidates") if ".tmp-" in f]
     torch.testing.assert_close(store.read_flat(0), flat, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(store.read_flat(1), flat, rtol=1e-5, atol=1e-6)  # gathered, appended whole
-    values = [4 * sum(b - a for a, b in store.fsdp_ranges(r, WORLD)) for r in range(WORLD)]
+    values = [4 * sum(b - a for spans in store.fsdp_ranges(r, WORLD) for a, b in spans) for r in range(WORLD)]
     assert values[0] != values[1] and sum(values) == 4 * store.num_params  # uneven rows
     written = ranks[0]["bytes"]
     assert written == ranks[1]["bytes"]  # every rank got the counts
@@ -216,11 +215,36 @@ def test_fsdp_candidates_equal_ddp_replicas(runs):
     w = sharded.read()
     torch.testing.assert_close(w, replicas.read(), rtol=0, atol=1e-5)
     assert (w[-1] - w[0]).abs().max() > 1e-2  # it trained
-    # the checkpoints hold full tensors in both modes: final weights and EMA agree too
+    # the final weights and EMA agree too (read_final assembles the fsdp checkpoint's shards)
     for a, b in zip(_final(fsdp, sharded), _final(blocks, replicas)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert [m["train_loss"] for m in fsdp.metrics] == pytest.approx([m["train_loss"] for m in blocks.metrics], abs=1e-5)
     assert [m["val_acc"] for m in fsdp.metrics] == [m["val_acc"] for m in blocks.metrics]
+
+
+@pytest.mark.ray
+def test_fsdp_checkpoints_hold_each_ranks_shards_not_full_tensors(runs):
+    from twa_ray.distributed.checkpoints import load_checkpoint
+
+    (blocks, _), (fsdp, store) = runs["blocks"], runs["fsdp"]
+    # DCP's files, one per rank (Ray merged the ranks' folders), and rank 0's small state and info
+    assert sorted(os.listdir(fsdp.checkpoint_path)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "info.json",
+                                                         "state.pt"]
+    assert set(load_checkpoint(fsdp.checkpoint_path)) == {"optimizer_groups", "scheduler", "epoch", "step"}
+    # every weight, momentum buffer and EMA is saved in 2 chunks, one in each rank's file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(fsdp.checkpoint_path).read_metadata()
+    keys = [f"{part}.{name}{suffix}" for name in store.names
+            for part, suffix in (("model", ""), ("optimizer", ".momentum_buffer"), ("ema", ""))]
+    for key in keys:
+        chunks = meta.state_dict_metadata[key].chunks
+        assert len(chunks) == WORLD and sum(c.sizes.numel() for c in chunks) == meta.state_dict_metadata[key].size.numel()
+    files = {index.fqn: set() for index in meta.storage_data}
+    for index, where in meta.storage_data.items():
+        files[index.fqn].add(where.relative_path)
+    assert all(files[key] == {"__0_0.distcp", "__1_0.distcp"} for key in keys)
+    assert "model" in load_checkpoint(blocks.checkpoint_path)  # blocks mode's format as before
 
 
 @pytest.mark.ray
@@ -230,7 +254,7 @@ def test_each_rank_wrote_only_its_rows(runs):
     result, store = runs["fsdp"]
     written = checkpoint_info(result.checkpoint_path)["candidate_bytes_written"]
     n = len(store)
-    values = [4 * n * sum(b - a for a, b in store.fsdp_ranges(r, WORLD)) for r in range(WORLD)]
+    values = [4 * n * sum(b - a for spans in store.fsdp_ranges(r, WORLD) for a, b in spans) for r in range(WORLD)]
     assert values[0] != values[1] and sum(values) == 4 * n * store.num_params  # uneven: 8 + 7 and 3 + 2 rows
     assert written[1] == values[1]  # exactly its rows of every candidate
     # rank 0: its rows plus each file's layout (headers and footer), none of rank 1's values

@@ -1,6 +1,7 @@
 """TWA on FSDP2-sharded models (``twa.sharding: fsdp``) against the one-process core: two
 gloo ranks without Ray (several bases, bit widths and granularities, uneven and empty row
 shards), and the Ray Train run users start, with a lost worker."""
+import os
 import socket
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ from twa_ray.core.blocks import make_blocks
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.quant import packed_bytes
 from twa_ray.distributed.batches import local_slice
+from twa_ray.distributed.checkpoints import read_sharded
 from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
 from twa_ray.distributed.twa_fsdp import RowLayout, build_fsdp_twa
 from twa_ray.store import CandidateStore
@@ -33,7 +35,8 @@ CASES = [
 
 
 class _Net(nn.Module):
-    """Rows 5, 5, 3, 3 and 1: uneven row shards, and a tensor rank 1 holds nothing of."""
+    """Rows 5, 5, 3, 3 and 1: uneven row shards, and a tensor rank 1 holds nothing of; the (5, 6)
+    weight is cut on dim 1 (3 columns each)."""
 
     def __init__(self):
         super().__init__()
@@ -148,7 +151,7 @@ def test_coefficients_and_weights_equal_the_one_process_core(two_ranks, store_ur
 def test_each_rank_holds_its_rows_of_model_gradient_and_projection(two_ranks):
     layout = ParamLayout.from_model(_Net())
     rows = RowLayout(layout, WORLD)
-    assert [rows.numel(r) for r in range(WORLD)] == [3 * 6 + 3 + 2 * 5 + 2 + 1, 2 * 6 + 2 + 1 * 5 + 1 + 0]
+    assert [rows.numel(r) for r in range(WORLD)] == [5 * 3 + 3 + 2 * 5 + 2 + 1, 5 * 3 + 2 + 1 * 5 + 1 + 0]
     for case, (bits, _, granularity, _) in enumerate(CASES):
         blocks = make_blocks(layout.numels, granularity)
         for rank, results in enumerate(two_ranks):
@@ -183,6 +186,20 @@ def _ray_cfg(out, **twa):
     })
 
 
+def _ray_store(cfg, path) -> CandidateStore:
+    """Four candidates around a model of ``cfg``."""
+    from twa_ray.data.from_config import splits_from_config
+    from twa_ray.models.from_config import model_from_config
+
+    torch.manual_seed(0)
+    model = model_from_config(cfg, splits_from_config(cfg))
+    store = CandidateStore.create_for_model(str(path), model)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        store.append_flat(flatten_params(model) + 0.2 * torch.randn(store.num_params, generator=gen))
+    return store
+
+
 @pytest.mark.ray
 def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_path):
     from twa_ray.data.from_config import splits_from_config
@@ -192,12 +209,7 @@ def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_
 
     cfg = _ray_cfg(tmp_path / "run", checkpoint_every_steps=2)
     splits = splits_from_config(cfg)
-    torch.manual_seed(0)
-    model = model_from_config(cfg, splits)
-    store = CandidateStore.create_for_model(str(tmp_path / "store"), model)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        store.append_flat(flatten_params(model) + 0.2 * torch.randn(store.num_params, generator=gen))
+    store = _ray_store(cfg, tmp_path / "store")
 
     cfg.debug.fail_at_step = 5  # one run, which loses a worker at step 5 and resumes from step 4's checkpoint
     result = run_twa(cfg, store.uri)
@@ -224,3 +236,31 @@ def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_
     assert sum(result.param_bytes) == 4 * store.num_params
     assert sum(result.projection_bytes) == 4 * store.num_params  # 8 bits: one byte per value, 4 candidates
     assert max(result.projection_bytes) <= 0.55 * sum(result.projection_bytes)
+
+
+@pytest.mark.ray
+def test_a_worker_lost_in_a_later_round_resumes_from_the_sharded_center(ray_local, tmp_path):
+    """Two rounds of two candidates: round 2's origin (round 1's w(X)) is in the checkpoints as
+    every rank's rows (DCP), not in rank 0's state file; a worker lost in round 2 resumes from
+    them and the run ends as an uninterrupted one."""
+    from twa_ray.distributed.checkpoints import load_checkpoint
+    from twa_ray.distributed.twa_train import run_twa
+
+    store = _ray_store(_ray_cfg(tmp_path), tmp_path / "store")
+    twa = {"candidates_per_round": 2, "checkpoint_every_steps": 2}
+    clean = run_twa(_ray_cfg(tmp_path / "clean", **twa), store.uri)
+    faulty_cfg = _ray_cfg(tmp_path / "faulty", **twa)
+    faulty_cfg.debug.fail_at_step = 11  # round 2 (8 steps a round): resumes from step 10's checkpoint
+    faulty = run_twa(faulty_cfg, store.uri)
+    assert (tmp_path / "faulty" / "debug" / "twa-failed-at-step-11").exists()
+    assert len(clean.coefficients) == len(faulty.coefficients) == 2
+    for a, b in zip(clean.coefficients, faulty.coefficients):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(faulty.weights, clean.weights, rtol=0, atol=1e-6)
+    assert clean.coefficients[1].abs().sum() > 0
+    folder = faulty.checkpoint_path
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(folder))
+    assert load_checkpoint(folder)["center"] is None  # rank 0 holds no (D,) vector
+    center = read_sharded(folder, "center")  # its rows from both ranks: the final weights
+    layout = ParamLayout(tuple(store.names), tuple(map(tuple, store.shapes)))
+    torch.testing.assert_close(torch.cat([center[n].reshape(-1) for n in layout.names]), faulty.weights, rtol=0, atol=0)

@@ -1,5 +1,6 @@
-"""Writing one candidate in row pieces (FSDP2 ranks, each its rows): the file equals append's,
-nobody lists it before the commit, and each writer writes only its piece."""
+"""Writing one candidate in pieces (FSDP2 ranks, each its part of every tensor: runs of dim-0 rows,
+or one run per outer index of a tensor cut on a dim > 0): the file equals append's, nobody lists
+it before the commit, and each writer writes only its piece."""
 from __future__ import annotations
 
 import os
@@ -8,15 +9,16 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from twa_ray.store import CandidateStore
+from twa_ray.store import CandidateStore, fsdp_shard
 
 SHAPES = {"emb": (300, 40), "conv": (3, 2, 2, 2), "bias": (5,), "one_row": (1, 4), "tiny": (2,)}
 INFO = {"kind": "epoch", "step": 4, "metrics": {"train_loss": 0.5}}
 
 
 def _pieces(store: CandidateStore, flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """``rank``'s rows of every tensor of ``flat`` (D,), concatenated in store order."""
-    return torch.cat([flat[o + a:o + b] for o, (a, b) in zip(store.offsets, store.fsdp_ranges(rank, world))])
+    """``rank``'s part of every tensor of ``flat`` (D,), as its local shards flattened, in store order."""
+    return torch.cat([flat[o + a:o + b] for o, runs in zip(store.offsets, store.fsdp_ranges(rank, world))
+                      for a, b in runs])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -36,6 +38,9 @@ def test_pieces_of_all_writers_give_appends_file(tmp_path, world):
         assert writer.bytes_written == 4 * _pieces(store, flat, rank, world).numel()
     assert store.commit_candidate(pending) == 1 and not os.path.exists(pending)
 
+    if world == 2:  # 'conv' (3, 2, 2, 2) and 'one_row' (1, 4) are cut on dim 1: one run per outer index
+        assert [fsdp_shard(s, 0, 2).dim for s in store.shapes] == [0, 1, 0, 1, 0]
+        assert store.fsdp_ranges(1, 2)[1] == [(4, 8), (12, 16), (20, 24)]
     a, b = (c.path for c in store.list_candidates())
     assert open(a, "rb").read() == open(b, "rb").read()  # byte for byte
     assert store.list_candidates()[1].info == INFO
@@ -48,7 +53,7 @@ def test_discard_and_errors_name_the_problem(tmp_path):
     store = CandidateStore.create(tmp_path / "s", list(SHAPES), list(SHAPES.values()))
     pending = store.begin_candidate({})
     ranges = store.fsdp_ranges(0, 2)
-    width = sum(b - a for a, b in ranges)
+    width = sum(b - a for runs in ranges for a, b in runs)
     with pytest.raises(ValueError, match="values for ranges of"):
         store.write_rows(pending, ranges, torch.zeros(width + 1))
     bad = torch.zeros(width)

@@ -1,10 +1,10 @@
 """Base training on an FSDP2-sharded model (``train.sharding: fsdp``).
 
 The workers wrap the model with ``distributed.fsdp.fsdp_wrap`` (``fully_shard``: rank r
-holds rows ``store.fsdp_row_range(shape, r, k)`` of dim 0 of every parameter, of its
-gradient and of its optimizer state) and train it as the ``blocks`` (DDP) mode does, with
-the same batches, optimizer and schedule; ``base_train`` holds the loop, this module what
-differs:
+holds its part ``store.fsdp_shard(shape, r, k)`` of every parameter (its "rows": indices of
+dim 0, or of a dim k divides), of its gradient and of its optimizer state) and train it as
+the ``blocks`` (DDP) mode does, with the same batches, optimizer and schedule; ``base_train``
+holds the loop, this module what differs:
 
 - gradients: FSDP reduce-scatters their sum where DDP averages, so a rank's loss is
   scaled by ``loss_scale``: either way the gradient of the global batch's mean loss;
@@ -20,10 +20,14 @@ differs:
   Each checkpoint's info records the bytes every rank has written (``candidate_bytes_written``,
   by rank, since the worker group started). An object store cannot write into a file: there
   rank 0 gathers the weights and appends;
-- checkpoints (:func:`gathered_state`) hold full tensors, ``blocks`` mode's format: rank 0
-  gathers the model, the optimizer state and the EMA. A resumed run loads the model before
-  sharding it, then shards the optimizer state (:func:`sharded_optimizer_state`) and the
-  EMA by rows, so it continues exactly.
+- checkpoints hold sharded state (``torch.distributed.checkpoint``, :func:`checkpoint_shards`):
+  every rank saves its shards of the model, of the optimizer state and of the EMA into its
+  own folder and reports it, and Ray Train merges the folders into one checkpoint
+  (``checkpoints.ray_checkpoint``); rank 0's also holds the optimizer's hyper-parameters, the
+  scheduler and the JSON info. A resumed rank loads just its shards into the sharded model
+  and optimizer (:func:`load_checkpoint_shards`), so no rank ever holds the full model, and
+  continues exactly; another number of workers reshards (DCP). ``base_train.read_final``
+  assembles the full weights and EMA in one process.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from torch import nn
 
 from ..core.params import trainable_parameters
 from ..store import CandidateStore
-from .fsdp import full_like, gather_full, local_shard, shard_like
+from .checkpoints import load_sharded
+from .fsdp import broadcast_buffers, gather_full, local_shard, sharded_by_name
 from .worker import all_reduce_sum
 
 if TYPE_CHECKING:
@@ -115,27 +120,43 @@ class RowCandidateWriter:
         return [int(c) for c in all_reduce_sum(counts, self.device).tolist()]
 
 
-@torch.no_grad()
-def gathered_state(net: nn.Module, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor], rank: int
-                   ) -> dict[str, Any] | None:
-    """Rank 0's checkpoint state of an FSDP2 model, with full tensors as in ``blocks`` mode:
-    model, optimizer and ``ema`` (each rank's local rows of every trainable parameter) as
-    one (D,) vector. None on the other ranks. A collective."""
-    state = {
-        "model": gather_full(net.state_dict()),
-        "optimizer": gather_full(optimizer.state_dict()),
-        "ema": torch.cat([full_like(e, p).reshape(-1) for e, p in zip(ema, trainable_parameters(net))]).cpu(),
-    }
-    return state if rank == 0 else None
+def checkpoint_shards(net: nn.Module, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor]
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """This rank's part of a checkpoint of an FSDP2 model (a collective): (its state for DCP,
+    the optimizer's param groups). The DCP state is {"model": the model's state dict (DTensor
+    parameters, rank 0's buffers), "optimizer": the optimizer state's tensors by parameter
+    name, "ema": ``ema`` (this rank's local part of every trainable parameter) by name}. The
+    param groups (hyper-parameters, the scheduler's current lr: the same on every rank) go
+    into rank 0's state file."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    broadcast_buffers(net)  # rank 0's statistics everywhere: DCP saves one copy of a plain tensor, from any rank
+    model_state, optim_state = get_state_dict(net, optimizer)
+    sharded = {"model": model_state, "optimizer": _tensors_only(optim_state["state"]),
+               "ema": sharded_by_name(net, ema)}
+    return sharded, optim_state["param_groups"]
 
 
-def sharded_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A full optimizer state dict (:func:`gathered_state`) for ``optimizer`` over FSDP2
-    parameters: every tensor of a parameter's shape becomes this rank's rows of it."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    per_param = {
-        i: {k: shard_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape else v
-            for k, v in s.items()}
-        for i, s in state["state"].items()
-    }
-    return {**state, "state": per_param}
+def load_checkpoint_shards(folder: str, net: nn.Module, optimizer: torch.optim.Optimizer,
+                           param_groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Load the checkpoint in ``folder`` (:func:`checkpoint_shards`' state, saved by
+    ``checkpoints.save_sharded``) into the FSDP2 ``net`` and its ``optimizer`` (a collective):
+    each rank reads only its shards, from a checkpoint of any number of ranks. ``param_groups``:
+    rank 0's state file's. Returns the EMA: this rank's local part of every trainable parameter."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    net.zero_grad(set_to_none=True)  # else get_state_dict does not create a fresh optimizer's state
+    model_state, optim_state = get_state_dict(net, optimizer)  # the state to load into
+    ema = [torch.empty_like(local_shard(p)) for p in trainable_parameters(net)]
+    sharded = {"model": model_state, "optimizer": _tensors_only(optim_state["state"]),
+               "ema": sharded_by_name(net, ema)}
+    load_sharded(folder, sharded)
+    set_state_dict(net, optimizer, model_state_dict=sharded["model"],
+                   optim_state_dict={"state": sharded["optimizer"], "param_groups": param_groups})
+    return [local_shard(e).clone() for e in sharded["ema"].values()]
+
+
+def _tensors_only(optim_state: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of a per-parameter optimizer state ({name: {key: value}}): DCP would pickle
+    the rest (SGD's momentum_buffer None without momentum), and a missing key loads the same."""
+    return {name: {k: v for k, v in per.items() if torch.is_tensor(v)} for name, per in optim_state.items()}

@@ -1,10 +1,12 @@
 """FSDP2 helpers both stages share (base training's and TWA's ``sharding: fsdp``).
 
 ``fsdp_wrap`` shards a model with ``torch.distributed.fsdp.fully_shard``: every trainable
-parameter becomes a DTensor of which rank r holds rows ``store.fsdp_row_range(shape, r, k)``
-of dim 0 (its local shard, ``local_shard``). The rest moves state between that layout and
-full tensors: ``gather_full`` (checkpoints), ``shard_like`` / ``local_rows`` (resuming
-from them), and ``broadcast_buffers`` (the unsharded buffers, as DDP keeps them).
+parameter becomes a DTensor of which rank r holds its part ``store.fsdp_shard(shape, r, k)``
+(indices of one dim, ``Shard(store.fsdp_shard_dim(shape, k))``: dim 0 unless k does not
+divide it; its local shard, ``local_shard``). The rest moves state between that layout and
+full tensors: ``gather_full`` (candidates on object stores), ``shard_like`` / ``local_rows``,
+``sharded_by_name`` (a rank's state as DTensors for DCP checkpoints), and
+``broadcast_buffers`` (the unsharded buffers, as DDP keeps them).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.params import trainable_parameters
-from ..store import fsdp_row_range
+from ..store import fsdp_shard, fsdp_shard_dim
 
 
 def _distributed() -> bool:
@@ -23,20 +25,33 @@ def _distributed() -> bool:
 
 
 def fsdp_wrap(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    """``model`` (on ``device``) under FSDP2 over all ``world`` ranks: every module that holds
-    parameters of its own is an all-gather unit, then the root. Gradients are summed over
-    ranks, not averaged (each rank's loss is already its share of the global batch mean).
-    One rank and no process group: the model as it is."""
+    """``model`` (on ``device``) under FSDP2 over all ``world`` ranks: every outermost module
+    that holds parameters of its own is an all-gather unit (with those of its submodules), then
+    the root (``planner.fsdp_units``). Each parameter is sharded on
+    ``store.fsdp_shard_dim`` (dim 0, or a dim k divides when dim 0 would be padded). Gradients
+    are summed over ranks, not averaged (each rank's loss is already its share of the global
+    batch mean). One rank and no process group: the model as it is."""
     if world == 1 and not _distributed():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import Shard
 
     mesh = init_device_mesh(device.type, (world,))
-    for module in list(model.modules())[1:]:
+
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(fsdp_shard_dim(param.shape, world))
+
+    units: list[str] = []
+    for name, module in list(model.named_modules())[1:]:
+        if any(name.startswith(unit + ".") for unit in units):
+            # its parameters are in an enclosing unit already: nn.MultiheadAttention's forward
+            # reads out_proj.weight without calling out_proj, so out_proj cannot gather alone
+            continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, shard_placement_fn=placement)
+            units.append(name)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -55,32 +70,40 @@ def local_param_bytes(model: nn.Module) -> int:
 
 
 def local_rows(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """``rank``'s dim-0 rows of ``full`` (shape (R, ...)) under FSDP2's rule (a view)."""
-    start, end = fsdp_row_range(full.shape, rank, world)
-    return full[start:end]
+    """``rank``'s part of ``full`` as ``fsdp_wrap`` shards it (``store.fsdp_shard``): a view of
+    shape ``local_shape``, not contiguous when cut on a dim > 0."""
+    part = fsdp_shard(full.shape, rank, world)
+    return full.narrow(part.dim, part.start, part.end - part.start)
 
 
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``full`` (``param``'s full shape) laid out like ``param``: a DTensor holding this rank's
-    rows on ``param``'s device when ``param`` is one, else ``full`` on its device. No communication."""
+    part (``local_rows``) on ``param``'s device when ``param`` is one, else ``full`` on its device. No communication."""
     if not hasattr(param, "device_mesh"):
         return full.to(param.device)
     from torch.distributed.tensor import DTensor
 
     mesh = param.device_mesh
-    rows = local_rows(full, mesh.get_local_rank(), mesh.size()).to(param.device).clone()
+    dim = fsdp_shard(full.shape, mesh.get_local_rank(), mesh.size()).dim
+    if [getattr(p, "dim", None) for p in param.placements] != [dim]:
+        raise ValueError(f"parameter of shape {list(param.shape)} is placed {param.placements}, not Shard({dim}) "
+                         "as fsdp_wrap places it")
+    rows = local_rows(full, mesh.get_local_rank(), mesh.size()).to(param.device).clone(
+        memory_format=torch.contiguous_format)
     return DTensor.from_local(rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
 
 
-def full_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The full tensor whose rows on each rank are that rank's ``local`` (shaped like
-    ``param``'s local shard): an all-gather when ``param`` is a DTensor, else ``local``."""
-    if not hasattr(param, "device_mesh"):
-        return local
+def sharded_by_name(model: nn.Module, local: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: tensor} over the trainable parameters of ``model`` (layout order): ``local[i]``
+    (shaped like parameter i's local shard) laid out like it, a DTensor when the parameter is
+    one (so DCP saves or loads just this rank's part; no communication), else ``local[i]``."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride()).full_tensor()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if len(named) != len(local):
+        raise ValueError(f"{len(local)} tensors for {len(named)} trainable parameters")
+    return {n: DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            if hasattr(p, "device_mesh") else t for (n, p), t in zip(named, local)}
 
 
 def gather_full(obj: Any) -> Any:

@@ -1,7 +1,8 @@
 """TWA on an FSDP2-sharded model (``twa.sharding: fsdp``).
 
-The workers wrap the model with ``torch.distributed.fsdp.fully_shard``: rank r keeps rows
-``store.fsdp_row_range(shape, r, k)`` of dim 0 of every parameter, and of its gradient. Its TWA
+The workers wrap the model with ``torch.distributed.fsdp.fully_shard`` (``fsdp_wrap``): rank r
+keeps its part ``store.fsdp_shard(shape, r, k)`` of every parameter (indices of dim 0, or of
+the first dim k divides when it does not divide dim 0; "rows" below), and of its gradient. Its TWA
 shard is exactly those rows: it reads them from the candidate store and builds its packed
 Q and center for them (``core.row_shards``: per-block norms, Grams and quantisation
 ranges are all-reduced). One TWA step after ``loss.backward()``:
@@ -16,6 +17,14 @@ Per worker, model + gradient + projection are 1/k of the whole (plus FSDP's tran
 all-gather of one unit). The wrapping (``fsdp_wrap``) is ``distributed.fsdp``'s, shared with
 base training. Bases: ``row_shards.ROW_BASES`` (not ``checkpoints``); every
 bit width and granularity.
+
+Checkpoints (``twa_train``): X, its optimizer and scheduler are the same on every rank and
+the BatchNorm buffers are per rank but small, so rank 0 saves them as in ``blocks`` mode.
+The one sharded state is the center (w(X) of the last finished round, the next round's
+origin): each rank keeps only its rows (:func:`own_rows`) and saves them with
+``torch.distributed.checkpoint`` (:func:`center_shards`, one .distcp file per rank); a
+resumed rank reads back just its rows. The final weights are gathered once, for the result
+(:func:`gather_rows`).
 """
 from __future__ import annotations
 
@@ -30,50 +39,55 @@ from ..core import TWA, ScheduleSpec
 from ..core.blocks import make_blocks
 from ..core.params import ParamLayout, trainable_parameters
 from ..core.row_shards import build_row_projection, row_block_sizes
-from ..store import CandidateStore, fsdp_element_ranges
+from ..store import CandidateStore, fsdp_shard
 from .collectives import TorchCollectives
-from .fsdp import local_shard
+from .fsdp import local_shard, sharded_by_name
 from .twa_shard import ShardSetup, check_store_matches
 
 log = logging.getLogger(__name__)
 
 
 class RowLayout:
-    """Where each rank's rows sit in the flat parameter vector (D,), tensor by tensor.
+    """Where each rank's part of every tensor (``store.fsdp_shard``) sits in the flat parameter
+    vector (D,), tensor by tensor.
 
-    A rank's own vector is its rows of tensor 0, then of tensor 1, ... (``numel(rank)`` values)."""
+    A rank's own vector is its part of tensor 0 flattened (``to_local().reshape(-1)``), then of
+    tensor 1, ... (``numel(rank)`` values)."""
 
     def __init__(self, layout: ParamLayout, world: int) -> None:
         self.layout = layout
         self.world = world
-        # spans[r][t]: the flat [start, end) rank r's rows of tensor t occupy in the (D,) vector
-        self.spans = [
-            [(o + a, o + b) for (a, b), o in zip(fsdp_element_ranges(layout.shapes, r, world), layout.offsets)]
-            for r in range(world)
-        ]
+        # parts[r][t]: rank r's part of tensor t
+        self.parts = [[fsdp_shard(shape, r, world) for shape in layout.shapes] for r in range(world)]
 
     def numels(self, rank: int) -> list[int]:
         """Elements of each tensor ``rank`` holds."""
-        return [e - s for s, e in self.spans[rank]]
+        return [part.numel for part in self.parts[rank]]
 
     def numel(self, rank: int) -> int:
         return sum(self.numels(rank))
 
+    def _views(self, flat: torch.Tensor, rank: int) -> list[torch.Tensor]:
+        """(..., D) -> per tensor t, ``rank``'s part of it: a view of shape (..., *local_shape_t)."""
+        lead = flat.shape[:-1]
+        return [flat[..., o : o + n].reshape(*lead, *part.shape).narrow(len(lead) + part.dim, part.start,
+                                                                        part.end - part.start)
+                for part, o, n in zip(self.parts[rank], self.layout.offsets, self.layout.numels)]
+
     def take(self, flat: torch.Tensor, rank: int) -> torch.Tensor:
-        """(..., D) -> (..., numel(rank)): ``rank``'s rows of every tensor."""
-        return torch.cat([flat[..., s:e] for s, e in self.spans[rank]], dim=-1)
+        """(..., D) -> (..., numel(rank)): ``rank``'s part of every tensor."""
+        lead = flat.shape[:-1]
+        return torch.cat([v.reshape(*lead, -1) for v in self._views(flat, rank)], dim=-1)
 
     def put(self, own: torch.Tensor, rank: int, out: torch.Tensor) -> None:
-        """Inverse of ``take``: write ``rank``'s values (numel(rank),) into ``out`` (D,)."""
-        pos = 0
-        for s, e in self.spans[rank]:
-            out[s:e] = own[pos : pos + e - s]
-            pos += e - s
+        """Inverse of ``take``: write ``rank``'s values (the first numel(rank) of ``own``) into ``out`` (D,)."""
+        for view, part in zip(self._views(out, rank), own[: self.numel(rank)].split(self.numels(rank))):
+            view.copy_(part.view(view.shape))
 
 
 class FSDPShard:
-    """A ``core.twa.ParamShard`` over the local shards FSDP2 keeps: this rank's dim-0 rows of
-    every trainable parameter, in layout order."""
+    """A ``core.twa.ParamShard`` over the local shards FSDP2 keeps: this rank's part
+    (``RowLayout``) of every trainable parameter, in layout order."""
 
     def __init__(self, model: nn.Module, rows: RowLayout, rank: int, device) -> None:
         self.model = model
@@ -120,6 +134,30 @@ class FSDPShard:
         return out
 
 
+def own_rows(tensors) -> torch.Tensor:
+    """(numel(rank),) this rank's local shards of ``tensors`` (a model's trainable parameters
+    in layout order, or :func:`center_shards`' values) as one vector (a copy, on their device)."""
+    return torch.cat([local_shard(t).detach().reshape(-1) for t in tensors])
+
+
+def center_shards(model: nn.Module, own: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """This rank's rows ``own`` (numel(rank),) of a (D,) vector as {parameter name: DTensor},
+    each laid out like its (FSDP2-sharded) parameter: what DCP saves. Without ``own``: empty
+    ones on the parameters' devices, for DCP to load into (then :func:`own_rows` of them)."""
+    local = [local_shard(p) for p in trainable_parameters(model)]
+    if own is None:
+        return sharded_by_name(model, [torch.empty_like(t) for t in local])
+    if own.numel() != sum(t.numel() for t in local):
+        raise ValueError(f"{own.numel()} values for local shards of {sum(t.numel() for t in local)}")
+    parts = own.to(local[0].device).split([t.numel() for t in local])
+    return sharded_by_name(model, [part.reshape(t.shape).clone() for part, t in zip(parts, local)])
+
+
+def gather_rows(model: nn.Module, own: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """(D,) from every rank's rows ``own`` (numel(rank),) of the FSDP2 ``model``: one all-gather (a collective)."""
+    return FSDPShard(model, RowLayout(ParamLayout.from_model(model), world), rank, own.device).gather(own)
+
+
 class _Collectives(TorchCollectives):
     """TWA's collectives under FSDP: the all-reduces (sum, max). Rank r's coordinates are
     [sum of numel(<r), sum of numel(<=r)) of the rank-major order; TWA never reduce-scatters
@@ -142,7 +180,8 @@ def build_fsdp_twa(
     center: torch.Tensor | None = None,
 ) -> ShardSetup:
     """TWA for this rank of an FSDP2 model (``fsdp_wrap``): its rows of the chosen candidates
-    -> its packed Q rows. ``center`` (D,): the origin (X = 0) when given (a later round)."""
+    -> its packed Q rows. ``center`` (numel(rank),): this rank's rows (:func:`own_rows`) of the
+    origin (X = 0) when given (a later round)."""
     problems = sharding_problems(cfg)
     if problems:
         raise ValueError("twa.sharding: " + "; ".join(problems))
@@ -150,6 +189,8 @@ def build_fsdp_twa(
     rows = RowLayout(layout, world_size)
     device = local_shard(next(model.parameters())).device
     shard = FSDPShard(model, rows, rank, device)
+    if center is not None and center.numel() != shard.numel:
+        raise ValueError(f"rank {rank}: a center of {center.numel()} values for its {shard.numel} rows")
     blocks = make_blocks(layout.numels, cfg.granularity)
     sizes = row_block_sizes(blocks, shard.numels)
     ends = torch.tensor([rows.numel(r) for r in range(world_size)]).cumsum(0).tolist()
@@ -157,7 +198,7 @@ def build_fsdp_twa(
     w = store.read_fsdp_shard(rank, world_size, candidate_indices).to(device)  # (n, numel(rank)): only these rows
     proj = build_row_projection(
         w, sizes, cfg.basis, cfg.bits, comm.all_reduce_sum, comm.all_reduce_max,
-        center=None if center is None else rows.take(center.to(device), rank), max_chunk_bytes=cfg.max_chunk_bytes,
+        center=None if center is None else center.to(device), max_chunk_bytes=cfg.max_chunk_bytes,
         kernel=cfg.kernel,
     )
     del w

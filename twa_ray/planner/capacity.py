@@ -5,7 +5,8 @@
 
 Two modes side by side: ``blocks`` (below: a full model replica per worker, whole blocks of
 the projection per worker) and ``fsdp`` (``twa_ray.planner.fsdp``: everything cut by FSDP2's
-dim-0 rows, about total/k per worker plus FSDP's transient all-gather of one unit).
+shards of every tensor, about total/k per worker plus FSDP's transient all-gather of one unit;
+its imbalance is printed for k = 2, 4 and 8 too).
 
 Numbers come from the model's real parameter shapes (built on the meta device: no
 memory, no weights; or read from a JSON file ``{name: shape}``) and the functions the runtime uses: ``make_blocks`` and
@@ -38,7 +39,7 @@ from typing import Sequence
 
 from ..core.blocks import make_blocks, plan_shards
 from ..core.quant import check_bits
-from .fsdp import FsdpPlan, plan_fsdp
+from .fsdp import FsdpPlan, fsdp_imbalance, plan_fsdp
 from .shapes import is_shapes_file, load_shapes
 
 # dataset -> (num_classes, in_channels, image_size) as the data loaders produce them
@@ -132,6 +133,7 @@ class CapacityPlan:
     largest_over_even_share: float = 0.0  # max_r total_r / (single_worker_bytes / k)
     fsdp: FsdpPlan | None = None  # the FSDP2 mode; None without parameter shapes or when impossible
     fsdp_unavailable: str | None = None  # why ``fsdp`` is None
+    fsdp_imbalance: dict = field(default_factory=dict)  # k -> the fsdp sharded state's largest / (total/k), k = 2, 4, 8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,8 +220,11 @@ class CapacityPlan:
             f"  total = the same state on one worker: {mb(self.single_worker_bytes)}; total/k = "
             f"{mb(self.single_worker_bytes / self.workers)}",
             f"  fsdp: sharded state (all but the replicated coefficients and scale/offset) "
-            f"{f.sharded_imbalance:.4f} x its even share; FSDP2 pads every tensor to ceil(rows/k) rows per "
-            f"rank ({f.padded_coords:,} coordinates allocated, the largest rank owns {max(f.coords_per_worker):,})",
+            f"{f.sharded_imbalance:.4f} x its even share; FSDP2 pads a tensor only where k divides none of its "
+            f"dims ({f.padded_coords:,} coordinates allocated per rank, the largest rank owns "
+            f"{max(f.coords_per_worker):,})",
+            "  fsdp: sharded state's largest / (total/k) at "
+            + ", ".join(f"k = {k}: {v:.4f}" for k, v in self.fsdp_imbalance.items()),
             f"  fsdp transient: all-gather of the largest of {f.num_units} units ({unit}) = {mb(f.all_gather_bytes)}; "
             f"bound {mb(f.transient_bytes)} = 4 x (its weights, unsharded gradients, reduce-scatter input, "
             "the prefetched next unit); activations not included",
@@ -264,7 +269,7 @@ def plan_capacity(
     total_proj = sum(proj)
     pad = max(coords)
     single = total_proj + sum(quant) + sum(center) + model_bytes + gradient_bytes + twa_buffers + coefficient_bytes
-    fsdp, fsdp_unavailable = None, None
+    fsdp, fsdp_unavailable, imbalance = None, None, {}
     if shapes is None:
         fsdp_unavailable = "needs the parameters' shapes"
     else:
@@ -273,6 +278,7 @@ def plan_capacity(
         names = list(names) if names is not None else [f"p{t}" for t in range(len(shapes))]
         try:
             fsdp = plan_fsdp(names, shapes, n, bits, k, granularity, optimizer=optimizer)
+            imbalance = fsdp_imbalance(names, shapes, n, bits, granularity, optimizer=optimizer)
         except ValueError as exc:  # a 0-d parameter
             fsdp_unavailable = str(exc)
 
@@ -312,6 +318,7 @@ def plan_capacity(
         max_over_even_share=max(proj) / (total_proj / k) if total_proj else 1.0,
         padded_length=pad, payload=payload, wire=wire, single_worker_bytes=single,
         largest_over_even_share=max(total) / (single / k), fsdp=fsdp, fsdp_unavailable=fsdp_unavailable,
+        fsdp_imbalance=imbalance,
     )
 
 

@@ -1,23 +1,24 @@
 """The FSDP2 mode (``twa.sharding: fsdp``) in the capacity planner: memory per worker.
 
-Every rank's TWA shard is its FSDP2 shard of every parameter: its dim-0 rows
-(:func:`twa_ray.store.rows.fsdp_row_range`). With k ranks, per worker r (bytes, float32):
+Every rank's TWA shard is its FSDP2 shard of every parameter (:func:`twa_ray.store.rows.fsdp_shard`,
+as ``distributed.fsdp.fsdp_wrap`` places it): indices of dim 0, or of the first dim k divides
+when k does not divide dim 0 (no padding), else dim 0. With k ranks, per worker r (bytes, float32):
 
-- parameters and gradients: FSDP2 allocates the *padded* shard ``ceil(R_t/k) x C_t`` of
-  every tensor t on every rank (its sharded storage; the gradient is a view of the padded
-  reduce-scatter output), 4 x sum_t ceil(R_t/k) C_t each;
+- parameters and gradients: FSDP2 allocates the *padded* shard ``ceil(S_t/k) x numel_t / S_t``
+  of every tensor t on every rank (S_t = the size of its shard dim; its sharded storage; the
+  gradient is a view of the padded reduce-scatter output), 4 x sum_t of it each;
 - TWA's flat gradient and weights of the shard: 2 x 4 x |S_r|, |S_r| = the rank's own
-  elements (rows) of all tensors, unpadded;
+  elements of all tensors, unpadded;
 - center: 4 x |S_r|;
 - projection: n x sum over blocks l of ceil(m_lr * b / 8), m_lr = the rank's elements of
   block l (every block is cut by rows, so every rank holds a part of most blocks);
 - scale/offset of the codes: 2 x 4 x n x L, b < 32 (a rank's projection covers all L blocks,
   ``core.row_shards``);
 - coefficients X and their optimizer state: 4 x n x L x (1 + states), replicated;
-- transient: FSDP's all-gather of the largest unit, 4 x k x sum_{t in unit} ceil(R_t/k) C_t
-  (padded). A unit's backward holds its all-gathered weights, its unsharded gradients and
-  FSDP's reduce-scatter input while it prefetches the next unit's weights: the peak is
-  bounded by 4 x that all-gather on top of the persistent bytes (activations not counted).
+- transient: FSDP's all-gather of the largest unit, 4 x k x its padded shards. A unit's
+  backward holds its all-gathered weights, its unsharded gradients and FSDP's reduce-scatter
+  input while it prefetches the next unit's weights: the peak is bounded by 4 x that
+  all-gather on top of the persistent bytes (activations not counted).
 
 Units (:func:`fsdp_units`), as ``distributed.fsdp.fsdp_wrap`` wraps them: one
 ``fully_shard`` per module that holds parameters of its own, then the root. The even share
@@ -31,7 +32,7 @@ from typing import Sequence
 
 from ..core.blocks import make_blocks
 from ..core.quant import packed_bytes
-from ..store.rows import fsdp_element_ranges, fsdp_padded_numel
+from ..store.rows import fsdp_padded_numel, fsdp_shard
 
 FLOAT = 4  # bytes of a float32
 TRANSIENT_UNITS = 4  # all-gathered weights + unsharded gradients + reduce-scatter input + the prefetched next unit
@@ -39,16 +40,26 @@ ROOT_UNIT = ""
 
 
 def fsdp_units(names: Sequence[str]) -> dict[str, list[int]]:
-    """Group parameters into FSDP units: the module that holds each -> tensor indices (layout order).
+    """Group parameters into FSDP units: the unit of each -> tensor indices (layout order).
 
-    ``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3.mlp.up_proj``; a parameter of
-    the root module itself -> ``""``. ``fully_shard(model.get_submodule(key))`` for every
-    other key, then ``fully_shard(model)``, builds these units.
+    A parameter's unit is the outermost module on its path that holds parameters of its own:
+    ``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3.mlp.up_proj``, but
+    ``attn.out_proj.weight`` -> ``attn`` when ``attn`` holds ``attn.in_proj_weight`` (as
+    nn.MultiheadAttention does); a parameter of the root module itself -> ``""``.
+    ``fully_shard(model.get_submodule(key))`` for every other key, then ``fully_shard(model)``,
+    builds these units (``distributed.fsdp.fsdp_wrap``).
     """
+    holders = {name.rsplit(".", 1)[0] for name in names if "." in name}
+
+    def unit_of(name: str) -> str:
+        if "." not in name:
+            return ROOT_UNIT
+        parts = name.split(".")[:-1]
+        return next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in holders)
+
     units: dict[str, list[int]] = {}
     for t, name in enumerate(names):
-        key = name.rsplit(".", 1)[0] if "." in name else ROOT_UNIT
-        units.setdefault(key, []).append(t)
+        units.setdefault(unit_of(name), []).append(t)
     return units
 
 
@@ -57,8 +68,8 @@ class FsdpPlan:
     """Memory per worker of the FSDP2 mode (bytes; lists are per rank)."""
 
     workers: int  # k
-    coords_per_worker: list[int]  # |S_r|: the rank's rows of every tensor, in elements
-    padded_coords: int  # what FSDP2 allocates on every rank: sum_t ceil(R_t/k) C_t
+    coords_per_worker: list[int]  # |S_r|: the rank's part of every tensor, in elements
+    padded_coords: int  # what FSDP2 allocates on every rank: sum_t fsdp_padded_numel(shape_t, k)
     parameter_bytes: int  # 4 x padded_coords
     gradient_bytes: int  # 4 x padded_coords
     twa_buffer_bytes: list[int]  # TWA's flat gradient and weights of the shard
@@ -95,7 +106,7 @@ def _memory(shapes: Sequence[Sequence[int]], candidates: int, bits: int, workers
     padded = sum(fsdp_padded_numel(s, k) for s in shapes)
     coords, proj, quant = [], [], []
     for r in range(k):
-        local = [e - s for s, e in fsdp_element_ranges(shapes, r, k)]
+        local = [fsdp_shard(s, r, k).numel for s in shapes]
         parts = [sum(local[t0:t1]) for t0, t1 in blocks.tensor_ranges]
         coords.append(sum(local))
         proj.append(n * sum(packed_bytes(m, bits) for m in parts))
@@ -128,7 +139,7 @@ def plan_fsdp(
         raise ValueError(f"workers must be >= 1, got {workers}")
     for name, shape in zip(names, shapes):
         if len(shape) == 0:
-            raise ValueError(f"parameter {name!r} is 0-d: FSDP2 shards dim 0 and rejects it")
+            raise ValueError(f"parameter {name!r} is 0-d: FSDP2 shards along a dim and rejects it")
     states = 2 if optimizer == "adamw" else 1
     mem = _memory(shapes, candidates, bits, workers, granularity, states)
     single = _memory(shapes, candidates, bits, 1, granularity, states)
@@ -150,3 +161,22 @@ def plan_fsdp(
         largest_over_even_share=max(mem["total"]) / even,
         sharded_imbalance=max(_sharded(mem, r) for r in range(k)) / even_sharded,
     )
+
+
+IMBALANCE_WORKERS = (2, 4, 8)
+
+
+def fsdp_imbalance(
+    names: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    candidates: int,
+    bits: int,
+    granularity: str = "tensor",
+    *,
+    optimizer: str = "sgd",
+    workers: Sequence[int] = IMBALANCE_WORKERS,
+) -> dict[int, float]:
+    """k -> the largest worker's sharded state (model + gradients + TWA buffers + center +
+    projection) over its even share, ``plan_fsdp(...).sharded_imbalance``, for each k of ``workers``."""
+    return {k: plan_fsdp(names, shapes, candidates, bits, k, granularity, optimizer=optimizer).sharded_imbalance
+            for k in workers}

@@ -130,15 +130,16 @@ def write_zero_candidate_file(path: str, names: Sequence[str], numels: Sequence[
 
 
 def write_value_ranges(
-    path: str, numels: Sequence[int], ranges: Sequence[tuple[int, int]], values: np.ndarray
+    path: str, numels: Sequence[int], ranges: Sequence[Sequence[tuple[int, int]]], values: np.ndarray
 ) -> int:
     """Overwrite elements ``[start, end)`` of every column's values of the local candidate
     file ``path`` with consecutive slices of ``values`` (the inverse of :func:`read_value_ranges`).
 
     Args:
         numels: per column (file order) its number of values.
-        ranges: per column (file order) an element range ``[start, end)``, possibly empty.
-        values: float32, shape (sum of the ranges' lengths,); taken in column order.
+        ranges: per column (file order) its element ranges ``[start, end)`` (a list, possibly
+            empty), increasing and disjoint.
+        values: float32, shape (sum of the ranges' lengths,); taken in column and range order.
     Returns:
         Bytes written: 4 per element.
     """
@@ -147,12 +148,13 @@ def write_value_ranges(
     data = np.ascontiguousarray(values, dtype="<f4")
     at, nbytes = 0, 0
     with open(path, "r+b") as file:
-        for offset, (start, end) in zip(offsets, ranges):
-            if end > start:
-                file.seek(offset + 4 * start)
-                file.write(memoryview(data[at:at + end - start]).cast("B"))
-                nbytes += 4 * (end - start)
-                at += end - start
+        for offset, runs in zip(offsets, ranges):
+            for start, end in runs:
+                if end > start:
+                    file.seek(offset + 4 * start)
+                    file.write(memoryview(data[at:at + end - start]).cast("B"))
+                    nbytes += 4 * (end - start)
+                    at += end - start
     return nbytes
 
 
@@ -388,26 +390,28 @@ def read_value_ranges(
     source: pa.NativeFile,
     path: str,
     numels: Sequence[int],
-    ranges: Sequence[tuple[int, int]],
+    ranges: Sequence[Sequence[tuple[int, int]]],
     dest: np.ndarray,
 ) -> int:
     """Copy elements ``[start, end)`` of every column's values into consecutive slices of ``dest``.
 
     Args:
         numels: per column (file order) its number of values.
-        ranges: per column (file order) an element range ``[start, end)``, possibly empty.
-        dest: float32, shape (sum of the ranges' lengths,); filled in column order.
+        ranges: per column (file order) its element ranges ``[start, end)`` (a list, possibly
+            empty); each is one slice of the memory map, or one ranged read.
+        dest: float32, shape (sum of the ranges' lengths,); filled in column and range order.
     Returns:
         Bytes read from ``source``: the headers (:func:`locate_values`) plus 4 per element.
     """
     offsets, nbytes = locate_values(source, path, numels)
     at = 0
-    for offset, (start, end) in zip(offsets, ranges):
-        if end > start:
-            chunk = _read_at(source, 4 * (end - start), offset + 4 * start)
-            if chunk.size != 4 * (end - start):
-                raise ValueError(f"candidate file {path}: short read ({chunk.size} of {4 * (end - start)} bytes)")
-            dest[at:at + end - start] = np.frombuffer(chunk, dtype="<f4")
-            nbytes += 4 * (end - start)
-            at += end - start
+    for offset, runs in zip(offsets, ranges):
+        for start, end in runs:
+            if end > start:
+                chunk = _read_at(source, 4 * (end - start), offset + 4 * start)
+                if chunk.size != 4 * (end - start):
+                    raise ValueError(f"candidate file {path}: short read ({chunk.size} of {4 * (end - start)} bytes)")
+                dest[at:at + end - start] = np.frombuffer(chunk, dtype="<f4")
+                nbytes += 4 * (end - start)
+                at += end - start
     return nbytes

@@ -14,15 +14,16 @@ step, metrics, source, ...) is JSON in the schema metadata (key ``twa_ray.info``
 Throughout, D = sum of numels of all parameters ("flat vector" = the parameters
 flattened and concatenated in ``names`` order, shape (D,)); n = number of candidates.
 Columns are the shard unit: :meth:`CandidateStore.read` with a subset of columns reads
-only those columns' bytes (Arrow column projection, memory-mapped when local). Row ranges
-are the FSDP2 shard unit: :meth:`CandidateStore.read_fsdp_shard` reads only a rank's dim-0
-rows of every tensor (:meth:`CandidateStore.read_ranges`: slices of the memory map locally,
-ranged reads on S3 and other filesystems).
+only those columns' bytes (Arrow column projection, memory-mapped when local). Element
+ranges are the FSDP2 shard unit: :meth:`CandidateStore.read_fsdp_shard` reads only a rank's
+part of every tensor (:meth:`CandidateStore.read_ranges`: one run of elements per tensor cut
+on dim 0, one per outer index of a tensor cut on a dim d > 0; slices of the memory map
+locally, ranged reads on S3 and other filesystems).
 
 Writes are atomic: a candidate is written under a temporary name and moved to its final
 name when complete, so a reader lists and reads whole candidates only. On a local (or
-network) filesystem several writers can also fill one candidate in row pieces, each its
-FSDP2 rows: one :meth:`CandidateStore.begin_candidate`, a
+network) filesystem several writers can also fill one candidate in pieces, each its
+FSDP2 part: one :meth:`CandidateStore.begin_candidate`, a
 :meth:`CandidateStore.write_rows` per writer, then one :meth:`CandidateStore.commit_candidate`
 once every writer is done.
 """
@@ -59,6 +60,8 @@ from .candidate_file import (
     write_zero_candidate_file,
 )
 from .rows import fsdp_element_ranges
+
+Ranges = Sequence["tuple[int, int] | Sequence[tuple[int, int]]"]  # per tensor: one range, or several
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,16 @@ def _json_dumps(obj: Any, what: str) -> str:
         return json.dumps(obj, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _as_runs(runs) -> list[tuple[int, int]]:
+    """One tensor's ranges as a list of int pairs: ``(start, end)`` is one range, else a sequence of them."""
+    if len(runs) == 2:
+        try:
+            return [(operator.index(runs[0]), operator.index(runs[1]))]
+        except TypeError:  # two ranges
+            pass
+    return [(operator.index(a), operator.index(b)) for a, b in runs]
 
 
 class CandidateStore:
@@ -430,12 +443,13 @@ class CandidateStore:
             raise
         return pending
 
-    def write_rows(self, pending: str, ranges: Sequence[tuple[int, int]], values: torch.Tensor) -> int:
+    def write_rows(self, pending: str, ranges: Ranges, values: torch.Tensor) -> int:
         """Write one piece of the candidate :meth:`begin_candidate` started at ``pending``.
 
         Args:
-            ranges: per tensor (store order, length P) a flat element range ``[start, end)``
-                (e.g. :meth:`fsdp_ranges`); pieces of different writers must not overlap.
+            ranges: per tensor (store order, length P) a flat element range ``[start, end)``,
+                or a list of increasing, non-overlapping ones (e.g. :meth:`fsdp_ranges`); pieces
+                of different writers must not overlap.
             values: shape (sum of (end - start),), any floating dtype and device: the ranges'
                 values concatenated in store order (e.g. the local FSDP2 shards, flattened).
         Returns:
@@ -450,11 +464,12 @@ class CandidateStore:
         if values.numel() != width:
             raise ValueError(f"{values.numel()} values for ranges of {width} elements")
         at = 0
-        for name, (a, b) in zip(self._names, ranges):
-            part = values[at:at + b - a]
-            if not bool(torch.isfinite(part).all()):
-                raise ValueError(f"parameter {name!r}: rows [{a}, {b}) hold NaN or Inf values")
-            at += b - a
+        for name, runs in zip(self._names, ranges):
+            count = sum(b - a for a, b in runs)
+            if not bool(torch.isfinite(values[at:at + count]).all()):
+                where = ", ".join(f"[{a}, {b})" for a, b in runs[:3]) + (", ..." if len(runs) > 3 else "")
+                raise ValueError(f"parameter {name!r}: elements {where} hold NaN or Inf values")
+            at += count
         nbytes = write_value_ranges(pending, self._numels, ranges, values.numpy())
         self.bytes_written += nbytes
         return nbytes
@@ -694,22 +709,24 @@ class CandidateStore:
                 for k, j in enumerate(col_idx):
                     dest[starts[k]:starts[k + 1]] = column_values(batch, self._names[j], self._numels[j], path)
 
-    def fsdp_ranges(self, rank: int, world: int) -> list[tuple[int, int]]:
-        """Per tensor (store order), the flat element range ``[start, end)`` of the dim-0 rows
-        FSDP2 gives ``rank`` of ``world`` ranks (:func:`twa_ray.store.rows.fsdp_row_range`);
-        ``start == end`` where the rank holds no rows of that tensor."""
+    def fsdp_ranges(self, rank: int, world: int) -> list[list[tuple[int, int]]]:
+        """Per tensor (store order), the flat element ranges ``[start, end)`` of the part
+        ``distributed.fsdp.fsdp_wrap`` gives ``rank`` of ``world`` ranks
+        (:func:`twa_ray.store.rows.fsdp_element_ranges`): one range for a tensor cut on dim 0,
+        one per outer index for one cut on a dim d > 0, none where the rank holds nothing."""
         return fsdp_element_ranges(self._shapes, rank, world)
 
     def read_ranges(
         self,
-        ranges: Sequence[tuple[int, int]],
+        ranges: Ranges,
         candidates: Iterable[int] | None = None,
     ) -> torch.Tensor:
-        """Read an element range of every tensor of selected candidates, and nothing else.
+        """Read element ranges of every tensor of selected candidates, and nothing else.
 
         Args:
             ranges: per tensor (store order, length P) a flat element range ``[start, end)``
-                within that tensor, ``0 <= start <= end <= numel``; empty ranges read nothing.
+                within that tensor, ``0 <= start <= end <= numel``, or a list of increasing,
+                non-overlapping ones; empty ranges read nothing, adjacent ones are merged.
             candidates: candidate indices; rows come in the order given. Default: all
                 complete candidates, sorted by index.
 
@@ -717,7 +734,7 @@ class CandidateStore:
             A writable float32 CPU tensor of shape (n_selected, sum of (end - start)): per
             candidate the ranges' values concatenated in store order. From each file only
             its message headers (about 80 bytes per tensor) and these ranges are read:
-            slices of the memory map when local, ranged reads otherwise.
+            slices of the memory map when local, one ranged read per (merged) range otherwise.
 
         Raises:
             IndexError: a requested candidate does not exist.
@@ -735,15 +752,28 @@ class CandidateStore:
             self.bytes_read += 4 * width
         return out
 
-    def _checked_ranges(self, ranges: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
-        """(ranges as ints, their total length); ValueError when they do not fit the tensors."""
-        ranges = [(operator.index(a), operator.index(b)) for a, b in ranges]
+    def _checked_ranges(self, ranges: Ranges) -> tuple[list[list[tuple[int, int]]], int]:
+        """(per tensor its non-empty ranges as ints, adjacent ones merged; their total length).
+        ValueError when they do not fit the tensors or overlap."""
         if len(ranges) != len(self._names):
             raise ValueError(f"got {len(ranges)} ranges for the {len(self._names)} tensors of store {self.uri}")
-        for name, (a, b), numel in zip(self._names, ranges, self._numels):
-            if not 0 <= a <= b <= numel:
-                raise ValueError(f"range [{a}, {b}) does not fit parameter {name!r} of {numel} elements")
-        return ranges, sum(b - a for a, b in ranges)
+        out = []
+        for name, runs, numel in zip(self._names, ranges, self._numels):
+            merged: list[tuple[int, int]] = []
+            for a, b in _as_runs(runs):
+                if not 0 <= a <= b <= numel:
+                    raise ValueError(f"range [{a}, {b}) does not fit parameter {name!r} of {numel} elements")
+                if a == b:
+                    continue
+                if merged and a < merged[-1][1]:
+                    raise ValueError(f"parameter {name!r}: range [{a}, {b}) overlaps or precedes "
+                                     f"[{merged[-1][0]}, {merged[-1][1]}); give increasing, disjoint ranges")
+                if merged and a == merged[-1][1]:
+                    merged[-1] = (merged[-1][0], b)
+                else:
+                    merged.append((a, b))
+            out.append(merged)
+        return out, sum(b - a for runs in out for a, b in runs)
 
     def read_fsdp_shard(self, rank: int, world: int, candidates: Iterable[int] | None = None) -> torch.Tensor:
         """``rank``'s FSDP2 shard of selected candidates: ``read_ranges(fsdp_ranges(rank, world), candidates)``.
