@@ -109,6 +109,40 @@ def test_native_matches_eager(native_module, force_isa, bits, case):
         assert ((w - ref_w).abs() <= 1e-6 * w_scale).all(), (isa, (w - ref_w).abs().max())
 
 
+@pytest.mark.parametrize("bits", PACKED_BITS)
+@pytest.mark.parametrize("n", [1, 9, 17])
+def test_native_row_groups_match_eager(native_module, force_isa, bits, n):
+    """Candidate counts that the native code splits into row groups of unequal sizes
+    (n = 9, 17: groups of 3-6 rows; one row), every code path, against eager."""
+    sizes = [TILE + 5, 300, 1]
+    proj, g, x = _projection(sizes, bits, 8 << 20, seed=n + bits, n=n)
+    ref_grad, ref_w = proj.coef_grad(g).double(), proj.reconstruct(x).double()
+    proj.kernel = "native"
+    for isa in _isas():
+        force_isa(isa)
+        grad = proj.coef_grad(g).double()
+        assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item()), isa
+        assert torch.allclose(proj.reconstruct(x).double(), ref_w, rtol=1e-5, atol=1e-5), isa
+
+
+def test_native_streamed_weights_match_stored(native_module):
+    """A run of weights of at least STREAM_BYTES is written with non-temporal stores where
+    the output is 64-byte aligned: same values as the plain stores of a misaligned output."""
+    m = native_module.STREAM_BYTES // 4 + 37
+    proj, _, x = _projection([m - 4100, 4100], 4, 8 << 20, seed=6, n=2)
+    weights, base = (x * proj.scale).t().contiguous(), torch.randn(2)
+    aligned = torch.empty(m + 16)[:m]
+    shifted = torch.empty(m + 16)[1 : m + 1]
+    assert aligned.data_ptr() % 64 == 0 and shifted.data_ptr() % 64 != 0
+    for out in (aligned, shifted):
+        native.reconstruct(proj.data, weights, base, proj.center, proj._sizes_cpu, 4, out)
+    assert torch.equal(aligned, shifted)
+    proj.kernel = "eager"
+    ref = proj.reconstruct(x)
+    proj.kernel = "native"
+    assert torch.allclose(proj.reconstruct(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_native_code_sums_are_exact(native_module):
     """The per-tile sums of the centred codes the native coef_grad adds mean_t times."""
     assert native_module.TILE == TILE <= SUM_PIECE  # a tile's float32 sum is one piece

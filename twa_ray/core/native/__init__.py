@@ -163,7 +163,9 @@ def reconstruct(data: torch.Tensor, weights: torch.Tensor, base: torch.Tensor, c
                 sizes: torch.Tensor, bits: int, out: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """out (m,) float32 = center + base[l] + sum_i weights[l, i] * (code_ie - 2^(b-1)) on
     block l; data (n, C) uint8, weights (L, n), base (L,), center (m,) float32, sizes (L,)
-    int64. The sum over candidates is in float32."""
+    int64. The sum over candidates is in float32. Where out is at least the module's
+    ``STREAM_BYTES`` and 64-byte aligned, the AVX-512 code writes it with non-temporal
+    stores (same values; such outputs do not stay in the caches anyway)."""
     module = _module()
     n, cols = data.shape
     num_blocks = sizes.shape[0]

@@ -15,7 +15,7 @@
 // means need no pass over the whole block first, so g is read once; the centring keeps
 // the float32 pieces small when g has a mean (projection.py's module docstring). Pieces
 // are added in tile order: the result does not depend on the thread count. A tile's
-// centred gradient is made once and reused by every candidate row, ROWS rows at a time.
+// centred gradient is made once and reused by every candidate row, a group of rows at a time.
 //
 // Code paths: AVX-512, AVX2 + FMA (chosen at run time where the CPU has them; the binary
 // is built without -march flags, so a cached build runs on any x86-64) and portable C++.
@@ -43,10 +43,35 @@ namespace {
 
 constexpr int64_t TILE = 4096;  // elements per tile (a multiple of STEP; <= SUM_PIECE)
 constexpr int64_t STEP = 32;    // elements per step: 4 vectors of 8 lanes, 4*b bytes
-constexpr int ROWS = 4;         // candidate rows sharing one pass over a tile
+// candidate rows sharing one pass over a tile, at most (AVX2: 16 vector registers; AVX-512:
+// 32, but b = 1 keeps a mask register per row and there are 8)
+constexpr int ROWS_AVX2 = 4;
+constexpr int rows_avx512(int bits) { return bits == 1 ? 4 : 8; }
 // bytes ahead in a row that are prefetched: a tile reads short segments of rows far apart,
 // which the hardware prefetchers pick up late (benchmarks/RESULTS.md)
 constexpr int64_t PREFETCH = 4096;
+// The next tile's gradient, prefetched into L2 a few lines per step of the current tile's
+// rows: read when its tile starts, it came in one burst of misses that the rows then waited
+// for (at n = 10 the gradient is 4 of every 9 bytes read; benchmarks/RESULTS.md).
+struct Ahead {
+    const char* p;
+    int64_t lines, per_step, next = 0;
+
+    // floats [0, len) at p, spread over `steps` calls of step() (a prefetch past the end of
+    // the gradient is harmless: prefetches do not fault)
+    Ahead(const float* p_, int64_t len, int64_t steps)
+        : p(reinterpret_cast<const char*>(p_)), lines((len * 4 + 63) / 64),
+          per_step(steps > 0 ? (lines + steps - 1) / steps : lines) {}
+
+    inline void step() {
+        for (int64_t k = 0; k < per_step && next < lines; ++k, ++next) __builtin_prefetch(p + 64 * next, 0, 2);
+    }
+};
+
+// reconstructed weights of at least this many bytes are written with non-temporal stores
+// (AVX-512 code): no read of their lines before the write, and weights this large do not
+// stay in the caches for their reader anyway (benchmarks/RESULTS.md)
+constexpr int64_t STREAM_BYTES = int64_t{16} << 20;
 // tiles per thread below which more threads cost more than they save
 constexpr int64_t MIN_TILES_PER_THREAD = 8;
 
@@ -85,13 +110,21 @@ inline void row_rest(int64_t rest, int64_t i, const Fn& fn) {
     }
 }
 
-// fn(std::integral_constant<int, R>{}, i) for row groups [i, i + R) that cover [0, n):
-// ROWS rows at a time, then the rest in one group
-template <class Fn>
+// fn(std::integral_constant<int, R>{}, i) for row groups [i, i + R) that cover [0, n): the
+// fewest groups of at most ROWS rows, their sizes differing by at most one (a small last
+// group, 10 = 4 + 4 + 2, would give the gradient's sums too few independent chains)
+template <int ROWS>
+inline int64_t row_groups(int64_t n) { return (n + ROWS - 1) / ROWS; }
+
+template <int ROWS, class Fn>
 inline void for_row_groups(int64_t n, const Fn& fn) {
+    const int64_t groups = row_groups<ROWS>(n);
     int64_t i = 0;
-    for (; i + ROWS <= n; i += ROWS) fn(std::integral_constant<int, ROWS>{}, i);
-    row_rest<ROWS - 1>(n - i, i, fn);
+    for (int64_t k = 0; k < groups; ++k) {
+        const int64_t size = (n - i) / (groups - k);
+        row_rest<ROWS>(size, i, fn);
+        i += size;
+    }
 }
 
 // Runs fn(first, last) over [0, count) tiles on up to `threads` threads, contiguous ranges.
@@ -128,10 +161,10 @@ inline int centred_code(const uint8_t* p, int64_t e) {
 
 // The tile's mean of g (any value near it keeps the pieces small).
 inline float tile_mean(const float* g, int64_t len) {
-    float part[8] = {0};  // independent sums: no chain of dependent additions
+    float part[32] = {0};  // independent sums: no chain of dependent additions
     int64_t e = 0;
-    for (; e + 8 <= len; e += 8)
-        for (int j = 0; j < 8; ++j) part[j] += g[e + j];
+    for (; e + 32 <= len; e += 32)
+        for (int j = 0; j < 32; ++j) part[j] += g[e + j];
     for (; e < len; ++e) part[0] += g[e];
     float s = 0.0f;
     for (float p : part) s += p;
@@ -161,7 +194,8 @@ void grad_tile_portable(const uint8_t* data, int64_t stride, int64_t n, const fl
 
 template <int BITS>
 void reconstruct_tile_portable(const uint8_t* data, int64_t stride, int64_t n, const float* w, float base,
-                               const float* center, float* out, int64_t len) {
+                               const float* center, float* out, int64_t len, bool stream) {
+    (void)stream;  // plain stores (STREAM_BYTES)
     float acc[TILE];
     std::fill(acc, acc + len, 0.0f);
     for (int64_t i = 0; i < n; ++i) {
@@ -264,22 +298,25 @@ void grad_tile_avx2(const uint8_t* data, int64_t stride, int64_t n, const float*
     const int64_t nbytes = tile_bytes(len, BITS);
     const int64_t full = nbytes / (4 * BITS);
     const __m256 mv = _mm256_set1_ps(mean);
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t e = 0; e < steps * STEP; e += 8) {
-        __m256 gc;
-        if (e + 8 <= len) {
-            gc = _mm256_sub_ps(_mm256_loadu_ps(g + e), mv);
-        } else {  // zero past the end: padding codes then add nothing
-            alignas(32) float t[8] = {0};
-            for (int64_t j = e; j < len; ++j) t[j - e] = g[j] - mean;
-            gc = _mm256_load_ps(t);
+    __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t s = 0; s < steps; ++s) {
+        for (int u = 0; u < 4; ++u) {  // one sum per vector of the step: independent chains
+            const int64_t e = s * STEP + 8 * u;
+            __m256 gc;
+            if (e + 8 <= len) {
+                gc = _mm256_sub_ps(_mm256_loadu_ps(g + e), mv);
+            } else {  // zero past the end: padding codes then add nothing
+                alignas(32) float t[8] = {0};
+                for (int64_t j = e; j < len; ++j) t[j - e] = g[j] - mean;
+                gc = _mm256_load_ps(t);
+            }
+            sum[u] = _mm256_add_ps(sum[u], gc);
+            if constexpr (BITS == 4) gc = _mm256_mul_ps(gc, lane_scale4());
+            _mm256_store_ps(gs + e, gc);
         }
-        sum = _mm256_add_ps(sum, gc);
-        if constexpr (BITS == 4) gc = _mm256_mul_ps(gc, lane_scale4());
-        _mm256_store_ps(gs + e, gc);
     }
-    *gc_piece = hsum(sum);
-    for_row_groups(n, [&](auto group, int64_t i) {
+    *gc_piece = hsum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
+    for_row_groups<ROWS_AVX2>(n, [&](auto group, int64_t i) {
         constexpr int R = decltype(group)::value;
         const uint8_t* rows[R];
         for (int r = 0; r < R; ++r) rows[r] = data + (i + r) * stride;
@@ -320,12 +357,13 @@ inline void reconstruct_rows_avx2(const uint8_t* const* rows, const float* w, bo
 
 template <int BITS>
 void reconstruct_tile_avx2(const uint8_t* data, int64_t stride, int64_t n, const float* w, float base,
-                           const float* center, float* out, int64_t len) {
+                           const float* center, float* out, int64_t len, bool stream) {
+    (void)stream;  // plain stores (STREAM_BYTES)
     alignas(32) float acc[TILE];
     const int64_t steps = (len + STEP - 1) / STEP;
     const int64_t nbytes = tile_bytes(len, BITS);
     const int64_t full = nbytes / (4 * BITS);
-    for_row_groups(n, [&](auto group, int64_t i) {
+    for_row_groups<ROWS_AVX2>(n, [&](auto group, int64_t i) {
         constexpr int R = decltype(group)::value;
         const uint8_t* rows[R];
         for (int r = 0; r < R; ++r) rows[r] = data + (i + r) * stride;
@@ -404,6 +442,24 @@ inline __m512i load16(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The sum of x[0, len), in four independent chains (one chain of dependent additions
+// would bound the gradient tile's preparation, which n = 10 rows do not amortise).
+inline float sum_of(const float* x, int64_t len) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t e = 0;
+    for (; e + 64 <= len; e += 64) {
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + e));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + e + 16));
+        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(x + e + 32));
+        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(x + e + 48));
+    }
+    for (; e < len; e += 16) {
+        const __mmask16 keep = e + 16 <= len ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - e)) - 1);
+        s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(keep, x + e));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
 // the clear bits of the 16 codes at p (b = 1): where (code - 1) * v = -v
 inline __mmask16 zero_codes(const uint8_t* p) {
     uint16_t bits;
@@ -463,7 +519,7 @@ inline float* interleave(float* a, float* b, int64_t seg) {
 
 template <int BITS, int R>
 inline void grad_rows_avx512(const uint8_t* const* rows, const float* gs, int64_t seg, int64_t full,
-                             int64_t groups, int64_t nbytes, float* pieces) {
+                             int64_t groups, int64_t nbytes, float* pieces, Ahead& ahead) {
     constexpr int PER = 8 / BITS;
     const __m512 table = code_table<BITS>();
     __m512 acc[R][2];
@@ -487,6 +543,7 @@ inline void grad_rows_avx512(const uint8_t* const* rows, const float* gs, int64_
     for (int64_t q = 0; q < full; ++q) {
         if (q % 4 == 0)
             for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 16 * q + PREFETCH), _MM_HINT_T0);
+        ahead.step();
         group(rows, 16 * q, 16 * q);
     }
     if (full < groups) {  // the tile's last, partial group: its bytes copied, zero padded
@@ -511,24 +568,13 @@ void grad_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, const floa
     const int64_t nbytes = tile_bytes(len, BITS);
     const int64_t groups = (nbytes + 15) / 16, full = nbytes / 16;
     const int64_t seg = groups * 16;  // floats per segment
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t e = 0; e < len; e += 16) {  // the tile's mean (the tile stays in cache for the next pass)
-        const __mmask16 keep = e + 16 <= len ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - e)) - 1);
-        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(keep, g + e));
-    }
-    const float mean = *mean_out = _mm512_reduce_add_ps(sum) / static_cast<float>(len);
+    // the tile's mean (the tile stays in cache for the next pass)
+    const float mean = *mean_out = sum_of(g, len) / static_cast<float>(len);
     const __m512 mv = _mm512_set1_ps(mean);
-    sum = _mm512_setzero_ps();
     auto centred = [&](int64_t e) {  // g - mean, zero past the end (padding codes then add nothing)
-        __m512 gc;
-        if (e + 16 <= len) {
-            gc = _mm512_sub_ps(_mm512_loadu_ps(g + e), mv);
-        } else {
-            const __mmask16 keep = e < len ? static_cast<__mmask16>((1u << (len - e)) - 1) : 0;
-            gc = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, g + e), mv);
-        }
-        sum = _mm512_add_ps(sum, gc);
-        return gc;
+        if (e + 16 <= len) return _mm512_sub_ps(_mm512_loadu_ps(g + e), mv);
+        const __mmask16 keep = e < len ? static_cast<__mmask16>((1u << (len - e)) - 1) : 0;
+        return _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, g + e), mv);
     };
     const float* gd = gs;
     if constexpr (BITS == 1 || BITS == 8) {  // elements in order
@@ -537,12 +583,13 @@ void grad_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, const floa
         halve_from(centred, gs, PER * seg);
         gd = deinterleave<PER>(gs, tmp, seg, 2);
     }
-    *gc_piece = _mm512_reduce_add_ps(sum);
-    for_row_groups(n, [&](auto group, int64_t i) {
+    *gc_piece = sum_of(gd, PER * seg);  // the centred tile, zero padded
+    Ahead ahead(g + len, len, row_groups<rows_avx512(BITS)>(n) * full);
+    for_row_groups<rows_avx512(BITS)>(n, [&](auto group, int64_t i) {
         constexpr int R = decltype(group)::value;
         const uint8_t* rows[R];
         for (int r = 0; r < R; ++r) rows[r] = data + (i + r) * stride;
-        grad_rows_avx512<BITS, R>(rows, gd, seg, full, groups, nbytes, pieces + i);
+        grad_rows_avx512<BITS, R>(rows, gd, seg, full, groups, nbytes, pieces + i, ahead);
     });
 }
 
@@ -591,14 +638,14 @@ inline void reconstruct_rows_avx512(const uint8_t* const* rows, const float* w, 
 
 template <int BITS>
 void reconstruct_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, const float* w, float base,
-                             const float* center, float* out, int64_t len) {
+                             const float* center, float* out, int64_t len, bool stream) {
     constexpr int PER = 8 / BITS;
     alignas(64) float acc[TILE + PER * SEG_PAD];
     alignas(64) float tmp[TILE + PER * SEG_PAD];
     const int64_t nbytes = tile_bytes(len, BITS);
     const int64_t groups = (nbytes + 15) / 16, full = nbytes / 16;
     const int64_t seg = groups * 16;
-    for_row_groups(n, [&](auto group, int64_t i) {
+    for_row_groups<rows_avx512(BITS)>(n, [&](auto group, int64_t i) {
         constexpr int R = decltype(group)::value;
         const uint8_t* rows[R];
         for (int r = 0; r < R; ++r) rows[r] = data + (i + r) * stride;
@@ -607,11 +654,21 @@ void reconstruct_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, con
     if (n == 0) std::fill(acc, acc + PER * seg, 0.0f);
     const float* sums = BITS == 1 ? acc : interleave<PER>(acc, tmp, seg);
     const __m512 bv = _mm512_set1_ps(base);
-    for (int64_t e = 0; e < len; e += 16) {
-        const __mmask16 keep = e + 16 <= len ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - e)) - 1);
+    const bool nt = stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;  // streamed stores need aligned lines
+    int64_t e = 0;
+    for (; e + 16 <= len; e += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(center + e), bv), _mm512_load_ps(sums + e));
+        if (nt)
+            _mm512_stream_ps(out + e, v);
+        else
+            _mm512_storeu_ps(out + e, v);
+    }
+    if (e < len) {
+        const __mmask16 keep = static_cast<__mmask16>((1u << (len - e)) - 1);
         const __m512 c = _mm512_maskz_loadu_ps(keep, center + e);
         _mm512_mask_storeu_ps(out + e, keep, _mm512_add_ps(_mm512_add_ps(c, bv), _mm512_load_ps(sums + e)));
     }
+    if (nt) _mm_sfence();  // the streamed stores are ordered before the caller's (other threads') reads
 }
 
 #if defined(__clang__)
@@ -642,7 +699,7 @@ int resolve_isa(int isa) {
 // ------------------------------------------------------------------ dispatch
 
 using GradTile = void (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, float*, float*, float*);
-using ReconTile = void (*)(const uint8_t*, int64_t, int64_t, const float*, float, const float*, float*, int64_t);
+using ReconTile = void (*)(const uint8_t*, int64_t, int64_t, const float*, float, const float*, float*, int64_t, bool);
 
 template <int BITS>
 GradTile grad_tile_for(int isa) {
@@ -824,10 +881,14 @@ PyObject* py_reconstruct(PyObject*, PyObject* args) {
         const float* bp = ptr<const float>(base);
         const float* cp = ptr<const float>(center);
         float* op = ptr<float>(out);
+        int64_t m = 0;
+        for (int64_t l = 0; l < num_blocks; ++l) m += ptr<const int64_t>(sizes)[l];
+        const bool stream = m * 4 >= STREAM_BYTES;
         parallel_tiles(static_cast<int64_t>(tiles.size()), threads, [&](int64_t a, int64_t b) {
             for (int64_t t = a; t < b; ++t) {
                 const Tile& tl = tiles[t];
-                tile_fn(d + tl.col, stride, n, wp + tl.block * n, bp[tl.block], cp + tl.elem, op + tl.elem, tl.len);
+                tile_fn(d + tl.col, stride, n, wp + tl.block * n, bp[tl.block], cp + tl.elem, op + tl.elem, tl.len,
+                        stream);
             }
         });
     });
@@ -856,7 +917,8 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, TWA_STR(TORCH_EXTENSION_NAME), 
 #define TWA_CAT(a, b) TWA_CAT2(a, b)
 PyMODINIT_FUNC TWA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
     PyObject* module = PyModule_Create(&module_def);
-    if (module != nullptr && PyModule_AddIntConstant(module, "TILE", static_cast<long>(TILE)) < 0) {
+    if (module != nullptr && (PyModule_AddIntConstant(module, "TILE", static_cast<long>(TILE)) < 0 ||
+                              PyModule_AddIntConstant(module, "STREAM_BYTES", static_cast<long>(STREAM_BYTES)) < 0)) {
         Py_DECREF(module);
         return nullptr;
     }
