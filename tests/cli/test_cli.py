@@ -172,6 +172,7 @@ def test_tune_verbose_flag_reaches_ray_and_the_sweeps_run_config(verbose, tmp_pa
              + (["--verbose"] if verbose else []))
     (init,) = ray_calls
     assert ("env_vars" in init.get("runtime_env", {})) is not verbose  # quiet_ray's worker switches only when quiet
+    assert init["address"] == "local"  # a Ray of its own, not one a `ray start` here left running
     run_config = seen["run_config"]
     if verbose:  # Tune's default reporter and its trial tables
         assert get_air_verbosity(run_config.verbose) == AirVerbosity.DEFAULT

@@ -70,6 +70,7 @@ def _save_main(rank: int, port: int, out: str) -> None:
         save_sharded(f"{out}/rank{rank}", sharded)  # its own folder, as each Ray Train worker reports one
         if rank == 0:
             torch.save(groups, f"{out}/groups.pt")
+        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -89,6 +90,7 @@ def _resume_main(rank: int, port: int, out: str) -> None:
         torch.save({"ema": ema, "own": own, "center": full_center, "lr": optimizer.param_groups[0]["lr"],
                     "weights": [p.full_tensor().detach() for p in model.parameters()],
                     "local": [local_shard(p).numel() for p in model.parameters()]}, f"{out}/resumed{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -150,6 +150,9 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
+        # "local": a new Ray even when another runs here; without it ray.init() joins the
+        # cluster a `ray start` on this machine last recorded (/tmp/ray/ray_current_cluster)
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         object_store_memory=object_store_mb << 20,
