@@ -29,8 +29,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -237,7 +235,7 @@ def _timed_step(model: nn.Module, twa, x: torch.Tensor, y: torch.Tensor, share: 
     return end - t, end - u
 
 
-def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> None:
+def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
     from twa_ray.core import TWA, flatten_params
     from twa_ray.core.blocks import make_blocks, plan_shards
     from twa_ray.core.params import ParamLayout, assign_flat, flatten_grads
@@ -245,109 +243,105 @@ def _worker(rank: int, k: int, port: int, setting: Setting, out_dir: str) -> Non
     from twa_ray.distributed.collectives import TorchCollectives
 
     torch.set_num_threads(setting.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
-    try:
-        torch.manual_seed(0)
-        model = setting.build().train()
-        layout = ParamLayout.from_model(model)
-        base = flatten_params(model)
-        n, numels = setting.candidates, layout.numels
-        blocks = make_blocks(numels, setting.granularity)
-        plan = plan_shards(blocks, setting.bits, k)
-        (t0, t1), (l0, l1) = plan.tensor_runs[rank], plan.block_runs[rank]
-        x, y, share = _batch(setting, rank, k)
+    torch.manual_seed(0)
+    model = setting.build().train()
+    layout = ParamLayout.from_model(model)
+    base = flatten_params(model)
+    n, numels = setting.candidates, layout.numels
+    blocks = make_blocks(numels, setting.granularity)
+    plan = plan_shards(blocks, setting.bits, k)
+    (t0, t1), (l0, l1) = plan.tensor_runs[rank], plan.block_runs[rank]
+    x, y, share = _batch(setting, rank, k)
 
-        # ---- our scheme: column shards
-        started = time.perf_counter()
-        cols = _candidate_columns(base, numels, t0, t1, list(range(n)), n)
-        own_center = torch.cat([cols[:, a:b].mean(dim=0) for a, b in _tensor_spans(numels, t0, t1)])
-        # the center, computed as the reference computes it, so both quantise the same directions
-        proj = build_projection(cols, blocks.sizes[l0:l1], "normalized", setting.bits, center=own_center)
-        del cols
-        comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
-        twa = TWA(model, proj, len(blocks), (l0, l1), collectives=comm, lr=setting.lr, grad_clip=setting.grad_clip)
-        build_s = time.perf_counter() - started
-        torch.manual_seed(100 + rank)  # dropout masks: the reference scheme replays the same ones
-        first_w = None
-        for _ in range(setting.warmup_steps):
-            _loss_backward(model, x, y, share)
-            twa.step()
-            if first_w is None:
-                first_w = flatten_params(model)
-        comm.calls.clear()
-        step_s, update_s = [], []
-        for _ in range(setting.steps):
+    # ---- our scheme: column shards
+    started = time.perf_counter()
+    cols = _candidate_columns(base, numels, t0, t1, list(range(n)), n)
+    own_center = torch.cat([cols[:, a:b].mean(dim=0) for a, b in _tensor_spans(numels, t0, t1)])
+    # the center, computed as the reference computes it, so both quantise the same directions
+    proj = build_projection(cols, blocks.sizes[l0:l1], "normalized", setting.bits, center=own_center)
+    del cols
+    comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
+    twa = TWA(model, proj, len(blocks), (l0, l1), collectives=comm, lr=setting.lr, grad_clip=setting.grad_clip)
+    build_s = time.perf_counter() - started
+    torch.manual_seed(100 + rank)  # dropout masks: the reference scheme replays the same ones
+    first_w = None
+    for _ in range(setting.warmup_steps):
+        _loss_backward(model, x, y, share)
+        twa.step()
+        if first_w is None:
+            first_w = flatten_params(model)
+    comm.calls.clear()
+    step_s, update_s = [], []
+    for _ in range(setting.steps):
+        dist.barrier()
+        step, update = _timed_step(model, twa, x, y, share)
+        step_s.append(step)
+        update_s.append(update)
+    ours = comm.totals()
+    result = {
+        "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(blocks),
+        "coords": plan.ranges[rank][1] - plan.ranges[rank][0], "padded_length": comm.inner.pad,
+        "projection_bytes": proj.nbytes, "planned_projection_bytes": plan.shard_bytes(blocks, setting.bits, n)[rank],
+        "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
+        "payload_per_step": ours["payload"] / setting.steps, "wire_per_step": ours["wire"] / setting.steps,
+        "payload_by_op_per_step": {op: b / setting.steps for op, b in ours["by_op"].items()},
+    }
+    ours_w = flatten_params(model)
+
+    # ---- the paper's scheme: candidate rows sharded, gradient + parameter all-reduce
+    if setting.reference:
+        ref_model = setting.build().train()
+        ref_model.load_state_dict(model.state_dict())
+        rows = list(range(rank, n, k))
+        center = torch.cat([
+            _candidate_columns(base, numels, t, t + 1, list(range(n)), n).mean(dim=0) for t in range(len(numels))
+        ])
+        mine = _candidate_columns(base, numels, 0, len(numels), rows, n)
+        ref_proj = build_projection(mine, blocks.sizes, "normalized", setting.bits, center=center.clone())
+        del mine
+        ref_proj.center = torch.zeros_like(center)  # reconstruct -> this rank's part sum_i X_i Q_i
+        ref_comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
+        xr = torch.zeros(len(rows), len(blocks), requires_grad=True)
+        opt = torch.optim.SGD([xr], lr=setting.lr, momentum=0.9)
+        grad_buf = torch.empty(layout.num_params)
+        assign_flat(ref_model, center)
+        # same steps as ours: warm-up + timed, with the same random state
+        torch.manual_seed(100 + rank)
+        ref_steps = []
+        for i in range(setting.warmup_steps + setting.steps):
+            if i == setting.warmup_steps:
+                ref_comm.calls.clear()
             dist.barrier()
-            step, update = _timed_step(model, twa, x, y, share)
-            step_s.append(step)
-            update_s.append(update)
-        ours = comm.totals()
-        result = {
-            "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(blocks),
-            "coords": plan.ranges[rank][1] - plan.ranges[rank][0], "padded_length": comm.inner.pad,
-            "projection_bytes": proj.nbytes, "planned_projection_bytes": plan.shard_bytes(blocks, setting.bits, n)[rank],
-            "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
-            "payload_per_step": ours["payload"] / setting.steps, "wire_per_step": ours["wire"] / setting.steps,
-            "payload_by_op_per_step": {op: b / setting.steps for op, b in ours["by_op"].items()},
-        }
-        ours_w = flatten_params(model)
-
-        # ---- the paper's scheme: candidate rows sharded, gradient + parameter all-reduce
-        if setting.reference:
-            ref_model = setting.build().train()
-            ref_model.load_state_dict(model.state_dict())
-            rows = list(range(rank, n, k))
-            center = torch.cat([
-                _candidate_columns(base, numels, t, t + 1, list(range(n)), n).mean(dim=0) for t in range(len(numels))
-            ])
-            mine = _candidate_columns(base, numels, 0, len(numels), rows, n)
-            ref_proj = build_projection(mine, blocks.sizes, "normalized", setting.bits, center=center.clone())
-            del mine
-            ref_proj.center = torch.zeros_like(center)  # reconstruct -> this rank's part sum_i X_i Q_i
-            ref_comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
-            xr = torch.zeros(len(rows), len(blocks), requires_grad=True)
-            opt = torch.optim.SGD([xr], lr=setting.lr, momentum=0.9)
-            grad_buf = torch.empty(layout.num_params)
-            assign_flat(ref_model, center)
-            # same steps as ours: warm-up + timed, with the same random state
-            torch.manual_seed(100 + rank)
-            ref_steps = []
-            for i in range(setting.warmup_steps + setting.steps):
-                if i == setting.warmup_steps:
-                    ref_comm.calls.clear()
-                dist.barrier()
-                t = time.perf_counter()
-                _loss_backward(ref_model, x, y, share)
-                g = ref_comm.all_reduce_sum(flatten_grads(ref_model, grad_buf))  # data-parallel gradient
-                if setting.grad_clip is not None:  # as TWA clips: by the global gradient norm
-                    g = g * min(1.0, setting.grad_clip / (float(g.double().norm()) + 1e-6))
-                xr.grad = ref_proj.coef_grad(g)
-                opt.step()
-                with torch.no_grad():
-                    part = ref_proj.reconstruct(xr.detach())
-                    w = ref_comm.all_reduce_sum(part).add_(center)  # full parameter all-reduce
-                    assign_flat(ref_model, w)
-                if i >= setting.warmup_steps:
-                    ref_steps.append(time.perf_counter() - t)
-                if i == 0 and first_w is not None:
-                    first_diff = float((flatten_params(ref_model) - first_w).abs().max())
-                    first_change = float((first_w - center).abs().max())
-            ref = ref_comm.totals()
-            result.update(
-                reference_payload_per_step=ref["payload"] / setting.steps,
-                reference_wire_per_step=ref["wire"] / setting.steps,
-                reference_step_s=statistics.median(ref_steps),
-                max_weight_diff=float((flatten_params(ref_model) - ours_w).abs().max()),
-                max_weight_change=float((ours_w - center).abs().max()),  # the scale of the difference
-                first_step_weight_diff=first_diff if first_w is not None else None,
-                first_step_weight_change=first_change if first_w is not None else None,
-            )
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+            t = time.perf_counter()
+            _loss_backward(ref_model, x, y, share)
+            g = ref_comm.all_reduce_sum(flatten_grads(ref_model, grad_buf))  # data-parallel gradient
+            if setting.grad_clip is not None:  # as TWA clips: by the global gradient norm
+                g = g * min(1.0, setting.grad_clip / (float(g.double().norm()) + 1e-6))
+            xr.grad = ref_proj.coef_grad(g)
+            opt.step()
+            with torch.no_grad():
+                part = ref_proj.reconstruct(xr.detach())
+                w = ref_comm.all_reduce_sum(part).add_(center)  # full parameter all-reduce
+                assign_flat(ref_model, w)
+            if i >= setting.warmup_steps:
+                ref_steps.append(time.perf_counter() - t)
+            if i == 0 and first_w is not None:
+                first_diff = float((flatten_params(ref_model) - first_w).abs().max())
+                first_change = float((first_w - center).abs().max())
+        ref = ref_comm.totals()
+        result.update(
+            reference_payload_per_step=ref["payload"] / setting.steps,
+            reference_wire_per_step=ref["wire"] / setting.steps,
+            reference_step_s=statistics.median(ref_steps),
+            max_weight_diff=float((flatten_params(ref_model) - ours_w).abs().max()),
+            max_weight_change=float((ours_w - center).abs().max()),  # the scale of the difference
+            first_step_weight_diff=first_diff if first_w is not None else None,
+            first_step_weight_change=first_change if first_w is not None else None,
+        )
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _fsdp_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str, out_dir: str) -> None:
+def _fsdp_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
     """The fsdp mode as the runtime runs it (``fsdp_wrap`` + ``build_fsdp_twa``), every
     collective of its steps counted through ``torch.distributed`` (``DistCounter``)."""
     from twa_ray.core.params import ParamLayout
@@ -356,62 +350,52 @@ def _fsdp_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str,
     from twa_ray.store import CandidateStore, fsdp_padded_numel
 
     torch.set_num_threads(setting.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
-    try:
-        torch.manual_seed(0)
-        model = setting.build().train()
-        layout = ParamLayout.from_model(model)
-        model = fsdp_wrap(model, k, torch.device("cpu"))
-        store = CandidateStore.open(store_uri)
-        started = time.perf_counter()
-        setup = build_fsdp_twa(model, store, store.candidate_indices(), setting.twa_config("fsdp"),
-                               setting.warmup_steps + setting.steps, rank, k)
-        build_s = time.perf_counter() - started
-        twa = setup.twa
-        x, y, share = _batch(setting, rank, k)
-        torch.manual_seed(100 + rank)
-        counter = DistCounter(k)
-        step_s, update_s, twa_bytes = [], [], 0
-        with counter:
-            for i in range(setting.warmup_steps + setting.steps):
-                dist.barrier()
-                counter.counting = i >= setting.warmup_steps
-                before = twa.comm.bytes_sent
-                step, update = _timed_step(model, twa, x, y, share)
-                counter.counting = False
-                if i >= setting.warmup_steps:
-                    step_s.append(step)
-                    update_s.append(update)
-                    twa_bytes += twa.comm.bytes_sent - before
-        counted = counter.totals()
-        result = {
-            "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(setup.blocks),
-            "coords": twa.shard.numel, "padded_coords": sum(fsdp_padded_numel(s, k) for s in layout.shapes),
-            "param_bytes": local_param_bytes(model), "projection_bytes": twa.projection.nbytes,
-            "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
-            "payload_per_step": counted["payload"] / setting.steps, "wire_per_step": counted["wire"] / setting.steps,
-            "payload_by_op_per_step": {op: b / setting.steps for op, b in counted["by_op"].items()},
-            "calls_per_step": {op: c / setting.steps for op, c in counted["calls"].items()},
-            "twa_payload_per_step": twa_bytes / setting.steps,  # what TWA's own collectives counted
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = setting.build().train()
+    layout = ParamLayout.from_model(model)
+    model = fsdp_wrap(model, k, torch.device("cpu"))
+    store = CandidateStore.open(store_uri)
+    started = time.perf_counter()
+    setup = build_fsdp_twa(model, store, store.candidate_indices(), setting.twa_config("fsdp"),
+                           setting.warmup_steps + setting.steps, rank, k)
+    build_s = time.perf_counter() - started
+    twa = setup.twa
+    x, y, share = _batch(setting, rank, k)
+    torch.manual_seed(100 + rank)
+    counter = DistCounter(k)
+    step_s, update_s, twa_bytes = [], [], 0
+    with counter:
+        for i in range(setting.warmup_steps + setting.steps):
+            dist.barrier()
+            counter.counting = i >= setting.warmup_steps
+            before = twa.comm.bytes_sent
+            step, update = _timed_step(model, twa, x, y, share)
+            counter.counting = False
+            if i >= setting.warmup_steps:
+                step_s.append(step)
+                update_s.append(update)
+                twa_bytes += twa.comm.bytes_sent - before
+    counted = counter.totals()
+    result = {
+        "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(setup.blocks),
+        "coords": twa.shard.numel, "padded_coords": sum(fsdp_padded_numel(s, k) for s in layout.shapes),
+        "param_bytes": local_param_bytes(model), "projection_bytes": twa.projection.nbytes,
+        "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
+        "payload_per_step": counted["payload"] / setting.steps, "wire_per_step": counted["wire"] / setting.steps,
+        "payload_by_op_per_step": {op: b / setting.steps for op, b in counted["by_op"].items()},
+        "calls_per_step": {op: c / setting.steps for op, c in counted["calls"].items()},
+        "twa_payload_per_step": twa_bytes / setting.steps,  # what TWA's own collectives counted
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn: Callable, k: int, *args) -> list[dict]:
-    """``fn(rank, k, port, *args, out_dir)`` in k processes; the JSON each wrote, by rank."""
-    import torch.multiprocessing as mp
+def _spawn(fn: Callable, k: int, *args, backend: str = "gloo") -> list[dict]:
+    """``fn(rank, k, *args, out_dir)`` as k ranks of one group (``spawn_ranks``); the JSON each
+    wrote, by rank."""
+    from twa_ray.distributed.local_ranks import spawn_ranks
 
     with tempfile.TemporaryDirectory() as out:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        mp.spawn(fn, args=(k, free_port(), *args, out), nprocs=k, join=True)
+        spawn_ranks(fn, k, *args, out, backend=backend)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(k)]
 
 
@@ -448,7 +432,7 @@ def setting_dict(setting: Setting) -> dict:
 # ---------------------------------------------------------------- whole steps of both modes timed
 
 
-def _speed_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str, out_dir: str) -> None:
+def _speed_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
     """Both modes on this rank, built by the runtime's builders from one store; whole steps
     timed in alternation (which mode goes first alternates by round)."""
     from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
@@ -457,42 +441,38 @@ def _speed_worker(rank: int, k: int, port: int, setting: Setting, store_uri: str
     from twa_ray.store import CandidateStore
 
     torch.set_num_threads(setting.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
-    try:
-        store = CandidateStore.open(store_uri)
-        chosen, total = store.candidate_indices(), setting.warmup_steps + setting.steps
-        models, twas, build_s = {}, {}, {}
-        for sharding, build in zip(SHARDINGS, (build_shard_twa, build_fsdp_twa)):
-            torch.manual_seed(0)
-            model = setting.build().train()
-            models[sharding] = fsdp_wrap(model, k, torch.device("cpu")) if sharding == "fsdp" else model
-            started = time.perf_counter()
-            twas[sharding] = build(models[sharding], store, chosen, setting.twa_config(sharding), total, rank, k).twa
-            build_s[sharding] = time.perf_counter() - started
-        x, y, share = _batch(setting, rank, k)
-        start = twas["blocks"].weights().clone()  # (D,) the candidates' mean, where both start (a reused buffer)
-        step_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
-        update_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
-        for r in range(total):
-            for sharding in SHARDINGS if r % 2 == 0 else SHARDINGS[::-1]:
-                dist.barrier()
-                step, update = _timed_step(models[sharding], twas[sharding], x, y, share)
-                if r >= setting.warmup_steps:
-                    step_s[sharding].append(step)
-                    update_s[sharding].append(update)
-            if r == 0:  # both modes took the same step: the same weights to float rounding
-                blocks_w, fsdp_w = twas["blocks"].weights(), twas["fsdp"].weights()
-                first_diff = float((blocks_w - fsdp_w).abs().max())
-                first_change = float((blocks_w - start).abs().max())
-        result = {
-            "rank": rank, "world_size": k, "num_params": start.numel(), "step_s": step_s, "twa_update_s": update_s,
-            "build_s": build_s, "first_step_weight_diff": first_diff, "first_step_weight_change": first_change,
-            "param_bytes": {s: local_param_bytes(m) for s, m in models.items()},
-            "projection_bytes": {s: t.projection.nbytes for s, t in twas.items()},
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    store = CandidateStore.open(store_uri)
+    chosen, total = store.candidate_indices(), setting.warmup_steps + setting.steps
+    models, twas, build_s = {}, {}, {}
+    for sharding, build in zip(SHARDINGS, (build_shard_twa, build_fsdp_twa)):
+        torch.manual_seed(0)
+        model = setting.build().train()
+        models[sharding] = fsdp_wrap(model, k, torch.device("cpu")) if sharding == "fsdp" else model
+        started = time.perf_counter()
+        twas[sharding] = build(models[sharding], store, chosen, setting.twa_config(sharding), total, rank, k).twa
+        build_s[sharding] = time.perf_counter() - started
+    x, y, share = _batch(setting, rank, k)
+    start = twas["blocks"].weights().clone()  # (D,) the candidates' mean, where both start (a reused buffer)
+    step_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+    update_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+    for r in range(total):
+        for sharding in SHARDINGS if r % 2 == 0 else SHARDINGS[::-1]:
+            dist.barrier()
+            step, update = _timed_step(models[sharding], twas[sharding], x, y, share)
+            if r >= setting.warmup_steps:
+                step_s[sharding].append(step)
+                update_s[sharding].append(update)
+        if r == 0:  # both modes took the same step: the same weights to float rounding
+            blocks_w, fsdp_w = twas["blocks"].weights(), twas["fsdp"].weights()
+            first_diff = float((blocks_w - fsdp_w).abs().max())
+            first_change = float((blocks_w - start).abs().max())
+    result = {
+        "rank": rank, "world_size": k, "num_params": start.numel(), "step_s": step_s, "twa_update_s": update_s,
+        "build_s": build_s, "first_step_weight_diff": first_diff, "first_step_weight_change": first_change,
+        "param_bytes": {s: local_param_bytes(m) for s, m in models.items()},
+        "projection_bytes": {s: t.projection.nbytes for s, t in twas.items()},
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def time_sharding_steps(setting: Setting, k: int) -> list[dict]:
@@ -574,153 +554,145 @@ def _bucket_views(t: torch.Tensor, mb: float) -> list[torch.Tensor]:
     return list(t.split(per))
 
 
-def _time_worker(rank: int, k: int, port: int, timing: CollectiveTiming, out_dir: str) -> None:
+def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> None:
     from twa_ray.core.blocks import make_blocks, plan_shards
     from twa_ray.core.params import ParamLayout
     from twa_ray.distributed.collectives import TorchCollectives
     from twa_ray.planner.fsdp import ROOT_UNIT
 
     torch.set_num_threads(timing.threads)
-    if timing.backend == "nccl":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(timing.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
-    try:
-        layout = ParamLayout.from_model(timing.build())
-        numels = layout.numels
-        blocks = make_blocks(numels, timing.granularity)
-        with_blocks, with_fsdp = timing.sharding in ("blocks", "both"), timing.sharding in ("fsdp", "both")
-        plan = plan_shards(blocks, timing.bits, k) if with_blocks else None
-        d, (start, end) = sum(numels), plan.ranges[rank] if with_blocks else (0, 0)
-        comm = TorchCollectives(plan.ranges, rank, k) if with_blocks else None
-        gen = torch.Generator().manual_seed(timing.seed + rank)
-        grad = torch.randn(d, generator=gen).to(device)  # the model's gradient (reduce-scatter reads it)
-        grad_ar = torch.zeros(d, device=device)  # all-reduced in place: zeros never overflow
-        coef = torch.zeros(timing.candidates, len(blocks), device=device)  # the coefficient gradient (n, L)
-        own = torch.randn(end - start, generator=gen).to(device)  # this rank's reconstructed weights
-        weights = torch.empty(d, device=device)
-        flat = torch.zeros(d, device=device)
-        buckets = {mb: _bucket_views(flat, mb) for mb in timing.bucket_mb}
+    device = torch.device("cuda", rank) if timing.backend == "nccl" else torch.device("cpu")  # spawn_ranks set it
+    layout = ParamLayout.from_model(timing.build())
+    numels = layout.numels
+    blocks = make_blocks(numels, timing.granularity)
+    with_blocks, with_fsdp = timing.sharding in ("blocks", "both"), timing.sharding in ("fsdp", "both")
+    plan = plan_shards(blocks, timing.bits, k) if with_blocks else None
+    d, (start, end) = sum(numels), plan.ranges[rank] if with_blocks else (0, 0)
+    comm = TorchCollectives(plan.ranges, rank, k) if with_blocks else None
+    gen = torch.Generator().manual_seed(timing.seed + rank)
+    grad = torch.randn(d, generator=gen).to(device)  # the model's gradient (reduce-scatter reads it)
+    grad_ar = torch.zeros(d, device=device)  # all-reduced in place: zeros never overflow
+    coef = torch.zeros(timing.candidates, len(blocks), device=device)  # the coefficient gradient (n, L)
+    own = torch.randn(end - start, generator=gen).to(device)  # this rank's reconstructed weights
+    weights = torch.empty(d, device=device)
+    flat = torch.zeros(d, device=device)
+    buckets = {mb: _bucket_views(flat, mb) for mb in timing.bucket_mb}
 
-        def all_reduce_slice() -> torch.Tensor:
-            dist.all_reduce(grad_ar)
-            return grad_ar[start:end]
+    def all_reduce_slice() -> torch.Tensor:
+        dist.all_reduce(grad_ar)
+        return grad_ar[start:end]
 
-        def all_gather_via_all_reduce() -> torch.Tensor:
-            weights.zero_()
-            weights[start:end] = own
-            dist.all_reduce(weights)
-            return weights
+    def all_gather_via_all_reduce() -> torch.Tensor:
+        weights.zero_()
+        weights[start:end] = own
+        dist.all_reduce(weights)
+        return weights
 
-        def step(first: Callable[[], torch.Tensor],
-                 gather: Callable[[], torch.Tensor] = lambda: comm.all_gather(own, weights)) -> Callable[[], None]:
-            def run() -> None:
-                first()
-                comm.all_reduce_sum(coef)
-                gather()
-            return run
+    def step(first: Callable[[], torch.Tensor],
+             gather: Callable[[], torch.Tensor] = lambda: comm.all_gather(own, weights)) -> Callable[[], None]:
+        def run() -> None:
+            first()
+            comm.all_reduce_sum(coef)
+            gather()
+        return run
 
-        def bucketed(mb: float, asynchronous: bool) -> Callable[[], None]:
-            def run() -> None:
-                if asynchronous:  # all in flight at once, as DistributedDataParallel issues them
-                    for work in [dist.all_reduce(b, async_op=True) for b in buckets[mb]]:
-                        work.wait()
-                else:
-                    for b in buckets[mb]:
-                        dist.all_reduce(b)
-            return run
+    def bucketed(mb: float, asynchronous: bool) -> Callable[[], None]:
+        def run() -> None:
+            if asynchronous:  # all in flight at once, as DistributedDataParallel issues them
+                for work in [dist.all_reduce(b, async_op=True) for b in buckets[mb]]:
+                    work.wait()
+            else:
+                for b in buckets[mb]:
+                    dist.all_reduce(b)
+        return run
 
-        fns: dict[str, Callable[[], object]] = {
-            "all_reduce_D": lambda: dist.all_reduce(flat),
-            "all_reduce_coef": lambda: dist.all_reduce(coef),  # TorchCollectives.all_reduce_sum's call, both modes
-        }
-        if with_blocks:
-            fns.update({
-                "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
-                "twa_step_ar_slice": step(all_reduce_slice),
-                "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
-                "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
-                "all_gather": lambda: comm.all_gather(own, weights),
-                "all_gather_via_all_reduce": all_gather_via_all_reduce,
-            })
-        units = fsdp_unit_sizes(layout.names, layout.shapes, k)
-        if with_fsdp:
-            # FSDP2's buffers: per unit its padded shard (all-gather input) and k of them
-            shard_in = {u: torch.randn(m, generator=gen).to(device) for u, m in units.items()}
-            gathered_out = {u: torch.empty(k * m, device=device) for u, m in units.items()}
-            grad_in = {u: torch.randn(k * m, generator=gen).to(device) for u, m in units.items()}
-            grad_out = {u: torch.empty(m, device=device) for u, m in units.items()}
-            flat_in, flat_grad = torch.cat(list(shard_in.values())), torch.cat(list(grad_in.values()))
-            flat_out, flat_grad_out = torch.empty(k * flat_in.numel(), device=device), torch.empty_like(flat_in)
+    fns: dict[str, Callable[[], object]] = {
+        "all_reduce_D": lambda: dist.all_reduce(flat),
+        "all_reduce_coef": lambda: dist.all_reduce(coef),  # TorchCollectives.all_reduce_sum's call, both modes
+    }
+    if with_blocks:
+        fns.update({
+            "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
+            "twa_step_ar_slice": step(all_reduce_slice),
+            "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
+            "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
+            "all_gather": lambda: comm.all_gather(own, weights),
+            "all_gather_via_all_reduce": all_gather_via_all_reduce,
+        })
+    units = fsdp_unit_sizes(layout.names, layout.shapes, k)
+    if with_fsdp:
+        # FSDP2's buffers: per unit its padded shard (all-gather input) and k of them
+        shard_in = {u: torch.randn(m, generator=gen).to(device) for u, m in units.items()}
+        gathered_out = {u: torch.empty(k * m, device=device) for u, m in units.items()}
+        grad_in = {u: torch.randn(k * m, generator=gen).to(device) for u, m in units.items()}
+        grad_out = {u: torch.empty(m, device=device) for u, m in units.items()}
+        flat_in, flat_grad = torch.cat(list(shard_in.values())), torch.cat(list(grad_in.values()))
+        flat_out, flat_grad_out = torch.empty(k * flat_in.numel(), device=device), torch.empty_like(flat_in)
 
-            def forward_gathers() -> None:
-                for u in units:
+        def forward_gathers() -> None:
+            for u in units:
+                dist.all_gather_single(gathered_out[u], shard_in[u])
+
+        def backward(gather: bool, scatter: bool) -> None:
+            for u in reversed(units):
+                if gather and u != ROOT_UNIT:  # FSDP2 keeps the root unit gathered after forward
                     dist.all_gather_single(gathered_out[u], shard_in[u])
+                if scatter:
+                    dist.reduce_scatter_single(grad_out[u], grad_in[u])
 
-            def backward(gather: bool, scatter: bool) -> None:
-                for u in reversed(units):
-                    if gather and u != ROOT_UNIT:  # FSDP2 keeps the root unit gathered after forward
-                        dist.all_gather_single(gathered_out[u], shard_in[u])
-                    if scatter:
-                        dist.reduce_scatter_single(grad_out[u], grad_in[u])
+        def fsdp_step() -> None:
+            forward_gathers()
+            backward(gather=True, scatter=True)
+            dist.all_reduce(coef)
 
-            def fsdp_step() -> None:
-                forward_gathers()
-                backward(gather=True, scatter=True)
-                dist.all_reduce(coef)
+        def fsdp_step_flat() -> None:
+            dist.all_gather_single(flat_out, flat_in)
+            dist.reduce_scatter_single(flat_grad_out, flat_grad)
+            dist.all_reduce(coef)
 
-            def fsdp_step_flat() -> None:
-                dist.all_gather_single(flat_out, flat_in)
-                dist.reduce_scatter_single(flat_grad_out, flat_grad)
-                dist.all_reduce(coef)
+        def fsdp_all_gathers() -> None:
+            forward_gathers()
+            backward(gather=True, scatter=False)
 
-            def fsdp_all_gathers() -> None:
-                forward_gathers()
-                backward(gather=True, scatter=False)
+        fns.update({"fsdp_step": fsdp_step, "fsdp_step_flat": fsdp_step_flat, "fsdp_all_gathers": fsdp_all_gathers,
+                    "fsdp_reduce_scatters": lambda: backward(gather=False, scatter=True)})
+    for mb in timing.bucket_mb:
+        for asynchronous in (False, True):
+            fns[bucket_variant(mb, asynchronous)] = bucketed(mb, asynchronous)
 
-            fns.update({"fsdp_step": fsdp_step, "fsdp_step_flat": fsdp_step_flat, "fsdp_all_gathers": fsdp_all_gathers,
-                        "fsdp_reduce_scatters": lambda: backward(gather=False, scatter=True)})
-        for mb in timing.bucket_mb:
-            for asynchronous in (False, True):
-                fns[bucket_variant(mb, asynchronous)] = bucketed(mb, asynchronous)
+    # the alternatives compute what the library's calls compute (sums: to float rounding)
+    alternatives_match = None
+    if with_blocks:
+        summed = grad.clone()
+        dist.all_reduce(summed)
+        gathered = comm.all_gather(own, weights).clone()
+        alternatives_match = (
+            bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
+            and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
 
-        # the alternatives compute what the library's calls compute (sums: to float rounding)
-        alternatives_match = None
-        if with_blocks:
-            summed = grad.clone()
-            dist.all_reduce(summed)
-            gathered = comm.all_gather(own, weights).clone()
-            alternatives_match = (
-                bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
-                and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        order = list(fns)
-        for r in range(timing.warmup_rounds + timing.rounds):
-            # rotate which goes first, so none always follows the same one
-            for name in order[r % len(order):] + order[: r % len(order)]:
-                sync()
-                dist.barrier()
-                t = time.perf_counter()
-                fns[name]()
-                sync()
-                if r >= timing.warmup_rounds:
-                    times[name].append(time.perf_counter() - t)
-        result = {
-            "rank": rank, "world_size": k, "num_params": d, "num_blocks": len(blocks), "coords": end - start,
-            "padded_length": comm.pad if with_blocks else None, "alternatives_match": alternatives_match,
-            "times": times, "buckets": {f"{mb:g}": len(views) for mb, views in buckets.items()},
-            "fsdp_units": len(units), "fsdp_padded": sum(units.values()), "fsdp_root_padded": units.get(ROOT_UNIT, 0),
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(timing.warmup_rounds + timing.rounds):
+        # rotate which goes first, so none always follows the same one
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            sync()
+            dist.barrier()
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            if r >= timing.warmup_rounds:
+                times[name].append(time.perf_counter() - t)
+    result = {
+        "rank": rank, "world_size": k, "num_params": d, "num_blocks": len(blocks), "coords": end - start,
+        "padded_length": comm.pad if with_blocks else None, "alternatives_match": alternatives_match,
+        "times": times, "buckets": {f"{mb:g}": len(views) for mb, views in buckets.items()},
+        "fsdp_units": len(units), "fsdp_padded": sum(units.values()), "fsdp_root_padded": units.get(ROOT_UNIT, 0),
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def time_collectives(timing: CollectiveTiming, k: int) -> list[dict]:
@@ -729,7 +701,7 @@ def time_collectives(timing: CollectiveTiming, k: int) -> list[dict]:
     each with ``times[variant]``: seconds per timed round (a barrier before each call)."""
     if timing.backend == "nccl" and torch.cuda.device_count() < k:
         raise RuntimeError(f"NCCL with {k} ranks needs {k} GPUs, this machine has {torch.cuda.device_count()}")
-    return _spawn(_time_worker, k, timing)
+    return _spawn(_time_worker, k, timing, backend=timing.backend)
 
 
 def slowest_rank_times(results: list[dict]) -> dict[str, list[float]]:

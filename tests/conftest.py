@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from twa_ray.distributed.local_ranks import free_port  # noqa: E402,F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository: jobs/, configs/, twa_ray/
 
 
@@ -108,14 +110,6 @@ S3_ENV = {  # fake credentials: moto accepts any; no lookups of instance metadat
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

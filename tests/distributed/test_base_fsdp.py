@@ -3,22 +3,19 @@ Ray (sharded checkpoints, every rank writing its rows of a candidate), and Ray T
 against DDP replicas (same candidates, each rank's bytes, DCP checkpoints, exact resume
 after a lost worker). More on the checkpoints: ``test_fsdp_checkpoints.py``."""
 import os
-from datetime import timedelta
 
 import fsspec
 import pyarrow.fs as pafs
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port
 from twa_ray.config import ConfigError, config_from_dict
 from twa_ray.core.params import ParamLayout
 from twa_ray.distributed.base_fsdp import RowCandidateWriter, checkpoint_shards, load_checkpoint_shards, loss_scale
 from twa_ray.distributed.checkpoints import read_sharded, save_sharded
 from twa_ray.distributed.fsdp import fsdp_wrap, local_rows, local_shard, shard_like
+from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.store import CandidateStore
 
 WORLD = 2
@@ -108,38 +105,33 @@ class _Decides:
         self.saved_infos.append((index, info))
 
 
-def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        model = fsdp_wrap(_Net(), WORLD, torch.device("cpu"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        _steps(model, optimizer, rank, WORLD)
-        ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
-        sharded, groups = checkpoint_shards(model, optimizer, ema)
-        save_sharded(f"{out}/checkpoint", sharded)  # both ranks into one folder
-        # a fresh sharded optimizer takes the state back: its rows of every momentum buffer
-        fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        load_checkpoint_shards(f"{out}/checkpoint", model, fresh, groups)
-        momentum = [local_shard(fresh.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
-        store = CandidateStore.open(store_uri)
-        writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, WORLD, torch.device("cpu"))
-        writer.save(model, kind="epoch", step=3, lr=0.1, metrics={})
-        # a store that cannot be written in pieces (not pyarrow's local filesystem): rank 0 gathers
-        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
-        remote = CandidateStore.open(store.path, filesystem=fs)
-        gathering = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_uri, rank, WORLD,
-                                       torch.device("cpu"))
-        gathering.save(model, kind="epoch", step=4, lr=0.1, metrics={})
-        torch.save({"momentum": momentum, "bytes": writer.bytes_by_rank(),
-                    "saved": writer.writer.saved_infos if rank == 0 else None}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
+    model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _steps(model, optimizer, rank, world)
+    ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
+    sharded, groups = checkpoint_shards(model, optimizer, ema)
+    save_sharded(f"{out}/checkpoint", sharded)  # both ranks into one folder
+    # a fresh sharded optimizer takes the state back: its rows of every momentum buffer
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint_shards(f"{out}/checkpoint", model, fresh, groups)
+    momentum = [local_shard(fresh.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
+    store = CandidateStore.open(store_uri)
+    writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
+    writer.save(model, kind="epoch", step=3, lr=0.1, metrics={})
+    # a store that cannot be written in pieces (not pyarrow's local filesystem): rank 0 gathers
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
+    remote = CandidateStore.open(store.path, filesystem=fs)
+    gathering = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_uri, rank, world,
+                                   torch.device("cpu"))
+    gathering.save(model, kind="epoch", step=4, lr=0.1, metrics={})
+    torch.save({"momentum": momentum, "bytes": writer.bytes_by_rank(),
+                "saved": writer.writer.saved_infos if rank == 0 else None}, f"{out}/rank{rank}.pt")
 
 
 def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
     store = CandidateStore.create_for_model(str(tmp_path / "store"), _Net())
-    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), store.uri), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, WORLD, str(tmp_path), store.uri)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     ref = _Net()  # the same steps in one process

@@ -5,19 +5,16 @@ one process reads the full tensors back. Loading runs no pickled code."""
 import os
 import pickle
 import shutil
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port
 from twa_ray.core.params import ParamLayout
 from twa_ray.distributed.base_fsdp import checkpoint_shards, load_checkpoint_shards, loss_scale
 from twa_ray.distributed.checkpoints import is_sharded, load_sharded, read_sharded, save_sharded
 from twa_ray.distributed.fsdp import fsdp_wrap, local_shard
+from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.distributed.twa_fsdp import RowLayout, center_shards, gather_rows, own_rows
 
 SAVED_BY, RESUMED_BY = 2, 3
@@ -53,52 +50,37 @@ def _vector():
     return torch.arange(ParamLayout.from_model(_Net()).num_params, dtype=torch.float32) / 7.0
 
 
-def _init(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+def _save_main(rank: int, world: int, out: str) -> None:
+    model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    _steps(model, optimizer, 0, 3, rank, world)
+    ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
+    sharded, groups = checkpoint_shards(model, optimizer, ema)
+    sharded["center"] = center_shards(model, RowLayout(ParamLayout.from_model(model), world).take(_vector(), rank))
+    save_sharded(f"{out}/rank{rank}", sharded)  # its own folder, as each Ray Train worker reports one
+    if rank == 0:
+        torch.save(groups, f"{out}/groups.pt")
 
 
-def _save_main(rank: int, port: int, out: str) -> None:
-    _init(rank, SAVED_BY, port)
-    try:
-        model = fsdp_wrap(_Net(), SAVED_BY, torch.device("cpu"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-        _steps(model, optimizer, 0, 3, rank, SAVED_BY)
-        ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
-        sharded, groups = checkpoint_shards(model, optimizer, ema)
-        sharded["center"] = center_shards(model, RowLayout(ParamLayout.from_model(model), SAVED_BY).take(_vector(), rank))
-        save_sharded(f"{out}/rank{rank}", sharded)  # its own folder, as each Ray Train worker reports one
-        if rank == 0:
-            torch.save(groups, f"{out}/groups.pt")
-        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT)
-    finally:
-        dist.destroy_process_group()
-
-
-def _resume_main(rank: int, port: int, out: str) -> None:
-    _init(rank, RESUMED_BY, port)
-    try:
-        model = fsdp_wrap(_Net(seed=1), RESUMED_BY, torch.device("cpu"))  # other weights until loaded
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
-        groups = torch.load(f"{out}/groups.pt", weights_only=True)
-        ema = load_checkpoint_shards(f"{out}/merged", model, optimizer, groups)
-        sharded = {"center": center_shards(model)}
-        load_sharded(f"{out}/merged", sharded)
-        own = own_rows(sharded["center"].values())
-        full_center = gather_rows(model, own, rank, RESUMED_BY)
-        _steps(model, optimizer, 3, 5, rank, RESUMED_BY)  # lr 0.1 again: the checkpoint's param groups
-        torch.save({"ema": ema, "own": own, "center": full_center, "lr": optimizer.param_groups[0]["lr"],
-                    "weights": [p.full_tensor().detach() for p in model.parameters()],
-                    "local": [local_shard(p).numel() for p in model.parameters()]}, f"{out}/resumed{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _resume_main(rank: int, world: int, out: str) -> None:
+    model = fsdp_wrap(_Net(seed=1), world, torch.device("cpu"))  # other weights until loaded
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    groups = torch.load(f"{out}/groups.pt", weights_only=True)
+    ema = load_checkpoint_shards(f"{out}/merged", model, optimizer, groups)
+    sharded = {"center": center_shards(model)}
+    load_sharded(f"{out}/merged", sharded)
+    own = own_rows(sharded["center"].values())
+    full_center = gather_rows(model, own, rank, world)
+    _steps(model, optimizer, 3, 5, rank, world)  # lr 0.1 again: the checkpoint's param groups
+    torch.save({"ema": ema, "own": own, "center": full_center, "lr": optimizer.param_groups[0]["lr"],
+                "weights": [p.full_tensor().detach() for p in model.parameters()],
+                "local": [local_shard(p).numel() for p in model.parameters()]}, f"{out}/resumed{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     out = tmp_path_factory.mktemp("dcp")
-    mp.spawn(_save_main, args=(free_port(), str(out)), nprocs=SAVED_BY, join=True)
+    spawn_ranks(_save_main, SAVED_BY, str(out))
     os.makedirs(out / "merged")
     for rank in range(SAVED_BY):  # what Ray Train does with the folders the ranks report
         for name in os.listdir(out / f"rank{rank}"):
@@ -128,7 +110,7 @@ def test_every_rank_saves_its_own_shards_and_one_process_reads_them_whole(merged
 def test_three_ranks_resume_from_two_ranks_shards_exactly(merged):
     """DCP reshards: each of 3 ranks loads its part of the 2-rank checkpoint and 2 more steps
     end where the uninterrupted single process does."""
-    mp.spawn(_resume_main, args=(free_port(), str(merged)), nprocs=RESUMED_BY, join=True)
+    spawn_ranks(_resume_main, RESUMED_BY, str(merged))
     got = [torch.load(merged / f"resumed{r}.pt", weights_only=True) for r in range(RESUMED_BY)]
     ref = _Net()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)

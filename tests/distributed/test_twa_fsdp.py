@@ -2,13 +2,9 @@
 gloo ranks without Ray (several bases, bit widths and granularities, uneven and empty row
 shards), and the Ray Train run users start, with a lost worker."""
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from twa_ray.config import ConfigError, TWAConfig, config_from_dict
@@ -19,6 +15,7 @@ from twa_ray.core.quant import packed_bytes
 from twa_ray.distributed.batches import local_slice
 from twa_ray.distributed.checkpoints import read_sharded
 from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
+from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.distributed.twa_fsdp import RowLayout, build_fsdp_twa
 from twa_ray.store import CandidateStore
 
@@ -71,33 +68,22 @@ def _train(model, twa, rank=0, world=1):
         twa.step()
 
 
-def _rank_main(rank: int, port: int, out: str, store_uri: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))  # a failing rank stops the other soon
-    try:
-        store = CandidateStore.open(store_uri)
-        results = []
-        for case in CASES:
-            model = fsdp_wrap(_Net(), WORLD, torch.device("cpu"))
-            twa = build_fsdp_twa(model, store, store.candidate_indices(), _cfg(*case), STEPS, rank, WORLD).twa
-            _train(model, twa, rank, WORLD)
-            grads = [p.grad.to_local() for p in model.parameters()]
-            results.append({
-                "X": twa.X.detach().clone(), "weights": twa.weights().clone(), "q": twa.projection.dequantized(),
-                # what FSDP all-gathers for the next forward pass
-                "full": torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]),
-                "projection_bytes": twa.projection.nbytes, "param_bytes": local_param_bytes(model),
-                "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
-            })
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
+    store = CandidateStore.open(store_uri)
+    results = []
+    for case in CASES:
+        model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+        twa = build_fsdp_twa(model, store, store.candidate_indices(), _cfg(*case), STEPS, rank, world).twa
+        _train(model, twa, rank, world)
+        grads = [p.grad.to_local() for p in model.parameters()]
+        results.append({
+            "X": twa.X.detach().clone(), "weights": twa.weights().clone(), "q": twa.projection.dequantized(),
+            # what FSDP all-gathers for the next forward pass
+            "full": torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]),
+            "projection_bytes": twa.projection.nbytes, "param_bytes": local_param_bytes(model),
+            "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
+        })
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +103,7 @@ def store_uri(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, store_uri):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out), store_uri), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, WORLD, str(out), store_uri)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -4,16 +4,14 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import free_port
 
 from twa_ray.distributed import worker
 from twa_ray.distributed.checkpoints import load_checkpoint, load_checkpoint_info, save_checkpoint
 from twa_ray.distributed.evaluate import evaluate
+from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.distributed.twa_train import TWARunState
 
 WORLD = 2
@@ -29,30 +27,26 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        cpu = torch.device("cpu")
-        model = worker.sync_batchnorm(_model(), True, cpu, rank, WORLD)
-        res = worker.evaluate_across_ranks(model, _data(), rank, WORLD, cpu, batch_size=4)  # the same model on both
-        model.train()
-        model(torch.randn(5, 6) + rank)  # under the process group: SyncBatchNorm would reject CPU tensors
-        gathered = worker.gather_from_ranks({k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k}, cpu)
-        torch.save({
-            "eval": [res.accuracy, res.loss, res.count],
-            "sum": worker.all_reduce_sum(torch.tensor([1.0, float(rank)]), cpu),
-            "gathered": gathered,
-            "own": {k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k},
-            "sync": any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()),
-        }, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int, world: int, out: str) -> None:
+    cpu = torch.device("cpu")
+    model = worker.sync_batchnorm(_model(), True, cpu, rank, world)
+    res = worker.evaluate_across_ranks(model, _data(), rank, world, cpu, batch_size=4)  # the same model on both
+    model.train()
+    model(torch.randn(5, 6) + rank)  # under the process group: SyncBatchNorm would reject CPU tensors
+    gathered = worker.gather_from_ranks({k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k}, cpu)
+    torch.save({
+        "eval": [res.accuracy, res.loss, res.count],
+        "sum": worker.all_reduce_sum(torch.tensor([1.0, float(rank)]), cpu),
+        "gathered": gathered,
+        "own": {k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k},
+        "sync": any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()),
+    }, f"{out}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, WORLD, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -5,12 +5,10 @@ Marked ``gpu``: skipped without CUDA (tests/conftest.py); ``benchmarks/gpu_check
 them on a machine with a GPU. The two-rank test also needs two GPUs.
 """
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from conftest import perturbed_candidates, tiny_mlp
@@ -20,6 +18,7 @@ from twa_ray.core.collectives import LocalCollectives
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.projection import KERNELS, build_projection, resolve_kernel
 from twa_ray.distributed.collectives import TorchCollectives
+from twa_ray.distributed.local_ranks import spawn_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -143,14 +142,9 @@ def sharded_run(rank: int, world: int, basis: str, bits: int, device: torch.devi
     return twa.X.detach().cpu(), flatten_params(model).cpu()
 
 
-def nccl_rank(rank: int, port: int, basis: str, bits: int, out: str) -> None:
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        x, w = sharded_run(rank, 2, basis, bits, torch.device("cuda", rank))
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"X": x.tolist(), "w": w.tolist()}))
-    finally:
-        dist.destroy_process_group()
+def nccl_rank(rank: int, world: int, basis: str, bits: int, out: str) -> None:
+    x, w = sharded_run(rank, world, basis, bits, torch.device("cuda", rank))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"X": x.tolist(), "w": w.tolist()}))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -158,12 +152,7 @@ def nccl_rank(rank: int, port: int, basis: str, bits: int, out: str) -> None:
 def test_two_nccl_ranks_reach_the_one_process_weights(tmp_path, basis, bits):
     """Column shards on two GPUs over NCCL (orthonormal-global all-reduces its Gram matrix
     across them) reach the coefficients and weights of one process on one GPU."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(nccl_rank, args=(port, basis, bits, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(nccl_rank, 2, basis, bits, str(tmp_path), backend="nccl")
     ref_x, ref_w = sharded_run(0, 1, basis, bits, torch.device("cuda", 0))
     for rank in range(2):
         got = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())

@@ -5,7 +5,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ray_subprocess_env
+from conftest import ROOT, free_port, ray_subprocess_env
 from readme_commands import readme_block_with
 from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
@@ -31,12 +30,6 @@ TINY = ["data.name=synthetic", "data.val_ratio=0.2", "data.batch_size=8",
         "model.kwargs={widths: [4, 8, 8]}", "train.epochs=2", "train.budget_epochs=4", "compare_full_budget=false"]
 # not uploaded by `--working-dir .` (.gitignore), and nothing a job needs
 SKIP_TOP = {".git", ".pytest_cache", ".benchmarks", ".venv", "runs", "data", "tmp"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkout(dest: Path) -> Path:
@@ -62,10 +55,10 @@ def test_readme_ray_job_submit_runs_the_main_job(tmp_path):
     env["PATH"] = f"{Path(ray_cli).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("TWA_RAY_STORAGE_ROOT", None)
     env.update(item.split("=", 1) for item in exports.split()[1:])
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="twajs", dir="/tmp")  # Ray's socket paths must stay short
     # every port of its own: another Ray on the machine must not make the agents fail to bind
-    ports = [f"--{flag}={_free_port()}" for flag in (
+    ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
     submit = submit.replace(README_ADDRESS, f"http://127.0.0.1:{dashboard}")
     try:

@@ -1,7 +1,5 @@
 """The capacity planner agrees with the runtime: projection shards, parameter counts, traffic."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from twa_ray.core import flatten_params
 from twa_ray.core.blocks import make_blocks, plan_shards
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.projection import build_projection
+from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.core.collectives import padded_length
 from twa_ray.models import build_model
 from twa_ray.planner import model_numels, plan_capacity, plan_for_model
@@ -70,47 +69,32 @@ def test_traffic_from_padded_shards():
     assert single.payload["total"] == 0 and single.projection_bytes == [5 * sum((m * 4 + 7) // 8 for m in numels)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _traffic_worker(rank, world, port, grad_clip, out_dir):
+def _traffic_worker(rank, world, grad_clip, out_dir):
     """One rank of a real sharded TWA step (TorchCollectives on gloo): bytes_sent of the step."""
-    import torch.distributed as dist
-
     from twa_ray.core import TWA
     from twa_ray.distributed.collectives import TorchCollectives
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        net = build_model("small_cnn", 10, 1, 28)
-        layout = ParamLayout.from_model(net)
-        cands = flatten_params(net) + 0.1 * torch.randn(4, layout.num_params)
-        blocks = make_blocks(layout.numels, "tensor")
-        shards = plan_shards(blocks, 4, world)
-        (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
-        proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", 4)
-        comm = TorchCollectives(shards.ranges, rank, world)
-        twa = TWA(net, proj, len(blocks), (l0, l1), collectives=comm, grad_clip=1.0 if grad_clip else None)
-        before = comm.bytes_sent
-        x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-        nn.functional.cross_entropy(net(x), y).backward()
-        twa.step()
-        Path(out_dir, f"{rank}.json").write_text(json.dumps({"bytes": comm.bytes_sent - before}))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, 1, 28)
+    layout = ParamLayout.from_model(net)
+    cands = flatten_params(net) + 0.1 * torch.randn(4, layout.num_params)
+    blocks = make_blocks(layout.numels, "tensor")
+    shards = plan_shards(blocks, 4, world)
+    (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
+    proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", 4)
+    comm = TorchCollectives(shards.ranges, rank, world)
+    twa = TWA(net, proj, len(blocks), (l0, l1), collectives=comm, grad_clip=1.0 if grad_clip else None)
+    before = comm.bytes_sent
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(net(x), y).backward()
+    twa.step()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps({"bytes": comm.bytes_sent - before}))
 
 
 @pytest.mark.parametrize("grad_clip", [False, True])
 def test_traffic_equals_bytes_sent_of_a_two_process_step(tmp_path, grad_clip):
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_traffic_worker, args=(2, _free_port(), grad_clip, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_traffic_worker, 2, grad_clip, str(tmp_path))
     planned = plan_for_model("small_cnn", 4, 4, 2, "tensor", "fashion_mnist", grad_clip=grad_clip)
     for rank in range(2):
         assert json.loads((tmp_path / f"{rank}.json").read_text())["bytes"] == planned.payload["total"]

@@ -140,50 +140,40 @@ _GLOO_CASES = [((5, 6), 0), ((5, 6), 1), ((1, 65, 12), 2), ((1, 64, 12), 1), ((3
                ((7,), 0), ((4, 6, 3), 1), ((1, 4), 0)]
 
 
-def _gloo_rank(rank: int, port: int, out: str) -> None:
-    from datetime import timedelta
-
-    import torch.distributed as dist
+def _gloo_rank(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
     from twa_ray.distributed.fsdp import fsdp_wrap
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (2,))
+    explicit = _Shapes([shape for shape, _ in _GLOO_CASES])
+    dims = {id(p): dim for p, (_, dim) in zip(explicit.parameters(), _GLOO_CASES)}
+    fully_shard(explicit, mesh=mesh, shard_placement_fn=lambda p: Shard(dims[id(p)]))
+    explicit.set_gradient_divide_factor(1.0)  # summed, as fsdp_wrap's
+    explicit.set_force_sum_reduction_for_comms(True)
     try:
-        mesh = init_device_mesh("cpu", (2,))
-        explicit = _Shapes([shape for shape, _ in _GLOO_CASES])
-        dims = {id(p): dim for p, (_, dim) in zip(explicit.parameters(), _GLOO_CASES)}
-        fully_shard(explicit, mesh=mesh, shard_placement_fn=lambda p: Shard(dims[id(p)]))
-        explicit.set_gradient_divide_factor(1.0)  # summed, as fsdp_wrap's
-        explicit.set_force_sum_reduction_for_comms(True)
-        try:
-            fully_shard(_Shapes([(4, 5)]), mesh=mesh, shard_placement_fn=lambda p: Shard(1))
-            uneven = "accepted"
-        except NotImplementedError as exc:
-            uneven = str(exc)
-        ruled = fsdp_wrap(_Shapes([shape for shape, _ in _GLOO_CASES]), 2, torch.device("cpu"))
-        result = {"uneven": uneven}
-        for key, net in (("explicit", explicit), ("ruled", ruled)):
-            net(torch.tensor(float(rank + 1))).backward()  # gradients summed over ranks: 3 c_t
-            result[key] = [(p.to_local().detach().clone(), p.to_local().untyped_storage().nbytes(),
-                            p.grad.to_local().clone(), [pl.dim for pl in p.placements]) for p in net.parameters()]
-        torch.save(result, f"{out}/gloo{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        fully_shard(_Shapes([(4, 5)]), mesh=mesh, shard_placement_fn=lambda p: Shard(1))
+        uneven = "accepted"
+    except NotImplementedError as exc:
+        uneven = str(exc)
+    ruled = fsdp_wrap(_Shapes([shape for shape, _ in _GLOO_CASES]), 2, torch.device("cpu"))
+    result = {"uneven": uneven}
+    for key, net in (("explicit", explicit), ("ruled", ruled)):
+        net(torch.tensor(float(rank + 1))).backward()  # gradients summed over ranks: 3 c_t
+        result[key] = [(p.to_local().detach().clone(), p.to_local().untyped_storage().nbytes(),
+                        p.grad.to_local().clone(), [pl.dim for pl in p.placements]) for p in net.parameters()]
+    torch.save(result, f"{out}/gloo{rank}.pt")
 
 
 def test_rule_equals_two_gloo_ranks_fully_shard(tmp_path):
     """Two gloo processes: the DTensor local shards (values, shapes, padded storage, gradients) of
     fully_shard with explicit Shard(d) placements equal fsdp_shard(shape, rank, 2, dim=d)'s, and
     fsdp_wrap places every parameter on fsdp_shard_dim; FSDP2 refuses uneven dims > 0."""
-    import torch.multiprocessing as mp
+    from twa_ray.distributed.local_ranks import spawn_ranks
 
-    from conftest import free_port
-
-    mp.spawn(_gloo_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_gloo_rank, 2, str(tmp_path))
     fulls = list(_Shapes([shape for shape, _ in _GLOO_CASES]).parameters())
     for rank in range(2):
         got = torch.load(tmp_path / f"gloo{rank}.pt", weights_only=True)

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 
+from twa_ray.distributed.local_ranks import free_port
+
 log = logging.getLogger(__name__)
 
 LOCAL_ENV = {
@@ -146,7 +148,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         # an early-stopped Tune trial) find the State API through this variable; without
         # it they guess, and fail when another Ray runs on the same machine. Set, not
         # defaulted: a value left from an earlier local Ray names a dashboard that is gone.
-        port = _free_port()
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
@@ -161,14 +163,6 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         **kwargs,
         **quiet,
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_gpus() -> float:
