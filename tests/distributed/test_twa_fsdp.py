@@ -188,65 +188,57 @@ def _ray_store(cfg, path) -> CandidateStore:
 
 @pytest.mark.ray
 def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_path):
+    """Two rounds of two candidates on two workers; one worker is lost in round 2 and the run
+    resumes from the last checkpoint, whose origin of round 2 (round 1's w(X)) is every rank's
+    rows (DCP), not rank 0's state file. The run ends where the single-process core, round by
+    round on the same global batches, does."""
+    from twa_ray.core.projection import build_projection
     from twa_ray.data.from_config import splits_from_config
     from twa_ray.distributed.batches import ShardedBatchSampler, batches_per_epoch, loader_for
+    from twa_ray.distributed.checkpoints import load_checkpoint
     from twa_ray.distributed.twa_train import run_twa
     from twa_ray.models.from_config import model_from_config
 
-    cfg = _ray_cfg(tmp_path / "run", checkpoint_every_steps=2)
+    cfg = _ray_cfg(tmp_path / "run", candidates_per_round=2, checkpoint_every_steps=2)
     splits = splits_from_config(cfg)
     store = _ray_store(cfg, tmp_path / "store")
-
-    cfg.debug.fail_at_step = 5  # one run, which loses a worker at step 5 and resumes from step 4's checkpoint
+    steps = batches_per_epoch(len(splits.train), 32) * 2  # a round: 2 epochs
+    assert steps == 8
+    cfg.debug.fail_at_step = 11  # round 2: resumes from step 10's checkpoint
     result = run_twa(cfg, store.uri)
-    assert (tmp_path / "run" / "debug" / "twa-failed-at-step-5").exists()
+    assert (tmp_path / "run" / "debug" / "twa-failed-at-step-11").exists()
 
-    # the single-process core on the same global batches
+    # the single-process core, round by round: round 2 starts at (X = 0 is) round 1's w(X)
     torch.manual_seed(cfg.seed)
     ref_model = model_from_config(cfg, splits)
-    steps = batches_per_epoch(len(splits.train), 32) * 2
-    twa = TWA.from_candidates(ref_model, store.read(), bits=8, granularity="tensor", lr=0.2,
-                              schedule=ScheduleSpec(cfg.twa.schedule, steps))
-    for epoch in range(2):
-        for x, y in loader_for(splits.train, ShardedBatchSampler(len(splits.train), 32, 0, 1, cfg.seed, epoch)):
-            ref_model.zero_grad()
-            nn.functional.cross_entropy(ref_model(x), y).backward()
-            twa.step()
-    torch.testing.assert_close(result.coefficients[0], twa.X.detach(), rtol=0, atol=1e-5)
+    layout = ParamLayout.from_model(ref_model)
+    blocks, candidates, center, ref_x = make_blocks(layout.numels, "tensor"), store.read(), None, []
+    for r, chosen in enumerate(([0, 1], [2, 3])):
+        proj = build_projection(candidates[chosen].clone(), blocks.sizes, "normalized", 8, center=center)
+        twa = TWA(ref_model, proj, len(blocks), lr=0.2, schedule=ScheduleSpec(cfg.twa.schedule, steps))
+        for epoch in range(2):
+            sampler = ShardedBatchSampler(len(splits.train), 32, 0, 1, cfg.seed, 1000 * r + epoch)
+            for x, y in loader_for(splits.train, sampler):
+                ref_model.zero_grad()
+                nn.functional.cross_entropy(ref_model(x), y).backward()
+                twa.step()
+        ref_x.append(twa.X.detach().clone())
+        center = flatten_params(ref_model)
+    assert len(result.coefficients) == 2 and ref_x[1].abs().sum() > 0
+    for got, want in zip(result.coefficients, ref_x):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(result.weights, flatten_params(ref_model), rtol=0, atol=1e-5)
-    assert [h["step"] for h in result.history] == [steps // 2, steps]
+    assert [h["step"] for h in result.history] == [steps // 2, steps] * 2  # steps within its round
 
     # each worker holds its rows: about half of the parameters and of the projection
-    rows = RowLayout(ParamLayout.from_model(ref_model), 2)
+    rows = RowLayout(layout, 2)
     assert result.param_bytes == [4 * rows.numel(r) for r in range(2)]
     assert sum(result.param_bytes) == 4 * store.num_params
-    assert sum(result.projection_bytes) == 4 * store.num_params  # 8 bits: one byte per value, 4 candidates
+    assert sum(result.projection_bytes) == 2 * store.num_params  # 8 bits: one byte per value, 2 candidates
     assert max(result.projection_bytes) <= 0.55 * sum(result.projection_bytes)
 
-
-@pytest.mark.ray
-def test_a_worker_lost_in_a_later_round_resumes_from_the_sharded_center(ray_local, tmp_path):
-    """Two rounds of two candidates: round 2's origin (round 1's w(X)) is in the checkpoints as
-    every rank's rows (DCP), not in rank 0's state file; a worker lost in round 2 resumes from
-    them and the run ends as an uninterrupted one."""
-    from twa_ray.distributed.checkpoints import load_checkpoint
-    from twa_ray.distributed.twa_train import run_twa
-
-    store = _ray_store(_ray_cfg(tmp_path), tmp_path / "store")
-    twa = {"candidates_per_round": 2, "checkpoint_every_steps": 2}
-    clean = run_twa(_ray_cfg(tmp_path / "clean", **twa), store.uri)
-    faulty_cfg = _ray_cfg(tmp_path / "faulty", **twa)
-    faulty_cfg.debug.fail_at_step = 11  # round 2 (8 steps a round): resumes from step 10's checkpoint
-    faulty = run_twa(faulty_cfg, store.uri)
-    assert (tmp_path / "faulty" / "debug" / "twa-failed-at-step-11").exists()
-    assert len(clean.coefficients) == len(faulty.coefficients) == 2
-    for a, b in zip(clean.coefficients, faulty.coefficients):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(faulty.weights, clean.weights, rtol=0, atol=1e-6)
-    assert clean.coefficients[1].abs().sum() > 0
-    folder = faulty.checkpoint_path
+    folder = result.checkpoint_path
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(folder))
     assert load_checkpoint(folder)["center"] is None  # rank 0 holds no (D,) vector
     center = read_sharded(folder, "center")  # its rows from both ranks: the final weights
-    layout = ParamLayout(tuple(store.names), tuple(map(tuple, store.shapes)))
-    torch.testing.assert_close(torch.cat([center[n].reshape(-1) for n in layout.names]), faulty.weights, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([center[n].reshape(-1) for n in layout.names]), result.weights, rtol=0, atol=0)
