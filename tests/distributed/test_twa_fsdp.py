@@ -204,9 +204,9 @@ def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_
     store = _ray_store(cfg, tmp_path / "store")
     steps = batches_per_epoch(len(splits.train), 32) * 2  # a round: 2 epochs
     assert steps == 8
-    cfg.debug.fail_at_step = 11  # round 2: resumes from step 10's checkpoint
+    cfg.debug.fail_at_step = 13  # round 2: resumes from the checkpoint at the end of its first epoch (step 12)
     result = run_twa(cfg, store.uri)
-    assert (tmp_path / "run" / "debug" / "twa-failed-at-step-11").exists()
+    assert (tmp_path / "run" / "debug" / "twa-failed-at-step-13").exists()
 
     # the single-process core, round by round: round 2 starts at (X = 0 is) round 1's w(X)
     torch.manual_seed(cfg.seed)

@@ -89,19 +89,6 @@ def test_two_workers_match_one_worker_and_the_core(ray_local, tmp_path, store_ur
     assert not any("select_acc" in h for h in one.history)
 
 
-def test_rounds_and_resume_after_a_lost_worker(ray_local, tmp_path, store_uri):
-    clean = run_twa(_cfg(tmp_path / "clean", workers=2, candidates_per_round=3), store_uri)
-    assert clean.rounds == [[0, 1, 2], [3, 4]]
-    assert [c.shape[0] for c in clean.coefficients] == [3, 2]
-    cfg = _cfg(tmp_path / "faulty", workers=2, candidates_per_round=3, checkpoint_every_steps=2)
-    cfg.debug.fail_at_step = 7
-    faulty = run_twa(cfg, store_uri)
-    assert (tmp_path / "faulty" / "run" / "debug" / "twa-failed-at-step-7").exists()
-    for a, b in zip(clean.coefficients, faulty.coefficients):
-        assert torch.allclose(a, b, atol=1e-6)
-    assert torch.allclose(clean.weights, faulty.weights, atol=1e-6)
-
-
 def test_candidate_rounds():
     assert candidate_rounds([0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
     assert candidate_rounds([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
