@@ -34,11 +34,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from twa_ray.planner.fsdp import fsdp_unit_sizes, wire_factor
 
 
 @dataclass
@@ -79,14 +81,6 @@ class Setting(ModelSetting):
 
         return TWAConfig(sharding=sharding, bits=self.bits, granularity=self.granularity, basis="normalized",
                          lr=self.lr, momentum=0.9, schedule="constant", grad_clip=self.grad_clip)
-
-
-def wire_factor(op: str, k: int) -> float:
-    """Bytes one of k ranks sends per byte it hands to ``op``, with ring algorithms: a
-    reduce-scatter of an N-byte input sends (k-1)/k N, an all-gather of an N-byte slice
-    (k-1) N, an all-reduce 2(k-1)/k N; a (pipelined) broadcast (k-1)/k N on average."""
-    return {"reduce_scatter": (k - 1) / k, "all_gather": k - 1, "all_reduce": 2 * (k - 1) / k,
-            "broadcast": (k - 1) / k}[op]
 
 
 def _totals(calls: list[tuple[str, int, float]]) -> dict:
@@ -470,6 +464,7 @@ def _speed_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: 
         "rank": rank, "world_size": k, "num_params": start.numel(), "step_s": step_s, "twa_update_s": update_s,
         "build_s": build_s, "first_step_weight_diff": first_diff, "first_step_weight_change": first_change,
         "param_bytes": {s: local_param_bytes(m) for s, m in models.items()},
+        "exchange": twas["blocks"].comm.exchange,  # twa.exchange: auto, as the runtime resolves it
         "projection_bytes": {s: t.projection.nbytes for s, t in twas.items()},
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -532,16 +527,6 @@ def variant_sharding(variant: str) -> str | None:
     if variant in SHARED_VARIANTS or variant.startswith("all_reduce_D"):
         return None
     return "fsdp" if variant in FSDP_TIMED_VARIANTS else "blocks"
-
-
-def fsdp_unit_sizes(names: Sequence[str], shapes: Sequence[Sequence[int]], k: int) -> dict[str, int]:
-    """FSDP2's units as ``distributed.fsdp.fsdp_wrap`` makes them (``planner.fsdp_units``, in
-    forward order; ``""`` = the root), each with the elements of its padded shard on every
-    rank: sum over its tensors of ceil(R_t/k) C_t (its all-gather input, 1/k of its reduce-scatter input)."""
-    from twa_ray.planner import fsdp_units
-    from twa_ray.store import fsdp_padded_numel
-
-    return {key: sum(fsdp_padded_numel(shapes[t], k) for t in ts) for key, ts in fsdp_units(names).items()}
 
 
 def bucket_variant(mb: float, asynchronous: bool) -> str:

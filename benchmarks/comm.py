@@ -30,7 +30,7 @@ every ``torch.distributed`` collective of a step is counted by wrapping those fu
 and again in the backward pass (FSDP2 reshards every unit but the root after forward) and a
 reduce-scatter of its gradient, then TWA's all-reduce of the n x L coefficient gradient (+ 8
 bytes for the gradient norm with --grad-clip). Predicted from the planner's FSDP2 plan
-(``planner.plan_fsdp``: the padded shards, ``fsdp_units``) by ``planned_fsdp_traffic``;
+(``planner.plan_fsdp``: the padded shards, ``fsdp_units``) by ``planner.planned_fsdp_traffic``;
 ``matches_plan`` says whether the count equals it (bytes and calls).
 
 Default model: CIFAR ResNet-18, n = 20, 4 bits, one block per tensor, global batch 16,
@@ -66,17 +66,14 @@ variant (null for the all-reduces of D and of the coefficient gradient, which bo
 from __future__ import annotations
 
 import argparse
-import math
 
 from _common import common_args, emit, machine, median, note, paired_ratio, utc_date
 from _dist import (
-    FSDP_TIMED_VARIANTS, SHARDINGS, TIMED_VARIANTS, CollectiveTiming, Setting, bucket_variant, fsdp_unit_sizes,
-    run_workers, setting_dict, slowest_rank_times, time_collectives, variant_sharding, wire_factor,
+    FSDP_TIMED_VARIANTS, SHARDINGS, TIMED_VARIANTS, CollectiveTiming, Setting, bucket_variant, run_workers,
+    setting_dict, slowest_rank_times, time_collectives, variant_sharding,
 )
 
-from twa_ray.core.blocks import make_blocks  # noqa: E402
-from twa_ray.planner import plan_capacity, plan_fsdp  # noqa: E402
-from twa_ray.planner.fsdp import ROOT_UNIT  # noqa: E402
+from twa_ray.planner import plan_capacity, plan_fsdp, planned_fsdp_traffic, wire_factor  # noqa: E402
 
 TARGET_RATIO = 1.05
 TARGET_TIME_RATIO = 1.1  # collective time of a TWA step / one all-reduce of D
@@ -157,30 +154,6 @@ def count_blocks(setting: Setting, k: int, mode: str) -> list[dict]:
             "machine": machine(),
         })
     return out
-
-
-def planned_fsdp_traffic(names, shapes, candidates: int, bits: int, k: int, granularity: str,
-                         grad_clip: bool = False) -> dict:
-    """The fsdp mode's traffic per step and worker, from the planner's FSDP2 plan.
-
-    With P = ``plan_fsdp(...).padded_coords`` (sum_t ceil(R_t/k) C_t, the padded shard every
-    rank holds) and P_root the root unit's part of it (0 when the root module holds no
-    parameters of its own): all-gathers of 4 (2P - P_root) bytes (every unit in forward, all
-    but the root again in backward), reduce-scatters of 4 k P, TWA's all-reduce of 4 n L
-    (+ 8, the squared gradient norm as one float64, with ``grad_clip``). Wire bytes per
-    ``_dist.wire_factor``. Returns {"payload", "wire": totals; "by_op": payload per op,
-    "calls": calls per op, "padded_coords", "units"}.
-    """
-    plan = plan_fsdp(names, shapes, candidates, bits, k, granularity)
-    units = fsdp_unit_sizes(names, shapes, k)
-    padded, root = plan.padded_coords, units.get(ROOT_UNIT, 0)
-    num_blocks = len(make_blocks([math.prod(s) for s in shapes], granularity))
-    by_op = {"all_gather": 4 * (2 * padded - root), "reduce_scatter": 4 * k * padded,
-             "all_reduce": 4 * candidates * num_blocks + (8 if grad_clip else 0)}
-    calls = {"all_gather": 2 * len(units) - (ROOT_UNIT in units), "reduce_scatter": len(units),
-             "all_reduce": 1 + bool(grad_clip)}
-    return {"payload": sum(by_op.values()), "wire": sum(wire_factor(op, k) * b for op, b in by_op.items()),
-            "by_op": by_op, "calls": calls, "padded_coords": padded, "units": len(units)}
 
 
 def count_fsdp(setting: Setting, k: int, mode: str) -> list[dict]:

@@ -65,6 +65,8 @@ def speed_records(name: str, setting: Setting, results: list[dict], mode: str) -
             "step_s": median(steps[sharding]), "min_step_s": min(steps[sharding]), "rounds": len(steps[sharding]),
             "twa_update_s": median(slowest(results, "twa_update_s", sharding)),
             "ratio_fsdp_to_blocks": ratio,
+            # how the blocks mode exchanged gradient and weights (twa.exchange: auto on this backend)
+            "exchange": results[0]["exchange"] if sharding == "blocks" else None,
             "build_s_per_worker": [r["build_s"][sharding] for r in results],
             "param_bytes_per_worker": [r["param_bytes"][sharding] for r in results],
             "projection_bytes_per_worker": [r["projection_bytes"][sharding] for r in results],

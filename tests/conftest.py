@@ -32,6 +32,48 @@ def tiny_mlp(seed: int = 0, bn: bool = False) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class UnevenNet(nn.Module):
+    """Linear(6, 5), tanh, Linear(5, 3) (times a (1,) ``gain`` when ``gain``), seeded by
+    ``seed``: rows 5, 5, 3, 3 (and 1 with gain): uneven row shards, and with gain a tensor
+    some ranks hold nothing of; over 2 ranks the (5, 6) weight is cut on dim 1 (3 columns
+    each). Input (B, 6), output (B, 3). At module level so that the processes
+    ``spawn_ranks`` starts can import it by name."""
+
+    def __init__(self, seed: int = 0, gain: bool = True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+        self.gain = nn.Parameter(torch.ones(1)) if gain else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(torch.tanh(self.hidden(x)))
+        return y if self.gain is None else y * self.gain
+
+
+def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "sharded", **twa_kwargs):
+    """Rank ``rank`` of ``world`` (a process group is up) as a blocks-mode worker: the
+    planner's small CNN (Fashion-MNIST shapes, seed 0), 4 candidates around it, this rank's
+    tensor blocks at ``bits``, over ``TorchCollectives``. Returns (net, twa, comm)."""
+    from twa_ray.core import TWA, flatten_params
+    from twa_ray.core.blocks import make_blocks, plan_shards
+    from twa_ray.core.params import ParamLayout
+    from twa_ray.core.projection import build_projection
+    from twa_ray.distributed.collectives import TorchCollectives
+    from twa_ray.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, 1, 28)
+    layout = ParamLayout.from_model(net)
+    cands = flatten_params(net) + 0.1 * torch.randn(4, layout.num_params)
+    blocks = make_blocks(layout.numels, "tensor")
+    shards = plan_shards(blocks, bits, world)
+    (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
+    proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", bits)
+    comm = TorchCollectives(shards.ranges, rank, world, exchange=exchange)
+    return net, TWA(net, proj, len(blocks), (l0, l1), collectives=comm, **twa_kwargs), comm
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
     if torch.cuda.is_available():

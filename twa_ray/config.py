@@ -24,6 +24,7 @@ from .core.blocks import parse_granularity
 from .core.quant import BITS
 from .core.row_shards import ROW_BASES
 from .core.schedules import OPTIMIZERS, SCHEDULES
+from .core.collectives import EXCHANGES
 from .core.projection import KERNELS
 from .core.subspace import BASES, RAW_BASES, check_start
 
@@ -156,6 +157,10 @@ class TWAConfig:
     # projection kernels: auto (native C++ on CPU where it builds, else eager), eager, native
     # or triton (CUDA; opt-in until measured on a GPU); twa_ray.core.projection says more
     kernel: str = "auto"
+    # how twa.sharding: blocks exchanges the gradient and the weights each step: auto (all_reduce
+    # on gloo, sharded elsewhere), sharded (reduce-scatter + all-gather) or all_reduce;
+    # twa_ray.distributed.collectives says why
+    exchange: str = "auto"
     checkpoint_every_steps: int | None = None  # besides each epoch
     cpus_per_worker: float | None = None  # None: as train.cpus_per_worker (Tune sweeps: 1)
     # how Ray places the workers (its placement group strategy): PACK fills a node first;
@@ -515,6 +520,9 @@ def sharding_problems(twa: TWAConfig) -> list[str]:
     if twa.select_eval:
         problems.append("'fsdp' does not support twa.select_eval (per-epoch selection scores); "
                         "use twa.sharding: blocks")
+    if twa.exchange != "auto":
+        problems.append(f"'fsdp' does not support twa.exchange: {twa.exchange} (FSDP2 makes its own "
+                        "collectives); use twa.sharding: blocks")
     return problems
 
 
@@ -528,6 +536,7 @@ def _validate(cfg: Config, where: str) -> list[str]:
     check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
     check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
     check(cfg.twa.kernel in KERNELS, "twa.kernel", f"{cfg.twa.kernel!r} is not one of {list(KERNELS)}")
+    check(cfg.twa.exchange in EXCHANGES, "twa.exchange", f"{cfg.twa.exchange!r} is not one of {list(EXCHANGES)}")
     errors += [f"{where}: twa.start: {problem}" for problem in _start_problems(cfg.twa)]
     errors += [f"{where}: twa.sharding: {problem}" for problem in sharding_problems(cfg.twa)]
     try:

@@ -110,9 +110,8 @@ def test_comm():
 def test_comm_time_smoke():
     sys.path.append(str(ROOT / "benchmarks"))
     from _dist import FSDP_TIMED_VARIANTS, TIMED_VARIANTS, bucket_variant
-    from comm import planned_fsdp_traffic
 
-    from twa_ray.planner import plan_capacity
+    from twa_ray.planner import plan_capacity, planned_fsdp_traffic
 
     records = run_benchmark("comm", "--time", "--smoke")
     by = {r["variant"]: r for r in records}
@@ -147,6 +146,7 @@ def test_sharding_speed_smoke():
         assert 0 < r["first_step_weight_change"] and r["first_step_weight_diff"] <= 1e-4 * r["first_step_weight_change"]
     assert blocks["param_bytes_per_worker"] == [4 * d, 4 * d]  # a full replica each
     assert sum(fsdp["param_bytes_per_worker"]) == 4 * d  # FSDP2's row shards
+    assert (blocks["exchange"], fsdp["exchange"]) == ("all_reduce", None)  # twa.exchange: auto on gloo
 
 
 def test_scaling():

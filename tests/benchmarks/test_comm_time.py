@@ -15,6 +15,8 @@ from _dist import (  # noqa: E402
     FSDP_TIMED_VARIANTS, TIMED_VARIANTS, CollectiveTiming, DistCounter, Setting, bucket_variant, slowest_rank_times,
 )
 
+from twa_ray.planner import planned_fsdp_traffic  # noqa: E402
+
 
 def rank_result(rank: int, times: dict) -> dict:
     return {"rank": rank, "world_size": 2, "num_params": 1000, "num_blocks": 3, "coords": 600, "padded_length": 600,
@@ -53,17 +55,17 @@ def test_fsdp_traffic_is_every_unit_gathered_twice_but_the_root_and_scattered_on
     # units: the root ("w", 3 values) and "a" (6 x 5 weight, 5 bias); k = 2 pads 3 -> 2 + 2 and 5 -> 3 + 3
     names, shapes = ["w", "a.weight", "a.bias"], [(3,), (6, 5), (5,)]
     padded, root = 2 + 3 * 5 + 3, 2
-    plan = comm.planned_fsdp_traffic(names, shapes, 2, 8, 2, "tensor")  # n = 2 candidates, L = 3 blocks
+    plan = planned_fsdp_traffic(names, shapes, 2, 8, 2, "tensor")  # n = 2 candidates, L = 3 blocks
     assert plan["padded_coords"] == padded and plan["units"] == 2
     assert plan["by_op"] == {"all_gather": 4 * (2 * padded - root), "reduce_scatter": 4 * 2 * padded,
                              "all_reduce": 4 * 6}
     assert plan["calls"] == {"all_gather": 3, "reduce_scatter": 2, "all_reduce": 1}
     # ring wire bytes with k = 2: all-gather sends its slice once, reduce-scatter half its input, all-reduce its input
     assert plan["wire"] == 4 * (2 * padded - root) + 4 * padded + 4 * 6
-    clipped = comm.planned_fsdp_traffic(names, shapes, 2, 8, 2, "tensor", grad_clip=True)
+    clipped = planned_fsdp_traffic(names, shapes, 2, 8, 2, "tensor", grad_clip=True)
     assert clipped["by_op"]["all_reduce"] == 4 * 6 + 8 and clipped["calls"]["all_reduce"] == 2
     # four ranks: 3 -> 1, 1, 1, 0 (padded 1); 6 rows of 5 -> 2, 2, 2, 0 (padded 2 x 5); 5 -> 2, 2, 1, 0 (padded 2)
-    assert comm.planned_fsdp_traffic(names, shapes, 2, 8, 4, "tensor")["padded_coords"] == 1 + 2 * 5 + 2
+    assert planned_fsdp_traffic(names, shapes, 2, 8, 4, "tensor")["padded_coords"] == 1 + 2 * 5 + 2
 
 
 def test_fsdp_time_records_carry_their_mode_and_payload():
@@ -88,10 +90,11 @@ def test_sharding_speed_records_take_the_slowest_worker_and_pair_the_rounds():
         return {"num_params": 100, "step_s": {"blocks": blocks, "fsdp": fsdp},
                 "twa_update_s": {"blocks": [0.1, 0.1], "fsdp": [0.2, 0.3]}, "build_s": {"blocks": 1.0, "fsdp": 2.0},
                 "param_bytes": {"blocks": 400, "fsdp": 200}, "projection_bytes": {"blocks": 30, "fsdp": 25},
-                "first_step_weight_diff": diff, "first_step_weight_change": 0.5}
+                "first_step_weight_diff": diff, "first_step_weight_change": 0.5, "exchange": "all_reduce"}
     results = [worker([1.0, 2.0], [1.5, 2.0], 1e-8), worker([1.2, 1.0], [1.0, 3.0], 2e-8)]
     blocks, fsdp = sharding_speed.speed_records("m", Setting(steps=2), results, "smoke")
     assert (blocks["sharding"], fsdp["sharding"]) == ("blocks", "fsdp")
+    assert (blocks["exchange"], fsdp["exchange"]) == ("all_reduce", None)
     # slowest worker per round: blocks 1.2, 2.0; fsdp 1.5, 3.0 -> ratios 1.25, 1.5
     assert blocks["step_s"] == pytest.approx(1.6) and fsdp["step_s"] == pytest.approx(2.25)
     assert blocks["ratio_fsdp_to_blocks"] == fsdp["ratio_fsdp_to_blocks"] == pytest.approx(1.375)

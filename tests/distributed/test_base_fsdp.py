@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import UnevenNet
 from twa_ray.config import ConfigError, config_from_dict
 from twa_ray.core.params import ParamLayout
 from twa_ray.distributed.base_fsdp import RowCandidateWriter, checkpoint_shards, load_checkpoint_shards, loss_scale
 from twa_ray.distributed.checkpoints import read_sharded, save_sharded
-from twa_ray.distributed.fsdp import fsdp_wrap, local_rows, local_shard, shard_like
+from twa_ray.distributed.fsdp import fsdp_wrap, local_rows, local_shard
 from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.store import CandidateStore
 
@@ -42,7 +43,7 @@ def test_lockstep_evaluation_makes_as_many_forward_passes_on_every_rank():
     from twa_ray.distributed.worker import evaluate_across_ranks
 
     data = TensorDataset(torch.randn(5, 6), torch.randint(0, 3, (5,)))
-    model, calls = _Net(), []
+    model, calls = UnevenNet(gain=False), []
     model.register_forward_hook(lambda *_: calls.append(1))
     plain = evaluate(model, data, batch_size=2)
     assert len(calls) == 3
@@ -64,20 +65,6 @@ def test_rows_of_plain_tensors():
     full = torch.arange(15.0).view(5, 3)
     assert torch.equal(local_rows(full, 0, 2), full[:3]) and torch.equal(local_rows(full, 1, 2), full[3:])
     assert local_rows(full, 3, 4).shape == (0, 3)  # 5 rows in chunks of 2: rank 3 holds none
-    assert torch.equal(shard_like(full, torch.zeros(5, 3)), full)  # not sharded: the tensor itself
-
-
-class _Net(nn.Module):
-    """Rows 5, 5, 3 and 3: uneven row shards."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.hidden = nn.Linear(6, 5)
-        self.out = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.hidden(x)))
 
 
 def _steps(model, optimizer, rank=0, world=1, steps=3):
@@ -106,7 +93,7 @@ class _Decides:
 
 
 def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
-    model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+    model = fsdp_wrap(UnevenNet(gain=False), world, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _steps(model, optimizer, rank, world)
     ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
@@ -130,11 +117,11 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
 
 
 def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
-    store = CandidateStore.create_for_model(str(tmp_path / "store"), _Net())
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), UnevenNet(gain=False))
     spawn_ranks(_rank_main, WORLD, str(tmp_path), store.uri)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    ref = _Net()  # the same steps in one process
+    ref = UnevenNet(gain=False)  # the same steps in one process
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     _steps(ref, opt)
     model, optimizer = read_sharded(tmp_path / "checkpoint", "model"), read_sharded(tmp_path / "checkpoint", "optimizer")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import UnevenNet
 from twa_ray.core.params import ParamLayout
 from twa_ray.distributed.base_fsdp import checkpoint_shards, load_checkpoint_shards, loss_scale
 from twa_ray.distributed.checkpoints import is_sharded, load_sharded, read_sharded, save_sharded
@@ -18,20 +19,6 @@ from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.distributed.twa_fsdp import RowLayout, center_shards, gather_rows, own_rows
 
 SAVED_BY, RESUMED_BY = 2, 3
-
-
-class _Net(nn.Module):
-    """Rows 5, 5, 3, 3 and 1: uneven shards, and a tensor some ranks hold nothing of."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.hidden = nn.Linear(6, 5)
-        self.out = nn.Linear(5, 3)
-        self.gain = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.hidden(x))) * self.gain
 
 
 def _steps(model, optimizer, first, last, rank=0, world=1):
@@ -46,12 +33,12 @@ def _steps(model, optimizer, first, last, rank=0, world=1):
 
 
 def _vector():
-    """A (D,) vector of _Net's size: TWA's center."""
-    return torch.arange(ParamLayout.from_model(_Net()).num_params, dtype=torch.float32) / 7.0
+    """A (D,) vector of UnevenNet's size: TWA's center."""
+    return torch.arange(ParamLayout.from_model(UnevenNet()).num_params, dtype=torch.float32) / 7.0
 
 
 def _save_main(rank: int, world: int, out: str) -> None:
-    model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+    model = fsdp_wrap(UnevenNet(), world, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     _steps(model, optimizer, 0, 3, rank, world)
     ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]
@@ -63,7 +50,7 @@ def _save_main(rank: int, world: int, out: str) -> None:
 
 
 def _resume_main(rank: int, world: int, out: str) -> None:
-    model = fsdp_wrap(_Net(seed=1), world, torch.device("cpu"))  # other weights until loaded
+    model = fsdp_wrap(UnevenNet(seed=1), world, torch.device("cpu"))  # other weights until loaded
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
     groups = torch.load(f"{out}/groups.pt", weights_only=True)
     ema = load_checkpoint_shards(f"{out}/merged", model, optimizer, groups)
@@ -92,7 +79,7 @@ def test_every_rank_saves_its_own_shards_and_one_process_reads_them_whole(merged
     assert sorted(os.listdir(merged / "rank0")) == [".metadata", "__0_0.distcp"]
     assert sorted(os.listdir(merged / "rank1")) == ["__1_0.distcp"]  # rank 1's shards only
     assert is_sharded(merged / "merged") and not is_sharded(merged / "rank1")
-    ref = _Net()
+    ref = UnevenNet()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     _steps(ref, opt, 0, 3)
     model, momentum = read_sharded(merged / "merged", "model"), read_sharded(merged / "merged", "optimizer")
@@ -112,7 +99,7 @@ def test_three_ranks_resume_from_two_ranks_shards_exactly(merged):
     end where the uninterrupted single process does."""
     spawn_ranks(_resume_main, RESUMED_BY, str(merged))
     got = [torch.load(merged / f"resumed{r}.pt", weights_only=True) for r in range(RESUMED_BY)]
-    ref = _Net()
+    ref = UnevenNet()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     _steps(ref, opt, 0, 3)
     at_checkpoint = [p.detach().clone() for p in ref.parameters()]

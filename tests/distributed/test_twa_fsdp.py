@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import UnevenNet
 from twa_ray.config import ConfigError, TWAConfig, config_from_dict
 from twa_ray.core import TWA, ScheduleSpec, flatten_params
 from twa_ray.core.blocks import make_blocks
@@ -29,21 +30,6 @@ CASES = [
     (32, "orthonormal", "tensor", None),
     (2, "orthonormal-global", "model", None),
 ]
-
-
-class _Net(nn.Module):
-    """Rows 5, 5, 3, 3 and 1: uneven row shards, and a tensor rank 1 holds nothing of; the (5, 6)
-    weight is cut on dim 1 (3 columns each)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.hidden = nn.Linear(6, 5)
-        self.out = nn.Linear(5, 3)
-        self.gain = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.hidden(x))) * self.gain
 
 
 def _cfg(bits, basis, granularity, grad_clip) -> TWAConfig:
@@ -72,7 +58,7 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     store = CandidateStore.open(store_uri)
     results = []
     for case in CASES:
-        model = fsdp_wrap(_Net(), world, torch.device("cpu"))
+        model = fsdp_wrap(UnevenNet(), world, torch.device("cpu"))
         twa = build_fsdp_twa(model, store, store.candidate_indices(), _cfg(*case), STEPS, rank, world).twa
         _train(model, twa, rank, world)
         grads = [p.grad.to_local() for p in model.parameters()]
@@ -89,7 +75,7 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory):
     """Five candidates around the net's initial weights; the gain is the same in all of them."""
-    model = _Net()
+    model = UnevenNet()
     store = CandidateStore.create_for_model(str(tmp_path_factory.mktemp("fsdp") / "store"), model)
     gen = torch.Generator().manual_seed(1)
     base = flatten_params(model)
@@ -110,7 +96,7 @@ def two_ranks(tmp_path_factory, store_uri):
 def _reference(store_uri, case):
     """The same TWA in one process with the core API."""
     cfg = _cfg(*case)
-    model = _Net()
+    model = UnevenNet()
     twa = TWA.from_candidates(
         model, CandidateStore.open(store_uri).read(), bits=cfg.bits, granularity=cfg.granularity, basis=cfg.basis,
         optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, grad_clip=cfg.grad_clip,
@@ -124,7 +110,7 @@ def _reference(store_uri, case):
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_coefficients_and_weights_equal_the_one_process_core(two_ranks, store_uri, case):
     ref, q = _reference(store_uri, CASES[case])
-    rows = RowLayout(ParamLayout.from_model(_Net()), WORLD)
+    rows = RowLayout(ParamLayout.from_model(UnevenNet()), WORLD)
     assert ref.X.abs().sum() > 0
     for rank, results in enumerate(two_ranks):
         got = results[case]
@@ -135,7 +121,7 @@ def test_coefficients_and_weights_equal_the_one_process_core(two_ranks, store_ur
 
 
 def test_each_rank_holds_its_rows_of_model_gradient_and_projection(two_ranks):
-    layout = ParamLayout.from_model(_Net())
+    layout = ParamLayout.from_model(UnevenNet())
     rows = RowLayout(layout, WORLD)
     assert [rows.numel(r) for r in range(WORLD)] == [5 * 3 + 3 + 2 * 5 + 2 + 1, 5 * 3 + 2 + 1 * 5 + 1 + 0]
     for case, (bits, _, granularity, _) in enumerate(CASES):
@@ -154,6 +140,8 @@ def test_fsdp_refuses_what_it_does_not_support():
         config_from_dict({"twa": {**base["twa"], "basis": "checkpoints"}})
     with pytest.raises(ConfigError, match="twa.sharding: 'fsdp' does not support twa.select_eval"):
         config_from_dict({"twa": {**base["twa"], "select_eval": True}})
+    with pytest.raises(ConfigError, match="twa.sharding: 'fsdp' does not support twa.exchange: all_reduce"):
+        config_from_dict({"twa": {**base["twa"], "exchange": "all_reduce"}})
     with pytest.raises(ConfigError, match="twa.sharding: 'rows' is not one of"):
         config_from_dict({"twa": {"sharding": "rows"}})
     assert config_from_dict({}).twa.sharding == "blocks"

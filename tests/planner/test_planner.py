@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, small_cnn_shard_twa
 from twa_ray.__main__ import main as cli
 from twa_ray.core import flatten_params
 from twa_ray.core.blocks import make_blocks, plan_shards
@@ -71,20 +71,8 @@ def test_traffic_from_padded_shards():
 
 def _traffic_worker(rank, world, grad_clip, out_dir):
     """One rank of a real sharded TWA step (TorchCollectives on gloo): bytes_sent of the step."""
-    from twa_ray.core import TWA
-    from twa_ray.distributed.collectives import TorchCollectives
-
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = build_model("small_cnn", 10, 1, 28)
-    layout = ParamLayout.from_model(net)
-    cands = flatten_params(net) + 0.1 * torch.randn(4, layout.num_params)
-    blocks = make_blocks(layout.numels, "tensor")
-    shards = plan_shards(blocks, 4, world)
-    (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
-    proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", 4)
-    comm = TorchCollectives(shards.ranges, rank, world)
-    twa = TWA(net, proj, len(blocks), (l0, l1), collectives=comm, grad_clip=1.0 if grad_clip else None)
+    net, twa, comm = small_cnn_shard_twa(rank, world, 4, grad_clip=1.0 if grad_clip else None)
     before = comm.bytes_sent
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(net(x), y).backward()

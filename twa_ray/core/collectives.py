@@ -11,6 +11,10 @@ from typing import Protocol, Sequence
 import torch
 
 
+# twa.exchange: how a sharded step moves its gradient and weights (twa_ray.distributed.collectives)
+EXCHANGES = ("auto", "sharded", "all_reduce")
+
+
 class Collectives(Protocol):
     rank: int
     world_size: int
@@ -18,6 +22,7 @@ class Collectives(Protocol):
 
     def reduce_scatter_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """(D,) local vector -> (end_r - start_r,) sum over ranks of this rank's range.
+        ``flat`` is scratch: an implementation may overwrite it.
 
         Workers scale their local loss by local/global batch size, so the sum is the
         gradient of the global batch's mean loss.

@@ -4,7 +4,7 @@
 parameter becomes a DTensor of which rank r holds its part ``store.fsdp_shard(shape, r, k)``
 (indices of one dim, ``Shard(store.fsdp_shard_dim(shape, k))``: dim 0 unless k does not
 divide it; its local shard, ``local_shard``). The rest moves state between that layout and
-full tensors: ``gather_full`` (candidates on object stores), ``shard_like`` / ``local_rows``,
+full tensors: ``gather_full`` (candidates on object stores), ``local_rows``,
 ``sharded_by_name`` (a rank's state as DTensors for DCP checkpoints), and
 ``broadcast_buffers`` (the unsharded buffers, as DDP keeps them).
 """
@@ -74,23 +74,6 @@ def local_rows(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     shape ``local_shape``, not contiguous when cut on a dim > 0."""
     part = fsdp_shard(full.shape, rank, world)
     return full.narrow(part.dim, part.start, part.end - part.start)
-
-
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` (``param``'s full shape) laid out like ``param``: a DTensor holding this rank's
-    part (``local_rows``) on ``param``'s device when ``param`` is one, else ``full`` on its device. No communication."""
-    if not hasattr(param, "device_mesh"):
-        return full.to(param.device)
-    from torch.distributed.tensor import DTensor
-
-    mesh = param.device_mesh
-    dim = fsdp_shard(full.shape, mesh.get_local_rank(), mesh.size()).dim
-    if [getattr(p, "dim", None) for p in param.placements] != [dim]:
-        raise ValueError(f"parameter of shape {list(param.shape)} is placed {param.placements}, not Shard({dim}) "
-                         "as fsdp_wrap places it")
-    rows = local_rows(full, mesh.get_local_rank(), mesh.size()).to(param.device).clone(
-        memory_format=torch.contiguous_format)
-    return DTensor.from_local(rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
 
 
 def sharded_by_name(model: nn.Module, local: list[torch.Tensor]) -> dict[str, torch.Tensor]:

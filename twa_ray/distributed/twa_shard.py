@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import TWAConfig
@@ -18,7 +19,7 @@ from ..core.params import ParamLayout
 from ..core.projection import build_projection
 from ..core.collectives import LocalCollectives
 from ..store import CandidateStore, parameter_mismatch
-from .collectives import TorchCollectives
+from .collectives import TorchCollectives, resolve_exchange
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ def build_shard_twa(
     l0, l1 = plan.block_runs[rank]
     start, end = plan.ranges[rank]
     device = next(model.parameters()).device
-    comm = LocalCollectives(layout.num_params) if world_size == 1 else TorchCollectives(plan.ranges, rank, world_size)
+    if world_size == 1:
+        comm = LocalCollectives(layout.num_params)
+    else:
+        exchange = resolve_exchange(cfg.exchange, dist.get_backend())
+        comm = TorchCollectives(plan.ranges, rank, world_size, exchange=exchange)
     w = store.read(columns=list(range(t0, t1)), candidates=candidate_indices).to(device)  # (n, end - start)
     proj = build_projection(
         w, blocks.sizes[l0:l1], cfg.basis, cfg.bits, all_reduce=comm.all_reduce_sum,
@@ -77,7 +82,8 @@ def build_shard_twa(
         schedule=ScheduleSpec(kind=cfg.schedule, total_steps=max(1, total_steps), warmup_frac=cfg.warmup,
                               epochs=cfg.epochs),
     )
-    log.debug("rank %d: blocks %d-%d, %d coordinates, %d projection bytes", rank, l0, l1, end - start, proj.nbytes)
+    log.debug("rank %d: blocks %d-%d, %d coordinates, %d projection bytes, exchange %s", rank, l0, l1, end - start,
+              proj.nbytes, getattr(comm, "exchange", "local"))
     return ShardSetup(twa, blocks, plan, list(candidate_indices))
 
 

@@ -187,8 +187,10 @@ def _start_round(w: _Worker, run: TWARunState, r: int) -> TWA:
     nbytes[0, w.rank], nbytes[1, w.rank] = twa.projection.nbytes, local_param_bytes(w.model)
     run.projection_bytes, run.param_bytes = ([int(v) for v in row] for row in all_reduce_sum(nbytes, w.device).tolist())
     if w.rank == 0:
-        log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s, parameter bytes %s",
-                 r + 1, len(w.rounds), len(w.rounds[r]), len(setup.blocks), run.projection_bytes, run.param_bytes)
+        exchange = getattr(twa.comm, "exchange", None)  # blocks mode on 2+ workers: how the step exchanges
+        log.info("TWA round %d/%d: %d candidates, %d blocks, projection bytes per worker %s, parameter bytes %s%s",
+                 r + 1, len(w.rounds), len(w.rounds[r]), len(setup.blocks), run.projection_bytes, run.param_bytes,
+                 f", exchange {exchange}" if exchange else "")
     return twa
 
 

@@ -1,4 +1,5 @@
-"""The FSDP2 mode (``twa.sharding: fsdp``) in the capacity planner: memory per worker.
+"""The FSDP2 mode (``twa.sharding: fsdp``) in the capacity planner: memory per worker (and
+collective traffic per step, :func:`planned_fsdp_traffic`).
 
 Every rank's TWA shard is its FSDP2 shard of every parameter (:func:`twa_ray.store.rows.fsdp_shard`,
 as ``distributed.fsdp.fsdp_wrap`` places it): indices of dim 0, or of the first dim k divides
@@ -61,6 +62,13 @@ def fsdp_units(names: Sequence[str]) -> dict[str, list[int]]:
     for t, name in enumerate(names):
         units.setdefault(unit_of(name), []).append(t)
     return units
+
+
+def fsdp_unit_sizes(names: Sequence[str], shapes: Sequence[Sequence[int]], k: int) -> dict[str, int]:
+    """FSDP2's units as ``distributed.fsdp.fsdp_wrap`` makes them (:func:`fsdp_units`, in
+    forward order; ``""`` = the root), each with the elements of its padded shard on every
+    rank: sum over its tensors of ceil(R_t/k) C_t (its all-gather input, 1/k of its reduce-scatter input)."""
+    return {key: sum(fsdp_padded_numel(shapes[t], k) for t in ts) for key, ts in fsdp_units(names).items()}
 
 
 @dataclass
@@ -144,8 +152,8 @@ def plan_fsdp(
     mem = _memory(shapes, candidates, bits, workers, granularity, states)
     single = _memory(shapes, candidates, bits, 1, granularity, states)
     k = workers
-    units = fsdp_units(names)
-    unit_bytes = {key: FLOAT * k * sum(fsdp_padded_numel(shapes[t], k) for t in ts) for key, ts in units.items()}
+    units = fsdp_unit_sizes(names, shapes, k)
+    unit_bytes = {key: FLOAT * k * m for key, m in units.items()}
     largest = max(unit_bytes, key=lambda key: unit_bytes[key])
     transient = TRANSIENT_UNITS * unit_bytes[largest]
     even = single["total"][0] / k
@@ -161,6 +169,43 @@ def plan_fsdp(
         largest_over_even_share=max(mem["total"]) / even,
         sharded_imbalance=max(_sharded(mem, r) for r in range(k)) / even_sharded,
     )
+
+
+def wire_factor(op: str, k: int) -> float:
+    """Bytes one of k ranks sends per byte it hands to ``op``, with ring algorithms: a
+    reduce-scatter of an N-byte input sends (k-1)/k N, an all-gather of an N-byte slice
+    (k-1) N, an all-reduce 2(k-1)/k N; a (pipelined) broadcast (k-1)/k N on average."""
+    return {"reduce_scatter": (k - 1) / k, "all_gather": k - 1, "all_reduce": 2 * (k - 1) / k,
+            "broadcast": (k - 1) / k}[op]
+
+
+def planned_fsdp_traffic(names: Sequence[str], shapes: Sequence[Sequence[int]], candidates: int, bits: int, k: int,
+                         granularity: str, grad_clip: bool = False) -> dict:
+    """The FSDP2 mode's collective traffic per TWA step and worker, from :func:`plan_fsdp`.
+
+    With P = ``plan_fsdp(...).padded_coords`` (sum_t ceil(R_t/k) C_t, the padded shard every
+    rank holds) and P_root the root unit's part of it (0 when the root module holds no
+    parameters of its own): all-gathers of 4 (2P - P_root) bytes (every unit in forward, all
+    but the root again in backward), reduce-scatters of 4 k P, TWA's all-reduce of 4 n L
+    (+ 8, the squared gradient norm as one float64, with ``grad_clip``); n = ``candidates``,
+    L = the number of blocks of ``granularity``.
+
+    Returns:
+        {"payload": bytes handed to the collectives (int), "wire": bytes sent with ring
+        algorithms (float, :func:`wire_factor`), "by_op": {"all_gather", "reduce_scatter",
+        "all_reduce"} -> payload bytes, "calls": the same ops -> number of calls,
+        "padded_coords": P (elements), "units": the number of FSDP units}.
+    """
+    plan = plan_fsdp(names, shapes, candidates, bits, k, granularity)
+    units = fsdp_unit_sizes(names, shapes, k)
+    padded, root = plan.padded_coords, units.get(ROOT_UNIT, 0)
+    num_blocks = len(make_blocks([math.prod(s) for s in shapes], granularity))
+    by_op = {"all_gather": FLOAT * (2 * padded - root), "reduce_scatter": FLOAT * k * padded,
+             "all_reduce": FLOAT * candidates * num_blocks + (8 if grad_clip else 0)}
+    calls = {"all_gather": 2 * len(units) - (ROOT_UNIT in units), "reduce_scatter": len(units),
+             "all_reduce": 1 + bool(grad_clip)}
+    return {"payload": sum(by_op.values()), "wire": sum(wire_factor(op, k) * b for op, b in by_op.items()),
+            "by_op": by_op, "calls": calls, "padded_coords": padded, "units": len(units)}
 
 
 IMBALANCE_WORKERS = (2, 4, 8)
