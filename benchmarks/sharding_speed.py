@@ -8,8 +8,9 @@ with T torch threads (default 1: k = 2 uses both cores of a 2-core machine). Eac
 in both modes on the same candidates (one candidate store), with the runtime's builders:
 ``build_shard_twa`` on a full model replica (blocks) and ``build_fsdp_twa`` on the model
 wrapped by ``fsdp_wrap`` (fsdp). A step is forward + backward + ``twa.step()``, with every
-collective of the mode (blocks: TWA's reduce-scatter, n x L all-reduce and all-gather; fsdp:
-FSDP2's per-unit all-gathers and reduce-scatters and the n x L all-reduce), on a fixed global
+collective of the mode (blocks: TWA's gradient and weight exchange as ``twa.exchange: auto``
+picks it for the backend, and the n x L all-reduce; fsdp: FSDP2's per-unit all-gathers and
+reduce-scatters and the n x L all-reduce), on a fixed global
 batch split across the workers. The two modes' steps alternate round by round (which one goes
 first alternates too), after one warm-up round; a step's time is its slowest worker's. Per model
 and mode one JSON line: ``step_s`` (median over rounds), ``ratio_fsdp_to_blocks`` (median of
