@@ -496,11 +496,13 @@ class CollectiveTiming(ModelSetting):
 # variant -> what one call does (every time is of one such call, on every rank)
 TIMED_VARIANTS = {
     "all_reduce_D": "one all-reduce of the D float32 values (data-parallel SGD's gradient all-reduce)",
-    "twa_step": "one TWA step's collectives as the library makes them: reduce-scatter of the (padded) D-vector, "
-                "all-reduce of the n x L coefficient gradient, all-gather of the (padded) weight slices",
+    "twa_step": "one TWA step's collectives as the library makes them with twa.exchange: sharded: reduce-scatter "
+                "of the (padded) D-vector, all-reduce of the n x L coefficient gradient, all-gather of the (padded) "
+                "weight slices",
     "twa_step_ar_slice": "the same step with an all-reduce of D + this rank's slice in place of the reduce-scatter",
-    "twa_step_all_reduce_only": "the same step with all-reduces only: of D + a slice in place of the reduce-scatter, "
-                                "and of a zeroed D-vector holding this rank's slice in place of the all-gather",
+    "twa_step_all_reduce_only": "the same step with twa.exchange: all_reduce (the library's default on gloo): "
+                                "all-reduces of D + a slice in place of the reduce-scatter, and of a zeroed "
+                                "D-vector holding this rank's slice in place of the all-gather",
     "reduce_scatter": "the step's reduce-scatter alone",
     "all_gather": "the step's all-gather alone",
     "all_gather_via_all_reduce": "an all-reduce of a zeroed D-vector holding this rank's slice, "
@@ -563,15 +565,14 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
     flat = torch.zeros(d, device=device)
     buckets = {mb: _bucket_views(flat, mb) for mb in timing.bucket_mb}
 
+    # twa.exchange: all_reduce, as the library makes it (grad_ar is zeros: summing in place keeps it so)
+    comm_ar = TorchCollectives(plan.ranges, rank, k, exchange="all_reduce") if with_blocks else None
+
     def all_reduce_slice() -> torch.Tensor:
-        dist.all_reduce(grad_ar)
-        return grad_ar[start:end]
+        return comm_ar.reduce_scatter_sum(grad_ar)
 
     def all_gather_via_all_reduce() -> torch.Tensor:
-        weights.zero_()
-        weights[start:end] = own
-        dist.all_reduce(weights)
-        return weights
+        return comm_ar.all_gather(own, weights)
 
     def step(first: Callable[[], torch.Tensor],
              gather: Callable[[], torch.Tensor] = lambda: comm.all_gather(own, weights)) -> Callable[[], None]:

@@ -47,7 +47,8 @@ the shapes of the model's shard plan) and, in the same interleaved rounds on the
 backend, one all-reduce of D floats and the alternatives:
 - ``twa_step_ar_slice``: an all-reduce of D plus a local slice in place of the reduce-scatter;
 - ``twa_step_all_reduce_only``: also the all-gather as an all-reduce of a zeroed D-vector
-  that holds this rank's slice (``all_gather_via_all_reduce`` alone);
+  that holds this rank's slice (``all_gather_via_all_reduce`` alone): the step as the library
+  makes it with ``twa.exchange: all_reduce``, the default on gloo (``twa_step``: ``sharded``);
 - ``all_reduce_D_buckets_<MB>MB_{sync,async}``: the all-reduce of D as buckets of that
   size, one after the other or all in flight at once (as DistributedDataParallel issues them);
 - each of the step's three collectives alone.
@@ -74,6 +75,7 @@ from _dist import (
 )
 
 from twa_ray.planner import plan_capacity, plan_fsdp, planned_fsdp_traffic, wire_factor  # noqa: E402
+from twa_ray.distributed.collectives import resolve_exchange  # noqa: E402
 
 TARGET_RATIO = 1.05
 TARGET_TIME_RATIO = 1.1  # collective time of a TWA step / one all-reduce of D
@@ -223,6 +225,10 @@ def fsdp_payload_bytes(variant: str, padded: int, root_padded: int, k: int, coef
             "fsdp_reduce_scatters": rs}[variant]
 
 
+# the blocks step's timed variants, by the twa.exchange whose collectives each one makes
+STEP_EXCHANGES = {"twa_step": "sharded", "twa_step_all_reduce_only": "all_reduce"}
+
+
 def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> list[dict]:
     """One record per timed variant from the ranks' results (``_dist.time_collectives``)."""
     times = slowest_rank_times(results)
@@ -254,7 +260,10 @@ def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> li
             "median_s": median(t), "min_s": min(t), "rounds": len(t),
             "ratio_to_all_reduce_D": paired_ratio(t, ref),
         }
-        if variant in ("twa_step", "fsdp_step"):
+        if variant in STEP_EXCHANGES:  # the blocks step as each twa.exchange makes it
+            record.update(exchange=STEP_EXCHANGES[variant],
+                          default_exchange=resolve_exchange("auto", timing.backend) == STEP_EXCHANGES[variant])
+        if variant in (*STEP_EXCHANGES, "fsdp_step"):
             record.update(target_ratio=TARGET_TIME_RATIO,
                           meets_target=record["ratio_to_all_reduce_D"] <= TARGET_TIME_RATIO)
         if variant == "twa_step":
@@ -276,8 +285,10 @@ def time_table(records: list[dict]) -> str:
              f"{'variant':<36} {'ms':>9} {'x all-reduce(D)':>16}"]
     for r in records:
         lines.append(f"{r['variant']:<36} {1e3 * r['median_s']:>9.2f} {r['ratio_to_all_reduce_D']:>16.3f}")
-    for step in (r for r in records if r["variant"] in ("twa_step", "fsdp_step")):
-        lines.append(f"target: {step['variant']} <= {step['target_ratio']} x all-reduce(D): "
+    for step in (r for r in records if "target_ratio" in r):
+        how = f" (twa.exchange: {step['exchange']}{', the default here' if step['default_exchange'] else ''})" \
+            if "exchange" in step else ""
+        lines.append(f"target: {step['variant']}{how} <= {step['target_ratio']} x all-reduce(D): "
                      f"{'met' if step['meets_target'] else 'not met'} ({step['ratio_to_all_reduce_D']:.3f})")
     return "\n".join(lines)
 

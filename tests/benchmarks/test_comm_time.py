@@ -47,7 +47,13 @@ def test_a_collective_takes_its_slowest_rank_and_ratios_pair_the_rounds():
     assert records["twa_step_all_reduce_only"]["payload_bytes"] == 4 * (2000 + 15)
     assert records[bucket_variant(0.001, True)]["payload_bytes"] == 4000
     assert "4 buckets of <= 0.001 MB, all in flight" in records[bucket_variant(0.001, True)]["description"]
-    assert "twa_step <= 1.1 x all-reduce(D): not met (1.500)" in comm.time_table(list(records.values()))
+    table = comm.time_table(list(records.values()))
+    assert "twa_step (twa.exchange: sharded) <= 1.1 x all-reduce(D): not met (1.500)" in table
+    # gloo's default exchange, marked as such
+    assert (step["exchange"], step["default_exchange"]) == ("sharded", False)
+    all_reduce_step = records["twa_step_all_reduce_only"]
+    assert (all_reduce_step["exchange"], all_reduce_step["default_exchange"]) == ("all_reduce", True)
+    assert "twa_step_all_reduce_only (twa.exchange: all_reduce, the default here) <= 1.1 x" in table
 
 
 
