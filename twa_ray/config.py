@@ -21,10 +21,10 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .core.blocks import parse_granularity
+from .core.collectives import EXCHANGES
 from .core.quant import BITS
 from .core.row_shards import ROW_BASES
 from .core.schedules import OPTIMIZERS, SCHEDULES
-from .core.collectives import EXCHANGES
 from .core.projection import KERNELS
 from .core.subspace import BASES, RAW_BASES, check_start
 

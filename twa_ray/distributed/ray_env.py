@@ -14,7 +14,7 @@ import logging
 import math
 import os
 
-from twa_ray.distributed.local_ranks import free_port
+from .local_ranks import free_port
 
 log = logging.getLogger(__name__)
 
