@@ -122,7 +122,7 @@ def count_blocks(setting: Setting, k: int, mode: str) -> list[dict]:
     results = run_workers(setting, k)
     d = results[0]["num_params"]
     one_payload = 4 * d
-    one_wire = 2 * (k - 1) / k * 4 * d
+    one_wire = wire_factor("all_reduce", k) * one_payload
     from twa_ray.core.params import ParamLayout  # noqa: E402
 
     numels = ParamLayout.from_model(setting.build()).numels

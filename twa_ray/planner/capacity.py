@@ -39,7 +39,7 @@ from typing import Sequence
 
 from ..core.blocks import make_blocks, plan_shards
 from ..core.quant import check_bits
-from .fsdp import FsdpPlan, fsdp_imbalance, plan_fsdp
+from .fsdp import FsdpPlan, fsdp_imbalance, plan_fsdp, wire_factor
 from .shapes import is_shapes_file, load_shapes
 
 # dataset -> (num_classes, in_channels, image_size) as the data loaders produce them
@@ -284,9 +284,8 @@ def plan_capacity(
             fsdp_unavailable = str(exc)
 
     one_ar_payload = FLOAT * d
-    ring = (k - 1) / k  # fraction of a reduce-scatter's / all-gather's vector each rank sends
     payload: dict = {"one_all_reduce": one_ar_payload}
-    wire: dict = {"one_all_reduce": 2 * ring * FLOAT * d}
+    wire: dict = {"one_all_reduce": wire_factor("all_reduce", k) * one_ar_payload}
     if k == 1:
         payload.update(reduce_scatter=0, coef_all_reduce=0, all_gather=0, clip_norm=0, total=0)
         wire.update(reduce_scatter=0.0, coef_all_reduce=0.0, all_gather=0.0, clip_norm=0.0, total=0.0)
@@ -299,10 +298,9 @@ def plan_capacity(
         )
         payload["total"] = sum(payload[key] for key in ("reduce_scatter", "coef_all_reduce", "all_gather", "clip_norm"))
         payload["paper"] = 2 * FLOAT * d
-        wire.update(
-            reduce_scatter=ring * FLOAT * k * pad, coef_all_reduce=2 * ring * FLOAT * n * nblocks,
-            all_gather=ring * FLOAT * k * pad, clip_norm=2 * ring * clip,
-        )
+        ops = {"reduce_scatter": "reduce_scatter", "coef_all_reduce": "all_reduce", "all_gather": "all_gather",
+               "clip_norm": "all_reduce"}
+        wire.update({key: wire_factor(op, k) * payload[key] for key, op in ops.items()})
         wire["total"] = sum(wire[key] for key in ("reduce_scatter", "coef_all_reduce", "all_gather", "clip_norm"))
         wire["paper"] = 2 * wire["one_all_reduce"]
         for part in (payload, wire):
