@@ -500,11 +500,15 @@ TIMED_VARIANTS = {
                 "of the (padded) D-vector, all-reduce of the n x L coefficient gradient, all-gather of the (padded) "
                 "weight slices",
     "twa_step_ar_slice": "the same step with an all-reduce of D + this rank's slice in place of the reduce-scatter",
-    "twa_step_all_reduce_only": "the same step with twa.exchange: all_reduce (the library's default on gloo): "
+    "twa_step_all_reduce_only": "the same step with twa.exchange: all_reduce: "
                                 "all-reduces of D + a slice in place of the reduce-scatter, and of a zeroed "
                                 "D-vector holding this rank's slice in place of the all-gather",
+    "twa_step_ring": "the same step with twa.exchange: ring (the library's default on gloo): the reduce-scatter "
+                     "and the all-gather as rings of point-to-point sends (k - 1 sends of one rank's range each)",
     "reduce_scatter": "the step's reduce-scatter alone",
     "all_gather": "the step's all-gather alone",
+    "reduce_scatter_ring": "the ring exchange's reduce-scatter alone",
+    "all_gather_ring": "the ring exchange's all-gather alone",
     "all_gather_via_all_reduce": "an all-reduce of a zeroed D-vector holding this rank's slice, "
                                  "in place of the all-gather (same result)",
     "all_reduce_coef": "the step's all-reduce of the n x L coefficient gradient alone",
@@ -568,6 +572,8 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
     # twa.exchange: all_reduce, as the library makes it (grad_ar is zeros: summing in place keeps it so)
     comm_ar = TorchCollectives(plan.ranges, rank, k, exchange="all_reduce") if with_blocks else None
 
+    comm_ring = TorchCollectives(plan.ranges, rank, k, exchange="ring") if with_blocks else None
+
     def all_reduce_slice() -> torch.Tensor:
         return comm_ar.reduce_scatter_sum(grad_ar)
 
@@ -601,8 +607,11 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
             "twa_step": step(lambda: comm.reduce_scatter_sum(grad)),
             "twa_step_ar_slice": step(all_reduce_slice),
             "twa_step_all_reduce_only": step(all_reduce_slice, all_gather_via_all_reduce),
+            "twa_step_ring": step(lambda: comm_ring.reduce_scatter_sum(grad_ar), lambda: comm_ring.all_gather(own, weights)),
             "reduce_scatter": lambda: comm.reduce_scatter_sum(grad),
             "all_gather": lambda: comm.all_gather(own, weights),
+            "reduce_scatter_ring": lambda: comm_ring.reduce_scatter_sum(grad_ar),
+            "all_gather_ring": lambda: comm_ring.all_gather(own, weights),
             "all_gather_via_all_reduce": all_gather_via_all_reduce,
         })
     units = fsdp_unit_sizes(layout.names, layout.shapes, k)
@@ -654,7 +663,9 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
         gathered = comm.all_gather(own, weights).clone()
         alternatives_match = (
             bool(torch.allclose(comm.reduce_scatter_sum(grad), summed[start:end], rtol=1e-6, atol=1e-6))
-            and bool(torch.equal(all_gather_via_all_reduce(), gathered)))
+            and bool(torch.equal(all_gather_via_all_reduce(), gathered))
+            and bool(torch.allclose(comm_ring.reduce_scatter_sum(grad.clone()), summed[start:end], rtol=1e-6, atol=1e-6))
+            and bool(torch.equal(comm_ring.all_gather(own, weights), gathered)))
 
     def sync() -> None:
         if device.type == "cuda":

@@ -48,7 +48,9 @@ backend, one all-reduce of D floats and the alternatives:
 - ``twa_step_ar_slice``: an all-reduce of D plus a local slice in place of the reduce-scatter;
 - ``twa_step_all_reduce_only``: also the all-gather as an all-reduce of a zeroed D-vector
   that holds this rank's slice (``all_gather_via_all_reduce`` alone): the step as the library
-  makes it with ``twa.exchange: all_reduce``, the default on gloo (``twa_step``: ``sharded``);
+  makes it with ``twa.exchange: all_reduce`` (``twa_step``: ``sharded``);
+- ``twa_step_ring``: the step with ``twa.exchange: ring``, the default on gloo: reduce-scatter and
+  all-gather as rings of point-to-point sends (``reduce_scatter_ring``, ``all_gather_ring`` alone);
 - ``all_reduce_D_buckets_<MB>MB_{sync,async}``: the all-reduce of D as buckets of that
   size, one after the other or all in flight at once (as DistributedDataParallel issues them);
 - each of the step's three collectives alone.
@@ -204,16 +206,19 @@ def count_table(records: list[dict]) -> str:
             f"({r['wire_ratio']:.3f} x one all-reduce of D), planned {r['planned_wire_bytes_per_step'] / mb:.2f} MB")
 
 
-def payload_bytes(variant: str, d: int, pad: int, k: int, coef_numel: int) -> int:
-    """Bytes one rank hands to the collectives of ``variant`` (float32; a blocks variant or a reference)."""
+def payload_bytes(variant: str, d: int, pad: int, k: int, coef_numel: int, min_coords: int) -> int:
+    """Bytes one rank hands to the collectives of ``variant`` (float32; a blocks variant or a reference).
+    The ring's sends differ by rank: this is the most, that of a rank next to the smallest range
+    (``min_coords``): each ring collective sends every range but one."""
     ar_coef, ar_d = 4 * coef_numel, 4 * d
     if variant.startswith("all_reduce_D"):
         return ar_d
     if variant == "all_reduce_coef":
         return ar_coef
-    rs, ag = 4 * k * pad, 4 * pad
+    rs, ag, ring = 4 * k * pad, 4 * pad, 4 * (d - min_coords)
     return {"twa_step": rs + ar_coef + ag, "twa_step_ar_slice": ar_d + ar_coef + ag,
-            "twa_step_all_reduce_only": 2 * ar_d + ar_coef, "reduce_scatter": rs, "all_gather": ag,
+            "twa_step_all_reduce_only": 2 * ar_d + ar_coef, "twa_step_ring": 2 * ring + ar_coef,
+            "reduce_scatter": rs, "all_gather": ag, "reduce_scatter_ring": ring, "all_gather_ring": ring,
             "all_gather_via_all_reduce": ar_d}[variant]
 
 
@@ -226,7 +231,7 @@ def fsdp_payload_bytes(variant: str, padded: int, root_padded: int, k: int, coef
 
 
 # the blocks step's timed variants, by the twa.exchange whose collectives each one makes
-STEP_EXCHANGES = {"twa_step": "sharded", "twa_step_all_reduce_only": "all_reduce"}
+STEP_EXCHANGES = {"twa_step": "sharded", "twa_step_all_reduce_only": "all_reduce", "twa_step_ring": "ring"}
 
 
 def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> list[dict]:
@@ -256,7 +261,8 @@ def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> li
                                    else all(r["alternatives_match"] for r in results)),
             "payload_bytes": (
                 fsdp_payload_bytes(variant, first["fsdp_padded"], first["fsdp_root_padded"], k, coef_numel)
-                if sharding == "fsdp" else payload_bytes(variant, d, pad, k, coef_numel)),
+                if sharding == "fsdp" else payload_bytes(variant, d, pad, k, coef_numel,
+                                                         min(r["coords"] for r in results))),
             "median_s": median(t), "min_s": min(t), "rounds": len(t),
             "ratio_to_all_reduce_D": paired_ratio(t, ref),
         }

@@ -157,8 +157,8 @@ class TWAConfig:
     # projection kernels: auto (native C++ on CPU where it builds, else eager), eager, native
     # or triton (CUDA; opt-in until measured on a GPU); twa_ray.core.projection says more
     kernel: str = "auto"
-    # how twa.sharding: blocks exchanges the gradient and the weights each step: auto (all_reduce
-    # on gloo, sharded elsewhere), sharded (reduce-scatter + all-gather) or all_reduce;
+    # how twa.sharding: blocks exchanges the gradient and the weights each step: auto (ring on
+    # gloo, sharded elsewhere), sharded (reduce-scatter + all-gather), all_reduce or ring;
     # twa_ray.distributed.collectives says why
     exchange: str = "auto"
     checkpoint_every_steps: int | None = None  # besides each epoch

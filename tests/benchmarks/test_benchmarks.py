@@ -146,7 +146,7 @@ def test_sharding_speed_smoke():
         assert 0 < r["first_step_weight_change"] and r["first_step_weight_diff"] <= 1e-4 * r["first_step_weight_change"]
     assert blocks["param_bytes_per_worker"] == [4 * d, 4 * d]  # a full replica each
     assert sum(fsdp["param_bytes_per_worker"]) == 4 * d  # FSDP2's row shards
-    assert (blocks["exchange"], fsdp["exchange"]) == ("all_reduce", None)  # twa.exchange: auto on gloo
+    assert (blocks["exchange"], fsdp["exchange"]) == ("ring", None)  # twa.exchange: auto on gloo
 
 
 def test_scaling():

@@ -19,7 +19,8 @@ from twa_ray.planner import planned_fsdp_traffic  # noqa: E402
 
 
 def rank_result(rank: int, times: dict) -> dict:
-    return {"rank": rank, "world_size": 2, "num_params": 1000, "num_blocks": 3, "coords": 600, "padded_length": 600,
+    return {"rank": rank, "world_size": 2, "num_params": 1000, "num_blocks": 3, "coords": (600, 400)[rank],
+            "padded_length": 600,
             "alternatives_match": rank == 0, "times": times, "buckets": {"0.001": 4}}
 
 
@@ -45,15 +46,19 @@ def test_a_collective_takes_its_slowest_rank_and_ratios_pair_the_rounds():
     assert step["payload_bytes"] == 4 * (1200 + 15 + 600)
     assert records["twa_step_ar_slice"]["payload_bytes"] == 4 * (1000 + 15 + 600)
     assert records["twa_step_all_reduce_only"]["payload_bytes"] == 4 * (2000 + 15)
+    # ring: each collective sends every range but one; the most, beside the smallest range (400 of 1000)
+    assert records["twa_step_ring"]["payload_bytes"] == 4 * (2 * 600 + 15)
+    assert records["reduce_scatter_ring"]["payload_bytes"] == records["all_gather_ring"]["payload_bytes"] == 4 * 600
     assert records[bucket_variant(0.001, True)]["payload_bytes"] == 4000
     assert "4 buckets of <= 0.001 MB, all in flight" in records[bucket_variant(0.001, True)]["description"]
     table = comm.time_table(list(records.values()))
     assert "twa_step (twa.exchange: sharded) <= 1.1 x all-reduce(D): not met (1.500)" in table
     # gloo's default exchange, marked as such
     assert (step["exchange"], step["default_exchange"]) == ("sharded", False)
-    all_reduce_step = records["twa_step_all_reduce_only"]
-    assert (all_reduce_step["exchange"], all_reduce_step["default_exchange"]) == ("all_reduce", True)
-    assert "twa_step_all_reduce_only (twa.exchange: all_reduce, the default here) <= 1.1 x" in table
+    all_reduce_step, ring_step = records["twa_step_all_reduce_only"], records["twa_step_ring"]
+    assert (all_reduce_step["exchange"], all_reduce_step["default_exchange"]) == ("all_reduce", False)
+    assert (ring_step["exchange"], ring_step["default_exchange"]) == ("ring", True)
+    assert "twa_step_ring (twa.exchange: ring, the default here) <= 1.1 x" in table
 
 
 

@@ -1,4 +1,4 @@
-"""twa.exchange: the all_reduce exchange computes what the sharded one does (two gloo ranks)."""
+"""twa.exchange: the all_reduce and ring exchanges compute what the sharded one does (gloo ranks)."""
 import pytest
 import torch
 from torch import nn
@@ -9,13 +9,14 @@ from twa_ray.core import flatten_params
 from twa_ray.distributed.local_ranks import spawn_ranks
 
 RANGES = [(0, 7), (7, 11)]  # uneven: the sharded exchange pads rank 1's 4 values to 7
+EXCHANGES = ("sharded", "all_reduce", "ring")
 
 
 def _exchange_rank(rank: int, world: int, out: str) -> None:
     from twa_ray.distributed.collectives import TorchCollectives
 
     result = {}
-    for exchange in ("sharded", "all_reduce"):
+    for exchange in EXCHANGES:
         comm = TorchCollectives(RANGES, rank, world, exchange=exchange)
         flat = torch.arange(11, dtype=torch.float32) * (rank + 1)
         start, end = RANGES[rank]
@@ -35,35 +36,73 @@ def _exchange_rank(rank: int, world: int, out: str) -> None:
     torch.save(result, f"{out}/rank{rank}.pt")
 
 
-def test_all_reduce_exchange_equals_the_sharded_one(tmp_path):
+def test_all_reduce_and_ring_exchanges_equal_the_sharded_one(tmp_path):
     spawn_ranks(_exchange_rank, 2, str(tmp_path))
     full = torch.arange(11, dtype=torch.float32) * 3  # ranks 1x and 2x
     expected_weights = torch.arange(11, dtype=torch.float32) + 0.5
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         start, end = RANGES[rank]
-        for exchange in ("sharded", "all_reduce"):
+        for exchange in EXCHANGES:
             r = got[exchange]
             assert torch.equal(r["own"], full[start:end]), exchange
             assert torch.equal(r["gathered"], expected_weights), exchange  # exact: slices added to zeros
             assert torch.equal(r["in_place"], expected_weights), exchange
-        torch.testing.assert_close(got["all_reduce"]["X"], got["sharded"]["X"], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(got["all_reduce"]["weights"], got["sharded"]["weights"], rtol=1e-6, atol=1e-7)
-        assert got["all_reduce"]["X"].abs().sum() > 0  # the step moved
-        # payload: a padded reduce-scatter (2 x 7) + two all-gathers (7 each), against three all-reduces of 11
+        for exchange in ("all_reduce", "ring"):
+            torch.testing.assert_close(got[exchange]["X"], got["sharded"]["X"], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got[exchange]["weights"], got["sharded"]["weights"], rtol=1e-6, atol=1e-7)
+            assert got[exchange]["X"].abs().sum() > 0  # the step moved
+        # payload: a padded reduce-scatter (2 x 7) + two all-gathers (7 each), against three all-reduces of 11;
+        # ring: the other rank's range out (reduce-scatter), then its own range, twice (two all-gathers)
+        other = 11 - (RANGES[rank][1] - RANGES[rank][0])
         assert got["sharded"]["bytes"] == 4 * (2 * 7 + 7 + 7) and got["all_reduce"]["bytes"] == 4 * 3 * 11
+        assert got["ring"]["bytes"] == 4 * (other + 2 * (11 - other))
+
+
+RING3 = [(0, 5), (5, 6), (6, 13)]  # three ranks, uneven: each range crosses the ring once per collective
+
+
+def _ring3_rank(rank: int, world: int, out: str) -> None:
+    from twa_ray.distributed.collectives import TorchCollectives
+
+    # float64 pieces of 2 values: ranges of 5, 1 and 7 values go as 3, 1 and 4 pieces
+    comm = TorchCollectives(RING3, rank, world, exchange="ring", ring_piece_bytes=16)
+    gen = torch.Generator().manual_seed(rank)
+    flat = torch.randn(13, generator=gen, dtype=torch.float64)
+    own = comm.reduce_scatter_sum(flat.clone()).clone()
+    again = comm.reduce_scatter_sum(flat.clone()).clone()  # the receive buffer is reused
+    start, end = RING3[rank]
+    weights = torch.full((13,), float("nan"), dtype=torch.float64)
+    gathered = comm.all_gather(torch.arange(start, end, dtype=torch.float64) * 10 + rank, weights).clone()
+    torch.save({"flat": flat, "own": own, "again": again, "gathered": gathered, "bytes": comm.bytes_sent},
+               f"{out}/rank{rank}.pt")
+
+
+def test_ring_exchange_on_three_ranks(tmp_path):
+    spawn_ranks(_ring3_rank, 3, str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    total = sum(g["flat"] for g in got)  # float64: the order of the sums hardly matters
+    expected = torch.cat([torch.arange(s, e, dtype=torch.float64) * 10 + r for r, (s, e) in enumerate(RING3)])
+    for rank, g in enumerate(got):
+        start, end = RING3[rank]
+        torch.testing.assert_close(g["own"], total[start:end], rtol=1e-12, atol=1e-12)
+        assert torch.equal(g["again"], g["own"])
+        assert torch.equal(g["gathered"], expected)
+        # two reduce-scatters: every range but this rank's; all-gather: every range but the next rank's
+        nxt = RING3[(rank + 1) % 3]
+        assert g["bytes"] == 8 * (2 * (13 - (end - start)) + (13 - (nxt[1] - nxt[0])))
 
 
 def test_exchange_is_checked_and_auto_follows_the_backend():
     from twa_ray.distributed.collectives import TorchCollectives, resolve_exchange
 
-    assert resolve_exchange("auto", "gloo") == "all_reduce"
+    assert resolve_exchange("auto", "gloo") == "ring"
     assert resolve_exchange("auto", "nccl") == "sharded"
     assert resolve_exchange("sharded", "gloo") == "sharded"
-    with pytest.raises(ValueError, match="twa.exchange: 'ring' is not one of"):
-        resolve_exchange("ring", "gloo")
+    with pytest.raises(ValueError, match="twa.exchange: 'tree' is not one of"):
+        resolve_exchange("tree", "gloo")
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         TorchCollectives(RANGES, 0, 2, exchange="auto")
     with pytest.raises(ConfigError, match="twa.exchange"):
-        config_from_dict({"twa": {"exchange": "ring"}})
+        config_from_dict({"twa": {"exchange": "tree"}})
     assert config_from_dict({}).twa.exchange == "auto"

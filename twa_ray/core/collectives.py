@@ -12,7 +12,7 @@ import torch
 
 
 # twa.exchange: how a sharded step moves its gradient and weights (twa_ray.distributed.collectives)
-EXCHANGES = ("auto", "sharded", "all_reduce")
+EXCHANGES = ("auto", "sharded", "all_reduce", "ring")
 
 
 class Collectives(Protocol):

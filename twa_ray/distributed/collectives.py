@@ -4,19 +4,23 @@ Rank r owns coordinates ``ranges[r]``; ranges differ in length, so the vectors t
 go through reduce-scatter and all-gather are laid out padded to the longest range.
 ``bytes_sent`` counts the payload this rank hands to collectives (for benchmarks).
 
-Two ways to exchange the step's two D-sized vectors (``EXCHANGES``), chosen by measurement
+Three ways to exchange the step's two D-sized vectors (``EXCHANGES``), chosen by measurement
 (``benchmarks/comm.py --time``):
 - ``sharded``: reduce-scatter of the gradient, all-gather of the weights: each moves half the
   bytes of an all-reduce on the wire. NCCL's collectives are built for this.
 - ``all_reduce``: an all-reduce of the gradient (this rank keeps its slice) and an all-reduce
   of a zeroed D-vector holding this rank's weights. Twice the bytes, but on gloo a
   reduce-scatter or an all-gather each takes longer than a whole all-reduce
-  (``benchmarks/RESULTS.md``), so this is the faster exchange there.
-``auto`` picks ``all_reduce`` on gloo and ``sharded`` on every other backend.
+  (``benchmarks/RESULTS.md``).
+- ``ring``: the reduce-scatter and the all-gather as rings of point-to-point sends: in each of
+  k - 1 steps rank r sends one rank's range to rank r + 1 and receives one from rank r - 1
+  (adding it, in the reduce-scatter). The bytes of the sharded exchange, without gloo's
+  slow reduce-scatter and all-gather: on gloo this is the fastest of the three.
+``auto`` picks ``ring`` on gloo and ``sharded`` on every other backend.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,18 +28,23 @@ import torch.distributed as dist
 from ..core.collectives import EXCHANGES, from_padded, padded_length, to_padded
 
 
+# the ring sends each message as pieces of at most this many bytes, so that the reduce-scatter
+# adds a piece while the next ones are on the way (benchmarks/comm.py --time)
+RING_PIECE_BYTES = 2 << 20
+
+
 def resolve_exchange(exchange: str, backend: str) -> str:
-    """``twa.exchange`` -> "sharded" or "all_reduce" for a process group of ``backend``."""
+    """``twa.exchange`` -> "sharded", "all_reduce" or "ring" for a process group of ``backend``."""
     if exchange not in EXCHANGES:
         raise ValueError(f"twa.exchange: {exchange!r} is not one of {list(EXCHANGES)}")
     if exchange == "auto":
-        return "all_reduce" if backend == "gloo" else "sharded"
+        return "ring" if backend == "gloo" else "sharded"
     return exchange
 
 
 class TorchCollectives:
     def __init__(self, ranges: Sequence[tuple[int, int]], rank: int, world_size: int, group=None,
-                 exchange: str = "sharded") -> None:
+                 exchange: str = "sharded", ring_piece_bytes: int = RING_PIECE_BYTES) -> None:
         if len(ranges) != world_size:
             raise ValueError(f"{len(ranges)} ranges for {world_size} ranks")
         if exchange not in EXCHANGES[1:]:
@@ -45,8 +54,45 @@ class TorchCollectives:
         self.world_size = world_size
         self.group = group
         self.exchange = exchange
+        self.ring_piece_bytes = ring_piece_bytes
         self.pad = padded_length(self.ranges)
         self.bytes_sent = 0
+        # ring: this rank's neighbours as ranks of the default group, which point-to-point ops address
+        self._next, self._prev = ((self._global_rank((rank + 1) % world_size), self._global_rank((rank - 1) % world_size))
+                                  if exchange == "ring" and world_size > 1 else (None, None))
+        self._recv = None  # ring: the reduce-scatter's receive buffer (pad,), made on first use
+
+    def _global_rank(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def _ring_step(self, send: torch.Tensor, recv: torch.Tensor, add_into: torch.Tensor | None = None,
+                   in_flight: Callable[[], object] | None = None) -> None:
+        """Send ``send`` to the next rank while receiving ``recv`` from the previous one, and
+        meanwhile call ``in_flight``. With ``add_into`` (the reduce-scatter), add ``recv`` to it:
+        then both messages go as pieces of at most ``ring_piece_bytes`` (cut by the message's own
+        size, so sender and receiver cut alike) and the add goes piece by piece as they arrive,
+        overlapping the transfer of the pieces behind it."""
+        sends, recvs = (self._pieces(send), self._pieces(recv)) if add_into is not None else ((send,), (recv,))
+        ops = [dist.P2POp(dist.isend, s, self._next, self.group) for s in sends]
+        ops += [dist.P2POp(dist.irecv, r, self._prev, self.group) for r in recvs]
+        works = dist.batch_isend_irecv(ops)
+        if in_flight is not None:
+            in_flight()
+        into = add_into.tensor_split(len(recvs)) if add_into is not None else None
+        for j, work in enumerate(works[len(sends):]):
+            work.wait()
+            if into is not None:
+                into[j].add_(recvs[j])
+        for work in works[: len(sends)]:
+            work.wait()
+        self.bytes_sent += send.numel() * send.element_size()
+
+    def _pieces(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return t.tensor_split(max(1, -(-t.numel() * t.element_size() // self.ring_piece_bytes)))
+
+    def _range(self, flat: torch.Tensor, r: int) -> torch.Tensor:
+        start, end = self.ranges[r % self.world_size]
+        return flat[start:end]
 
     def reduce_scatter_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` (D,) is scratch: the ``all_reduce`` exchange sums into it in place."""
@@ -55,6 +101,14 @@ class TorchCollectives:
             return flat[start:end]
         if self.exchange == "all_reduce":
             return self.all_reduce_sum(flat)[start:end]
+        if self.exchange == "ring":
+            if self._recv is None or self._recv.dtype != flat.dtype or self._recv.device != flat.device:
+                self._recv = torch.empty(self.pad, dtype=flat.dtype, device=flat.device)
+            # step i: send range r-1-i (summed over i ranks so far), add range r-2-i; ends with range r
+            for i in range(self.world_size - 1):
+                into = self._range(flat, self.rank - 2 - i)
+                self._ring_step(self._range(flat, self.rank - 1 - i), self._recv[: into.numel()], add_into=into)
+            return flat[start:end]
         src = to_padded(flat, self.ranges, self.pad)
         out = torch.empty(self.pad, dtype=flat.dtype, device=flat.device)
         dist.reduce_scatter_single(out, src, op=dist.ReduceOp.SUM, group=self.group)
@@ -79,6 +133,14 @@ class TorchCollectives:
             out.zero_()
             out[start:end] = own
             return self.all_reduce_sum(out)  # the other ranks add their slices to zeros: exact
+        if self.exchange == "ring":
+            # step 0 sends own itself and copies it into out while the bytes travel
+            mine = out[start:end]
+            copy = None if own.data_ptr() == mine.data_ptr() else (lambda: mine.copy_(own))
+            for i in range(self.world_size - 1):  # step i: pass range r-i on, receive range r-1-i
+                self._ring_step(own.contiguous() if i == 0 else self._range(out, self.rank - i),
+                                self._range(out, self.rank - 1 - i), in_flight=copy if i == 0 else None)
+            return out
         if all(e - s == self.pad for s, e in self.ranges):  # equal ranges: gather in place
             dist.all_gather_single(out, own.contiguous(), group=self.group)
             self.bytes_sent += own.numel() * own.element_size()

@@ -171,8 +171,8 @@ class CapacityPlan:
             f" x n*D*b/8, {self.projection_total_bytes / self.paper_projection_bytes:.3f} x the paper's one byte per value; "
             f"largest worker {self.max_over_even_share:.3f} x total/k",
             "",
-            "traffic per step and worker (twa.exchange: sharded, NCCL's default; gloo's is all_reduce, "
-            "which sends two all-reduces of D):",
+            "traffic per step and worker (twa.exchange: sharded, NCCL's default; gloo's default, ring, sends "
+            "the same ranges unpadded; all_reduce sends two all-reduces of D):",
         ]
         if self.workers == 1:
             lines.append("  none (one worker: the collectives are identities)")
