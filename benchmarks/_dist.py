@@ -491,6 +491,7 @@ class CollectiveTiming(ModelSetting):
     threads: int = 1
     seed: int = 0
     sharding: str = "both"  # whose step variants: blocks, fsdp or both (in the same rounds)
+    global_batch: int = 64  # the forward and backward pass the ring all-gather may overlap (k = 2)
 
 
 # variant -> what one call does (every time is of one such call, on every rank)
@@ -511,6 +512,12 @@ TIMED_VARIANTS = {
     "all_gather_ring": "the ring exchange's all-gather alone",
     "all_gather_via_all_reduce": "an all-reduce of a zeroed D-vector holding this rank's slice, "
                                  "in place of the all-gather (same result)",
+    # k = 2 only: the compute an all-gather of the weights could overlap, and the two together
+    "forward_backward": "the model's forward and backward pass on this rank's share of the global batch "
+                        "(no collective)",
+    "forward_backward_under_all_gather_ring": "the ring all-gather of the weights posted before the forward and "
+                                              "backward pass and waited for after it: the most that overlapping "
+                                              "the all-gather with the next forward pass can hide",
     "all_reduce_coef": "the step's all-reduce of the n x L coefficient gradient alone",
 }
 # the fsdp mode's step: FSDP2's collectives (per unit: its padded shards, as fsdp_wrap makes the units)
@@ -598,6 +605,21 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
                     dist.all_reduce(b)
         return run
 
+    def forward_backward() -> None:
+        nn.functional.cross_entropy(net(images), labels).backward()
+
+    def forward_backward_under_all_gather_ring() -> None:
+        # k = 2: the ring all-gather is one exchange with the other rank (as TorchCollectives sends it);
+        # posted here, it travels while this rank computes
+        other = 1 - rank
+        other_start, other_end = plan.ranges[other]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, own, other),
+                                        dist.P2POp(dist.irecv, weights[other_start:other_end], other)])
+        weights[start:end].copy_(own)
+        forward_backward()
+        for work in works:
+            work.wait()
+
     fns: dict[str, Callable[[], object]] = {
         "all_reduce_D": lambda: dist.all_reduce(flat),
         "all_reduce_coef": lambda: dist.all_reduce(coef),  # TorchCollectives.all_reduce_sum's call, both modes
@@ -614,6 +636,15 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
             "all_gather_ring": lambda: comm_ring.all_gather(own, weights),
             "all_gather_via_all_reduce": all_gather_via_all_reduce,
         })
+        if k == 2:
+            torch.manual_seed(timing.seed)
+            net = timing.build().to(device)
+            per_rank = max(1, timing.global_batch // k)
+            images = torch.randn(per_rank, timing.in_channels, timing.image_size, timing.image_size,
+                                 generator=gen).to(device)
+            labels = torch.randint(0, timing.num_classes, (per_rank,), generator=gen).to(device)
+            fns.update({"forward_backward": forward_backward,
+                        "forward_backward_under_all_gather_ring": forward_backward_under_all_gather_ring})
     units = fsdp_unit_sizes(layout.names, layout.shapes, k)
     if with_fsdp:
         # FSDP2's buffers: per unit its padded shard (all-gather input) and k of them

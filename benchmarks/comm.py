@@ -51,6 +51,11 @@ backend, one all-reduce of D floats and the alternatives:
   makes it with ``twa.exchange: all_reduce`` (``twa_step``: ``sharded``);
 - ``twa_step_ring``: the step with ``twa.exchange: ring``, the default on gloo: reduce-scatter and
   all-gather as rings of point-to-point sends (``reduce_scatter_ring``, ``all_gather_ring`` alone);
+- with k = 2, overlap: ``forward_backward`` (the model's pass on a rank's share of a global batch of
+  64; 8 with --smoke) alone and ``forward_backward_under_all_gather_ring`` with the ring all-gather
+  in flight during it. Its line has ``exposed_all_gather_s`` (what the all-gather added to the pass)
+  and ``hidden_fraction`` (1 - that / the all-gather alone, per round): the most overlapping the
+  all-gather with the next forward pass can hide;
 - ``all_reduce_D_buckets_<MB>MB_{sync,async}``: the all-reduce of D as buckets of that
   size, one after the other or all in flight at once (as DistributedDataParallel issues them);
 - each of the step's three collectives alone.
@@ -219,7 +224,8 @@ def payload_bytes(variant: str, d: int, pad: int, k: int, coef_numel: int, min_c
     return {"twa_step": rs + ar_coef + ag, "twa_step_ar_slice": ar_d + ar_coef + ag,
             "twa_step_all_reduce_only": 2 * ar_d + ar_coef, "twa_step_ring": 2 * ring + ar_coef,
             "reduce_scatter": rs, "all_gather": ag, "reduce_scatter_ring": ring, "all_gather_ring": ring,
-            "all_gather_via_all_reduce": ar_d}[variant]
+            "all_gather_via_all_reduce": ar_d, "forward_backward": 0,
+            "forward_backward_under_all_gather_ring": ring}[variant]
 
 
 def fsdp_payload_bytes(variant: str, padded: int, root_padded: int, k: int, coef_numel: int) -> int:
@@ -274,6 +280,11 @@ def time_records(timing: CollectiveTiming, results: list[dict], mode: str) -> li
                           meets_target=record["ratio_to_all_reduce_D"] <= TARGET_TIME_RATIO)
         if variant == "twa_step":
             record["ratio_to_ar_slice_step"] = paired_ratio(t, times["twa_step_ar_slice"])
+        if variant == "forward_backward_under_all_gather_ring":
+            # per round, what the all-gather added to the pass, and the share of it the pass hid
+            exposed = [u - f for u, f in zip(t, times["forward_backward"])]
+            record.update(exposed_all_gather_s=median(exposed), all_gather_ring_s=median(times["all_gather_ring"]),
+                          hidden_fraction=median([1 - e / a for e, a in zip(exposed, times["all_gather_ring"])]))
         if variant == "fsdp_step":
             record.update(fsdp_units=first["fsdp_units"], padded_coords=first["fsdp_padded"])
             if "twa_step" in times:  # the two modes' step collectives, timed in the same rounds
@@ -291,6 +302,10 @@ def time_table(records: list[dict]) -> str:
              f"{'variant':<36} {'ms':>9} {'x all-reduce(D)':>16}"]
     for r in records:
         lines.append(f"{r['variant']:<36} {1e3 * r['median_s']:>9.2f} {r['ratio_to_all_reduce_D']:>16.3f}")
+    for r in (r for r in records if "hidden_fraction" in r):
+        lines.append(f"overlap: the ring all-gather ({1e3 * r['all_gather_ring_s']:.2f} ms alone) added "
+                     f"{1e3 * r['exposed_all_gather_s']:.2f} ms to a forward and backward pass in flight: "
+                     f"{100 * r['hidden_fraction']:.0f} % hidden")
     for step in (r for r in records if "target_ratio" in r):
         how = f" (twa.exchange: {step['exchange']}{', the default here' if step['default_exchange'] else ''})" \
             if "exchange" in step else ""
@@ -310,6 +325,7 @@ def time_main(args, mode: str) -> int:
         warmup_rounds=1 if smoke else 2,
         bucket_mb=(0.01, 0.04) if smoke else (1.0, 4.0, 25.0),  # smoke: a few buckets of a tiny model
         backend=args.backend, threads=args.threads or 1, sharding=args.sharding,
+        global_batch=8 if smoke else 64,  # as sharding_speed's ResNet-18 step
     )
     note(f"comm --time: {timing.model}, k={args.workers}, {timing.backend}, {timing.rounds} rounds ...")
     records = time_records(timing, time_collectives(timing, args.workers), mode)

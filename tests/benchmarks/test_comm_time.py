@@ -28,7 +28,9 @@ def test_a_collective_takes_its_slowest_rank_and_ratios_pair_the_rounds():
     timing = CollectiveTiming(model="mlp", candidates=5, bucket_mb=(0.001,))
     names = [*TIMED_VARIANTS, bucket_variant(0.001, False), bucket_variant(0.001, True)]
     base = {name: [0.02, 0.04, 0.03] for name in names}
-    r0 = dict(base, all_reduce_D=[0.010, 0.020, 0.012], twa_step=[0.012, 0.030, 0.018])
+    r0 = dict(base, all_reduce_D=[0.010, 0.020, 0.012], twa_step=[0.012, 0.030, 0.018],
+              forward_backward=[0.30, 0.32, 0.31], forward_backward_under_all_gather_ring=[0.31, 0.34, 0.31],
+              all_gather_ring=[0.02, 0.02, 0.04])
     r1 = dict(base, all_reduce_D=[0.011, 0.019, 0.010], twa_step=[0.013, 0.020, 0.015])
     results = [rank_result(0, r0), rank_result(1, r1)]
     assert slowest_rank_times(results)["all_reduce_D"] == [0.011, 0.020, 0.012]
@@ -49,6 +51,12 @@ def test_a_collective_takes_its_slowest_rank_and_ratios_pair_the_rounds():
     # ring: each collective sends every range but one; the most, beside the smallest range (400 of 1000)
     assert records["twa_step_ring"]["payload_bytes"] == 4 * (2 * 600 + 15)
     assert records["reduce_scatter_ring"]["payload_bytes"] == records["all_gather_ring"]["payload_bytes"] == 4 * 600
+    # overlap, per round: the all-gather added 0.01, 0.02, 0.0 s to the pass; alone it took 0.02, 0.04, 0.04 s
+    # (rank 1's 0.04 and 0.03 are the slower in rounds 2 and 3)
+    under = records["forward_backward_under_all_gather_ring"]
+    assert under["exposed_all_gather_s"] == pytest.approx(0.01) and under["all_gather_ring_s"] == 0.04
+    assert under["hidden_fraction"] == pytest.approx(0.5)  # median of 0.5, 0.5, 1.0
+    assert records["forward_backward"]["payload_bytes"] == 0 and under["payload_bytes"] == 4 * 600
     assert records[bucket_variant(0.001, True)]["payload_bytes"] == 4000
     assert "4 buckets of <= 0.001 MB, all in flight" in records[bucket_variant(0.001, True)]["description"]
     table = comm.time_table(list(records.values()))
@@ -59,6 +67,7 @@ def test_a_collective_takes_its_slowest_rank_and_ratios_pair_the_rounds():
     assert (all_reduce_step["exchange"], all_reduce_step["default_exchange"]) == ("all_reduce", False)
     assert (ring_step["exchange"], ring_step["default_exchange"]) == ("ring", True)
     assert "twa_step_ring (twa.exchange: ring, the default here) <= 1.1 x" in table
+    assert "overlap: the ring all-gather (40.00 ms alone) added 10.00 ms to a forward and backward pass" in table
 
 
 
