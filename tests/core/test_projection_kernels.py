@@ -110,10 +110,11 @@ def test_native_matches_eager(native_module, force_isa, bits, case):
 
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
-@pytest.mark.parametrize("n", [1, 9, 17])
+@pytest.mark.parametrize("n", [1, 9, 12, 17, 25])
 def test_native_row_groups_match_eager(native_module, force_isa, bits, n):
     """Candidate counts that the native code splits into row groups of unequal sizes
-    (n = 9, 17: groups of 3-6 rows; one row), every code path, against eager."""
+    (n = 9, 17: groups of 3-6 rows; one row), the AVX-512 reconstruction's largest group
+    (n = 12) and groups before its last, fused one (17, 25), every code path, against eager."""
     sizes = [TILE + 5, 300, 1]
     proj, g, x = _projection(sizes, bits, 8 << 20, seed=n + bits, n=n)
     ref_grad, ref_w = proj.coef_grad(g).double(), proj.reconstruct(x).double()

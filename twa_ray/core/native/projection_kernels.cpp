@@ -47,6 +47,9 @@ constexpr int64_t STEP = 32;    // elements per step: 4 vectors of 8 lanes, 4*b 
 // 32, but b = 1 keeps a mask register per row and there are 8)
 constexpr int ROWS_AVX2 = 4;
 constexpr int rows_avx512(int bits) { return bits == 1 ? 4 : 8; }
+// the reconstruction's rows per group: one load and store of the tile's sums per group, so as
+// many as the registers hold (the code vector and weight of each row, PER sums, the table)
+constexpr int recon_rows_avx512(int bits) { return bits == 1 ? 4 : 12; }
 // bytes ahead in a row that are prefetched: a tile reads short segments of rows far apart,
 // which the hardware prefetchers pick up late (benchmarks/RESULTS.md)
 constexpr int64_t PREFETCH = 4096;
@@ -593,9 +596,65 @@ void grad_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, const floa
     });
 }
 
-template <int BITS, int R>
+// the PER vectors v[k] (codes k of 16 bytes: elements PER*i + k, i < 16) as 16*PER
+// consecutive elements, out[t] holding elements [16t, 16t + 16): the permutes of interleave,
+// in registers
+template <int PER>
+inline void interleave_regs(const __m512* v, __m512* out) {
+    if constexpr (PER == 1) {
+        out[0] = v[0];
+    } else {
+        const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        if constexpr (PER == 2) {
+            out[0] = _mm512_permutex2var_ps(v[0], lo, v[1]);
+            out[1] = _mm512_permutex2var_ps(v[0], hi, v[1]);
+        } else {  // PER == 4: the even elements (codes 0, 2), the odd ones (1, 3), then both
+            const __m512 e0 = _mm512_permutex2var_ps(v[0], lo, v[2]), e1 = _mm512_permutex2var_ps(v[0], hi, v[2]);
+            const __m512 o0 = _mm512_permutex2var_ps(v[1], lo, v[3]), o1 = _mm512_permutex2var_ps(v[1], hi, v[3]);
+            out[0] = _mm512_permutex2var_ps(e0, lo, o0);
+            out[1] = _mm512_permutex2var_ps(e0, hi, o0);
+            out[2] = _mm512_permutex2var_ps(e1, lo, o1);
+            out[3] = _mm512_permutex2var_ps(e1, hi, o1);
+        }
+    }
+}
+
+// floats of center prefetched ahead of the fused reconstruction's reads: read between the
+// rows' codes rather than in a pass of their own, its lines came late from the hardware
+// prefetchers
+constexpr int64_t CENTER_AHEAD = 2048;
+
+// Where the reconstruction's last row group writes (b = 2, 4, 8): its sums go straight to
+// out = (center + base) + sums, with no pass over the tile's sums after the rows.
+struct Dest {
+    const float* center;
+    float* out;
+    int64_t len;
+    __m512 base;
+    bool nt;  // streamed stores (out 64-byte aligned)
+};
+
+// out[e, e + 16) = (center + base) + sums, the elements before len
+inline void write_out(const Dest& d, int64_t e, __m512 sums) {
+    if (e + 16 <= d.len) {
+        const __m512 o = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(d.center + e), d.base), sums);
+        if (d.nt)
+            _mm512_stream_ps(d.out + e, o);
+        else
+            _mm512_storeu_ps(d.out + e, o);
+    } else if (e < d.len) {
+        const __mmask16 keep = static_cast<__mmask16>((1u << (d.len - e)) - 1);
+        const __m512 c = _mm512_maskz_loadu_ps(keep, d.center + e);
+        _mm512_mask_storeu_ps(d.out + e, keep, _mm512_add_ps(_mm512_add_ps(c, d.base), sums));
+    }
+}
+
+// acc (the tile's sums over the rows so far, de-interleaved) += sum over rows [0, R) of
+// w[r] * codes; LAST (b = 2, 4, 8): the sums of the tile's last group of rows go to dest
+template <int BITS, int R, bool LAST>
 inline void reconstruct_rows_avx512(const uint8_t* const* rows, const float* w, bool first, int64_t seg,
-                                    int64_t full, int64_t groups, int64_t nbytes, float* acc) {
+                                    int64_t full, int64_t groups, int64_t nbytes, float* acc, const Dest& dest) {
     constexpr int PER = 8 / BITS;
     const __m512 table = code_table<BITS>();
     __m512 wv[R];
@@ -609,14 +668,24 @@ inline void reconstruct_rows_avx512(const uint8_t* const* rows, const float* w, 
                 _mm512_store_ps(a, v);
             }
             return;
-        }
-        __m512i x[R];
-        for (int r = 0; r < R; ++r) x[r] = load16(src[r] + off);
-        for (int k = 0; k < PER; ++k) {
-            float* a = acc + segment_of<PER>(k) * seg + j;
-            __m512 v = first ? _mm512_setzero_ps() : _mm512_load_ps(a);
-            for (int r = 0; r < R; ++r) v = _mm512_fmadd_ps(decode16<BITS>(x[r], k, table), wv[r], v);
-            _mm512_store_ps(a, v);
+        } else {
+            __m512 v[PER];
+            for (int k = 0; k < PER; ++k) v[k] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc + segment_of<PER>(k) * seg + j);
+            for (int r = 0; r < R; ++r) {  // per k, the rows' products added in row order
+                const __m512i x = load16(src[r] + off);
+                for (int k = 0; k < PER; ++k) v[k] = _mm512_fmadd_ps(decode16<BITS>(x, k, table), wv[r], v[k]);
+            }
+            if constexpr (!LAST) {
+                for (int k = 0; k < PER; ++k) _mm512_store_ps(acc + segment_of<PER>(k) * seg + j, v[k]);
+            } else {
+                __m512 sums[PER];
+                interleave_regs<PER>(v, sums);
+                for (int t = 0; t < PER; ++t) {
+                    const int64_t e = PER * j + 16 * t;
+                    _mm_prefetch(reinterpret_cast<const char*>(dest.center + e + CENTER_AHEAD), _MM_HINT_T0);
+                    write_out(dest, e, sums[t]);
+                }
+            }
         }
     };
     for (int64_t q = 0; q < full; ++q) {
@@ -640,33 +709,27 @@ template <int BITS>
 void reconstruct_tile_avx512(const uint8_t* data, int64_t stride, int64_t n, const float* w, float base,
                              const float* center, float* out, int64_t len, bool stream) {
     constexpr int PER = 8 / BITS;
+    constexpr bool fused = BITS != 1;  // the last row group writes out (b = 1: acc as it is, in order)
     alignas(64) float acc[TILE + PER * SEG_PAD];
-    alignas(64) float tmp[TILE + PER * SEG_PAD];
     const int64_t nbytes = tile_bytes(len, BITS);
     const int64_t groups = (nbytes + 15) / 16, full = nbytes / 16;
     const int64_t seg = groups * 16;
-    for_row_groups<rows_avx512(BITS)>(n, [&](auto group, int64_t i) {
+    const bool nt = stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;  // streamed stores need aligned lines
+    const Dest dest{center, out, len, _mm512_set1_ps(base), nt};
+    for_row_groups<recon_rows_avx512(BITS)>(n, [&](auto group, int64_t i) {
         constexpr int R = decltype(group)::value;
         const uint8_t* rows[R];
         for (int r = 0; r < R; ++r) rows[r] = data + (i + r) * stride;
-        reconstruct_rows_avx512<BITS, R>(rows, w + i, i == 0, seg, full, groups, nbytes, acc);
-    });
-    if (n == 0) std::fill(acc, acc + PER * seg, 0.0f);
-    const float* sums = BITS == 1 ? acc : interleave<PER>(acc, tmp, seg);
-    const __m512 bv = _mm512_set1_ps(base);
-    const bool nt = stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;  // streamed stores need aligned lines
-    int64_t e = 0;
-    for (; e + 16 <= len; e += 16) {
-        const __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(center + e), bv), _mm512_load_ps(sums + e));
-        if (nt)
-            _mm512_stream_ps(out + e, v);
+        if (fused && i + R == n)
+            reconstruct_rows_avx512<BITS, R, fused>(rows, w + i, i == 0, seg, full, groups, nbytes, acc, dest);
         else
-            _mm512_storeu_ps(out + e, v);
-    }
-    if (e < len) {
-        const __mmask16 keep = static_cast<__mmask16>((1u << (len - e)) - 1);
-        const __m512 c = _mm512_maskz_loadu_ps(keep, center + e);
-        _mm512_mask_storeu_ps(out + e, keep, _mm512_add_ps(_mm512_add_ps(c, bv), _mm512_load_ps(sums + e)));
+            reconstruct_rows_avx512<BITS, R, false>(rows, w + i, i == 0, seg, full, groups, nbytes, acc, dest);
+    });
+    if (!fused || n == 0) {
+        alignas(64) float tmp[TILE + PER * SEG_PAD];
+        if (n == 0) std::fill(acc, acc + PER * seg, 0.0f);
+        const float* sums = BITS == 1 ? acc : interleave<PER>(acc, tmp, seg);
+        for (int64_t e = 0; e < len; e += 16) write_out(dest, e, _mm512_load_ps(sums + e));
     }
     if (nt) _mm_sfence();  // the streamed stores are ordered before the caller's (other threads') reads
 }
