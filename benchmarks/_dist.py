@@ -578,7 +578,6 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
 
     # twa.exchange: all_reduce, as the library makes it (grad_ar is zeros: summing in place keeps it so)
     comm_ar = TorchCollectives(plan.ranges, rank, k, exchange="all_reduce") if with_blocks else None
-
     comm_ring = TorchCollectives(plan.ranges, rank, k, exchange="ring") if with_blocks else None
 
     def all_reduce_slice() -> torch.Tensor:
@@ -609,16 +608,8 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
         nn.functional.cross_entropy(net(images), labels).backward()
 
     def forward_backward_under_all_gather_ring() -> None:
-        # k = 2: the ring all-gather is one exchange with the other rank (as TorchCollectives sends it);
-        # posted here, it travels while this rank computes
-        other = 1 - rank
-        other_start, other_end = plan.ranges[other]
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, own, other),
-                                        dist.P2POp(dist.irecv, weights[other_start:other_end], other)])
-        weights[start:end].copy_(own)
-        forward_backward()
-        for work in works:
-            work.wait()
+        # k = 2: the ring all-gather is one exchange with the other rank, in flight during the pass
+        comm_ring.all_gather(own, weights, in_flight=forward_backward)
 
     fns: dict[str, Callable[[], object]] = {
         "all_reduce_D": lambda: dist.all_reduce(flat),

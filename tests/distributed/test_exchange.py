@@ -74,8 +74,12 @@ def _ring3_rank(rank: int, world: int, out: str) -> None:
     start, end = RING3[rank]
     weights = torch.full((13,), float("nan"), dtype=torch.float64)
     gathered = comm.all_gather(torch.arange(start, end, dtype=torch.float64) * 10 + rank, weights).clone()
-    torch.save({"flat": flat, "own": own, "again": again, "gathered": gathered, "bytes": comm.bytes_sent},
-               f"{out}/rank{rank}.pt")
+    bytes_sent, calls = comm.bytes_sent, []
+    weights.fill_(float("nan"))
+    overlapped = comm.all_gather(torch.arange(start, end, dtype=torch.float64) * 10 + rank, weights,
+                                 in_flight=lambda: calls.append(weights[start:end].clone())).clone()
+    torch.save({"flat": flat, "own": own, "again": again, "gathered": gathered, "bytes": bytes_sent,
+                "overlapped": overlapped, "in_flight": calls}, f"{out}/rank{rank}.pt")
 
 
 def test_ring_exchange_on_three_ranks(tmp_path):
@@ -88,6 +92,9 @@ def test_ring_exchange_on_three_ranks(tmp_path):
         torch.testing.assert_close(g["own"], total[start:end], rtol=1e-12, atol=1e-12)
         assert torch.equal(g["again"], g["own"])
         assert torch.equal(g["gathered"], expected)
+        # in_flight ran once, after this rank's own slice was in place, and changed nothing
+        assert torch.equal(g["overlapped"], expected)
+        assert len(g["in_flight"]) == 1 and torch.equal(g["in_flight"][0], expected[start:end])
         # two reduce-scatters: every range but this rank's; all-gather: every range but the next rank's
         nxt = RING3[(rank + 1) % 3]
         assert g["bytes"] == 8 * (2 * (13 - (end - start)) + (13 - (nxt[1] - nxt[0])))
@@ -101,6 +108,8 @@ def test_exchange_is_checked_and_auto_follows_the_backend():
     assert resolve_exchange("sharded", "gloo") == "sharded"
     with pytest.raises(ValueError, match="twa.exchange: 'tree' is not one of"):
         resolve_exchange("tree", "gloo")
+    with pytest.raises(ValueError, match="in_flight needs the ring exchange on 2\+ ranks, not 'sharded'"):
+        TorchCollectives(RANGES, 0, 2, exchange="sharded").all_gather(torch.zeros(7), torch.zeros(11), in_flight=print)
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         TorchCollectives(RANGES, 0, 2, exchange="auto")
     with pytest.raises(ConfigError, match="twa.exchange"):

@@ -121,8 +121,13 @@ class TorchCollectives:
             self.bytes_sent += t.numel() * t.element_size()
         return t
 
-    def all_gather(self, own: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, own: torch.Tensor, out: torch.Tensor,
+                   in_flight: Callable[[], object] | None = None) -> torch.Tensor:
+        """``in_flight`` (ring only; benchmarks/comm.py times an overlap with it) is called while
+        the first ring step's bytes travel: with two ranks, the whole exchange."""
         start, end = self.ranges[self.rank]
+        if in_flight is not None and (self.exchange != "ring" or self.world_size == 1):
+            raise ValueError(f"in_flight needs the ring exchange on 2+ ranks, not {self.exchange!r} on {self.world_size}")
         if self.world_size == 1:
             if own.data_ptr() != out.data_ptr():
                 out.copy_(own)
@@ -136,10 +141,16 @@ class TorchCollectives:
         if self.exchange == "ring":
             # step 0 sends own itself and copies it into out while the bytes travel
             mine = out[start:end]
-            copy = None if own.data_ptr() == mine.data_ptr() else (lambda: mine.copy_(own))
+
+            def first_step() -> None:
+                if own.data_ptr() != mine.data_ptr():
+                    mine.copy_(own)
+                if in_flight is not None:
+                    in_flight()
+
             for i in range(self.world_size - 1):  # step i: pass range r-i on, receive range r-1-i
                 self._ring_step(own.contiguous() if i == 0 else self._range(out, self.rank - i),
-                                self._range(out, self.rank - 1 - i), in_flight=copy if i == 0 else None)
+                                self._range(out, self.rank - 1 - i), in_flight=first_step if i == 0 else None)
             return out
         if all(e - s == self.pad for s, e in self.ranges):  # equal ranges: gather in place
             dist.all_gather_single(out, own.contiguous(), group=self.group)
