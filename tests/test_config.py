@@ -235,3 +235,36 @@ def test_a_recorded_config_from_before_a_new_key_has_the_same_settings():
     assert differing_settings(recorded_config(earlier), today) == []
     removed = dict(earlier, old_key=1)
     assert recorded_config(removed) is removed and "old_key" in differing_settings(recorded_config(removed), today)
+
+
+# ---------------------------------------------------------------- float notations (issue 23, defect 11)
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("5E-4", 5e-4), (".5", 0.5), ("1_000", 1000.0),
+                                         ("1.0e4", 1e4), ("-2e+3", -2000.0), ("3", 3.0)])
+def test_every_float_notation_python_accepts_is_a_float(tmp_path, text, value):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: a float field takes it as float(text) does,
+    in an override and in a YAML file, in a list of floats too; the value is a float."""
+    cfg = config_from_dict({}, "cfg", [f"train.weight_decay={text}", f"twa.grad_clip={text}"])
+    assert cfg.train.weight_decay == value and type(cfg.train.weight_decay) is float
+    assert cfg.twa.grad_clip == value and type(cfg.twa.grad_clip) is float  # float | None
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"train:\n  weight_decay: {text}\nfinetune:\n  weight_decays: [0.0, {text}]\n")
+    cfg = load_config(path)
+    assert cfg.train.weight_decay == value and type(cfg.train.weight_decay) is float
+    assert cfg.finetune.weight_decays == [0.0, value] and all(type(v) is float for v in cfg.finetune.weight_decays)
+
+
+def test_a_non_number_is_still_refused_naming_the_key_and_bool_and_int_stay_apart(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  weight_decay: 1e-4x\n  lr: true\n  epochs: 1e1\ntwa:\n  lr: '1e-2'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "bad.yaml: train.weight_decay: expected float, got '1e-4x'" in text
+    assert "train.lr: expected float, got True" in text  # a bool is no float
+    assert "train.epochs: expected an integer, got '1e1'" in text  # an int field takes integers only
+    assert "twa.lr" not in text  # a quoted number is a number too
+    cfg = load_config(path, ["train.weight_decay=0.1", "train.lr=0.2", "train.epochs=1_000"])
+    assert cfg.train.epochs == 1000 and type(cfg.train.epochs) is int and cfg.twa.lr == 0.01
+    with pytest.raises(ConfigError, match=r"twa\.lr: expected float, got 'fast'"):
+        config_from_dict({}, "cfg", ["twa.lr=fast"])

@@ -402,7 +402,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float field takes it, else None: an int (not a bool), a float, or a
+    string in any notation ``float()`` accepts (``1e-4``, ``5E-4``, ``.5``, ``1_000``). YAML 1.1
+    (PyYAML) reads a number without a dot, such as ``1e-4``, as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> Any:
+    """``value`` as the type ``tp`` of ``key`` (errors appended, naming the key). A float
+    field takes every notation ``float()`` accepts (``_as_float``), never a bool; an int
+    field takes only integers (YAML already reads ``1_000`` and ``0x10`` as ints), never a
+    float or a string."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -436,8 +456,11 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> An
         return value
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        number = _as_float(value)
+        if number is None:
+            errors.append(f"{where}: {key}: expected float, got {value!r}")
+        return number
     if tp is bool and not isinstance(value, bool):
         errors.append(f"{where}: {key}: expected true or false, got {value!r}")
         return None
