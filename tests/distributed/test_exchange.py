@@ -62,8 +62,32 @@ def test_all_reduce_and_ring_exchanges_equal_the_sharded_one(tmp_path):
 RING3 = [(0, 5), (5, 6), (6, 13)]  # three ranks, uneven: each range crosses the ring once per collective
 
 
-def _ring3_rank(rank: int, world: int, out: str) -> None:
+class _OneWorkForTheBatch:
+    """What ``batch_isend_irecv`` returns on a backend that coalesces (NCCL): one work object
+    for the whole batch, whose ``wait`` waits for every op."""
+
+    def __init__(self, works) -> None:
+        self.works = works
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        return True
+
+
+def _batch_as_nccl_does(ops):
+    return [_OneWorkForTheBatch(_REAL_BATCH_ISEND_IRECV(ops))]
+
+
+_REAL_BATCH_ISEND_IRECV = torch.distributed.batch_isend_irecv
+
+
+def _ring3_rank(rank: int, world: int, out: str, one_work: bool = False) -> None:
+    from twa_ray.distributed import collectives
     from twa_ray.distributed.collectives import TorchCollectives
+
+    if one_work:  # gloo answering as NCCL does: one work for the batch
+        collectives.dist.batch_isend_irecv = _batch_as_nccl_does
 
     # float64 pieces of 2 values: ranges of 5, 1 and 7 values go as 3, 1 and 4 pieces
     comm = TorchCollectives(RING3, rank, world, exchange="ring", ring_piece_bytes=16)
@@ -82,8 +106,11 @@ def _ring3_rank(rank: int, world: int, out: str) -> None:
                 "overlapped": overlapped, "in_flight": calls}, f"{out}/rank{rank}.pt")
 
 
-def test_ring_exchange_on_three_ranks(tmp_path):
-    spawn_ranks(_ring3_rank, 3, str(tmp_path))
+@pytest.mark.parametrize("one_work", [False, True], ids=["work_per_op", "one_work_per_batch"])
+def test_ring_exchange_on_three_ranks(tmp_path, one_work):
+    """With one work per op (gloo) and with one work for the whole batch (NCCL's coalescing:
+    the reduce-scatter used to add nothing then)."""
+    spawn_ranks(_ring3_rank, 3, str(tmp_path), one_work)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     total = sum(g["flat"] for g in got)  # float64: the order of the sums hardly matters
     expected = torch.cat([torch.arange(s, e, dtype=torch.float64) * 10 + r for r, (s, e) in enumerate(RING3)])
@@ -108,7 +135,7 @@ def test_exchange_is_checked_and_auto_follows_the_backend():
     assert resolve_exchange("sharded", "gloo") == "sharded"
     with pytest.raises(ValueError, match="twa.exchange: 'tree' is not one of"):
         resolve_exchange("tree", "gloo")
-    with pytest.raises(ValueError, match="in_flight needs the ring exchange on 2\+ ranks, not 'sharded'"):
+    with pytest.raises(ValueError, match=r"in_flight needs the ring exchange on 2\+ ranks, not 'sharded'"):
         TorchCollectives(RANGES, 0, 2, exchange="sharded").all_gather(torch.zeros(7), torch.zeros(11), in_flight=print)
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         TorchCollectives(RANGES, 0, 2, exchange="auto")

@@ -42,6 +42,23 @@ def resolve_exchange(exchange: str, backend: str) -> str:
     return exchange
 
 
+def _works_by_op(works: Sequence, n_sends: int, n_recvs: int) -> tuple[list, list]:
+    """The works ``dist.batch_isend_irecv`` returned for ``n_sends`` sends then ``n_recvs``
+    receives, as (a work or None per receive, the works left to wait for after them).
+
+    gloo returns one work per op, in the ops' order: each receive is then waited for alone.
+    A backend that coalesces (NCCL) returns one work for the whole batch (torch 2.14
+    ``distributed_c10d.batch_isend_irecv``): it is waited for here, before any receive is
+    read, since pairing works with ops by index would skip the receives (and their adds)."""
+    if len(works) == n_sends + n_recvs:
+        return list(works[n_sends:]), list(works[:n_sends])
+    if not works:
+        raise RuntimeError(f"batch_isend_irecv returned no work for {n_sends + n_recvs} ops")
+    for work in works:
+        work.wait()
+    return [None] * n_recvs, []
+
+
 class TorchCollectives:
     def __init__(self, ranges: Sequence[tuple[int, int]], rank: int, world_size: int, group=None,
                  exchange: str = "sharded", ring_piece_bytes: int = RING_PIECE_BYTES) -> None:
@@ -78,12 +95,14 @@ class TorchCollectives:
         works = dist.batch_isend_irecv(ops)
         if in_flight is not None:
             in_flight()
-        into = add_into.tensor_split(len(recvs)) if add_into is not None else None
-        for j, work in enumerate(works[len(sends):]):
-            work.wait()
-            if into is not None:
-                into[j].add_(recvs[j])
-        for work in works[: len(sends)]:
+        into = add_into.tensor_split(len(recvs)) if add_into is not None else (None,) * len(recvs)
+        recv_works, send_works = _works_by_op(works, len(sends), len(recvs))
+        for piece, target, work in zip(recvs, into, recv_works):
+            if work is not None:
+                work.wait()  # this piece has landed: add it while the ones behind it travel
+            if target is not None:
+                target.add_(piece)
+        for work in send_works:
             work.wait()
         self.bytes_sent += send.numel() * send.element_size()
 
