@@ -268,3 +268,18 @@ def test_a_non_number_is_still_refused_naming_the_key_and_bool_and_int_stay_apar
     assert cfg.train.epochs == 1000 and type(cfg.train.epochs) is int and cfg.twa.lr == 0.01
     with pytest.raises(ConfigError, match=r"twa\.lr: expected float, got 'fast'"):
         config_from_dict({}, "cfg", ["twa.lr=fast"])
+
+
+# ---------------------------------------------------------------- name (issue 23, defect 5)
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\\b", "/abs", "two words", "a\nb"])
+def test_name_must_be_a_plain_folder_name(name):
+    """runs/<name> is the default run folder, which --force may remove: a name that is empty,
+    a path or a dot folder would make it runs/, the working directory or somewhere else."""
+    with pytest.raises(ConfigError, match=r"cfg: name: .* is not a plain name"):
+        config_from_dict({"name": name}, "cfg")
+
+
+def test_plain_names_pass():
+    for name in ("quickstart", "tune_head-stage.v2", "Run7", "a+b"):
+        assert config_from_dict({"name": name}).name == name

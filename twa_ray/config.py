@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -549,6 +550,16 @@ def sharding_problems(twa: TWAConfig) -> list[str]:
     return problems
 
 
+NAME_CHARACTERS = "letters, digits and . _ + -"  # what a plain name (``name``) is made of
+
+
+def is_plain_name(name: str) -> bool:
+    """True for a plain folder name: non-empty, only ``NAME_CHARACTERS`` (no path separator,
+    no space), and not ``.`` or ``..``. ``name`` makes the default run folder runs/<name>,
+    which ``--force`` may remove, and Ray's run names."""
+    return bool(re.fullmatch(r"[A-Za-z0-9._+-]+", name)) and name not in (".", "..")
+
+
 def _validate(cfg: Config, where: str) -> list[str]:
     errors = []
 
@@ -556,6 +567,9 @@ def _validate(cfg: Config, where: str) -> list[str]:
         if not ok:
             errors.append(f"{where}: {key}: {message}")
 
+    check(is_plain_name(cfg.name), "name",
+          f"{cfg.name!r} is not a plain name ({NAME_CHARACTERS}; not empty, '.' or '..'): "
+          "it names the run folder runs/<name>")
     check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
     check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
     check(cfg.twa.kernel in KERNELS, "twa.kernel", f"{cfg.twa.kernel!r} is not one of {list(KERNELS)}")

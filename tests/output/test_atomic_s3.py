@@ -13,7 +13,7 @@ from twa_ray.output.mixing import Mixing
 from twa_ray.output.report import model_files, write_report
 from twa_ray.output.run_folder import write_run_folder
 from twa_ray.output.tensorboard import write_run_events
-from twa_ray.pipelines.runs import finished_run, prepare_run_dir, record_config, require_local_run_dir
+from twa_ray.pipelines.runs import RUN_MARKER, finished_run, prepare_run_dir, record_config, require_local_run_dir
 from twa_ray.store import fs as store_fs
 
 
@@ -96,7 +96,7 @@ def test_a_run_folder_and_its_report_on_s3(s3_uri):
     assert not [k for k in keys(run) if store_fs.TEMP_MARKER in k]
 
     assert prepare_run_dir(cfg, force=True) == run
-    assert keys(run) == []
+    assert keys(run) == [RUN_MARKER]  # emptied, and marked again as a run folder
 
 
 def test_object_stores_get_one_upload_other_filesystems_a_rename(s3_uri, tmp_path, monkeypatch):

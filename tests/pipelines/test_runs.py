@@ -48,3 +48,89 @@ def test_a_complete_store_of_the_same_settings_is_reused(tmp_path, monkeypatch):
     store.append({"w": torch.zeros(2)}, info={"kind": "epoch", "epoch": 2, "metrics": {"val_acc": 40.0}})
     base = ensure_candidates(cfg)
     assert (base.store_uri, base.num_candidates, base.metrics) == (cfg.store_uri, 1, [{"val_acc": 40.0}])
+
+
+# ---------------------------------------------------------------- --force (issue 23, defect 5)
+
+from twa_ray.config import ConfigError  # noqa: E402
+from twa_ray.pipelines.runs import RUN_MARKER  # noqa: E402
+from twa_ray.store import fs as store_fs  # noqa: E402
+
+
+@pytest.fixture
+def removals(monkeypatch):
+    """``store_fs.remove_tree`` recorded and never run: a refused --force must remove nothing
+    (and a test of today's code must never delete a real folder)."""
+    calls = []
+    monkeypatch.setattr(store_fs, "remove_tree", lambda location: calls.append(str(location)) or True)
+    return calls
+
+
+@pytest.mark.parametrize("output_dir, why", [
+    (".", "the working directory"), ("..", "a parent of the working directory"),
+    ("/", "the filesystem root"), ("~", "the home folder"),
+])
+def test_force_never_removes_the_working_directory_its_parents_the_root_or_home(
+        tmp_path, monkeypatch, removals, output_dir, why):
+    work, home = tmp_path / "checkout", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    cfg = config_from_dict({"output_dir": output_dir})
+    for force in (True, False):  # a run folder there is refused even without --force
+        with pytest.raises(ConfigError, match=rf"output_dir: .* is {why}"):
+            prepare_run_dir(cfg, force=force)
+    assert removals == []
+
+
+def test_force_removes_only_a_run_folder_or_an_empty_one(tmp_path, removals):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match=r"output_dir: .*mine is not a run folder .*--force removes"):
+        prepare_run_dir(config_from_dict({"output_dir": str(other)}), force=True)
+    assert removals == [] and not (other / RUN_MARKER).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_run_dir(config_from_dict({"output_dir": str(empty)}), force=True)
+    assert removals == [str(empty)]
+
+
+def test_a_name_that_is_no_plain_name_never_reaches_the_run_folder(tmp_path, monkeypatch, removals):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    for name in ("", ".."):
+        with pytest.raises(ConfigError, match="name: "):
+            prepare_run_dir(config_from_dict({"name": name}), force=True)
+    assert removals == []
+
+
+def test_a_run_that_died_early_is_cleared_by_force(tmp_path):
+    cfg = _cfg(tmp_path)
+    run_dir = prepare_run_dir(cfg)
+    assert (run_dir / RUN_MARKER).is_file()  # from the first write on
+    (run_dir / "ray").mkdir()
+    (run_dir / "ray" / "checkpoint").write_text("partial")
+    again = prepare_run_dir(cfg, force=True)
+    assert again == run_dir and sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER]
+
+
+def test_an_unmarked_folder_is_used_but_never_marked(tmp_path):
+    """A folder that already holds other files (a run folder from before the marker, or
+    anything else) is written into as before, but not claimed: --force will refuse it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    assert prepare_run_dir(_cfg(tmp_path)) == folder and not (folder / RUN_MARKER).exists()
+
+
+def test_remove_tree_itself_refuses_the_working_directory_and_its_parents(tmp_path, monkeypatch):
+    work = tmp_path / "checkout"
+    (work / ".git").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for location in (work, tmp_path, "."):
+        with pytest.raises(ValueError, match="refusing to delete .*working directory"):
+            store_fs.remove_tree(location)
+    assert (work / ".git").is_dir()
+    assert store_fs.protected_folder("/") == "the filesystem root" and store_fs.protected_folder(work / "run") is None

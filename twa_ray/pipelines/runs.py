@@ -6,13 +6,23 @@ A run folder is complete when it holds ``summary.json`` (written last by
 
 A run folder is a local folder (a ``Path``) or a URI (``s3://bucket/run``: a
 ``store.fs.Uri``); both join with ``/``, and every file goes through ``store.fs``.
+
+What ``--force`` removes: only a run folder of this project, one that holds the marker
+``RUN_MARKER`` (``.twa_ray_run``, a small JSON file), or an empty folder. ``prepare_run_dir``
+writes the marker into a new or empty run folder before any other file, so a run that
+died early is cleared too; a folder that already held other files is written into but
+never marked (a run folder from before the marker existed: remove it by hand). Anything
+else is refused with a ConfigError naming ``output_dir`` (or ``name``, whose default
+run folder is runs/<name>), and so, with or without ``--force``, is a run folder that
+is the working directory, a parent of it, home or the filesystem root
+(``store.fs.protected_folder``).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..config import Config, ConfigError, config_to_dict, differing_settings, recorded_config
+from ..config import Config, ConfigError, config_to_dict, differing_settings, is_plain_name, recorded_config
 from ..data import DataSplits
 from ..data.from_config import splits_from_config
 from ..models.from_config import model_from_config
@@ -22,17 +32,52 @@ from ..store import fs as store_fs
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(cfg: Config, force: bool = False) -> Path | store_fs.Uri:
-    """The run folder (made when local: an object store has no folders); with ``force``
-    first remove what an earlier run left in it."""
+RUN_MARKER = ".twa_ray_run"  # in a run folder of this project from its first write on: --force may remove it
+
+
+def _run_dir_key(cfg: Config) -> str:
+    """The config key that placed the run folder, for errors."""
+    return "output_dir" if cfg.output_dir else "name (the run folder runs/<name>)"
+
+
+def run_dir_location(cfg: Config) -> Path | store_fs.Uri:
+    """``cfg``'s run folder: an absolute ``Path`` (``~`` expanded, links resolved) or a ``Uri``."""
     run_dir = store_fs.as_location(cfg.run_dir)
-    if isinstance(run_dir, Path):
-        run_dir = run_dir.resolve()
-    if force and store_fs.remove_tree(run_dir):
-        log.warning("--force: removed the earlier results in %s", run_dir)
+    return Path(store_fs.absolute(str(run_dir))).resolve() if isinstance(run_dir, Path) else run_dir
+
+
+def prepare_run_dir(cfg: Config, force: bool = False) -> Path | store_fs.Uri:
+    """The run folder, made when local (an object store has no folders) and marked
+    (``RUN_MARKER``) when new or empty; with ``force`` first remove what an earlier run
+    left in it. Raises ConfigError naming output_dir (or name), touching nothing, for a run
+    folder that is the working directory, a parent of it, home or a filesystem root, and
+    with ``force`` for a folder that is neither a marked run folder nor empty."""
+    key = _run_dir_key(cfg)
+    if cfg.output_dir is None and not is_plain_name(cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} is not a plain name: it names the run folder runs/<name>")
+    run_dir = run_dir_location(cfg)
+    reason = store_fs.protected_folder(run_dir)
+    if reason is not None:
+        raise ConfigError(f"{key}: {run_dir} is {reason}: a run folder must be a folder of its own "
+                          "(e.g. runs/<name>), which --force may remove")
+    if force:
+        _clear_run_dir(run_dir, key)
     if isinstance(run_dir, Path):
         run_dir.mkdir(parents=True, exist_ok=True)
+    if store_fs.folder_is_empty(run_dir):  # new, or emptied: ours from this first write on
+        write_json(run_dir / RUN_MARKER, {"twa_ray": "run folder", "name": cfg.name})
+    elif not store_fs.file_exists(run_dir / RUN_MARKER):
+        log.warning("%s holds files of no marked twa_ray run folder: --force will refuse to remove it", run_dir)
     return run_dir
+
+
+def _clear_run_dir(run_dir: Path | store_fs.Uri, key: str) -> None:
+    """--force: remove ``run_dir`` when it is a marked run folder or empty; else ConfigError naming ``key``."""
+    if not (store_fs.file_exists(run_dir / RUN_MARKER) or store_fs.folder_is_empty(run_dir)):
+        raise ConfigError(f"{key}: {run_dir} is not a run folder of twa_ray (no {RUN_MARKER} in it) and not empty: "
+                          "--force removes only run folders; remove it yourself, or choose another output_dir")
+    if store_fs.remove_tree(run_dir):
+        log.warning("--force: removed the earlier results in %s", run_dir)
 
 
 def require_local_run_dir(cfg: Config, job: str) -> None:

@@ -334,7 +334,13 @@ def files_in(folder: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def remove_tree(location: str | os.PathLike) -> bool:
-    """Delete the folder ``location`` with everything in it; False when there was none."""
+    """Delete the folder ``location`` with everything in it; False when there was none.
+    Raises ValueError, deleting nothing, for a folder that must never be deleted
+    (``protected_folder``: a filesystem root, a whole bucket, home, the working directory
+    or a parent of them)."""
+    reason = protected_folder(location)
+    if reason is not None:
+        raise ValueError(f"{location}: refusing to delete {reason}")
     loc = resolve(location)
     if not exists(loc.fs, loc.path):
         return False
@@ -361,3 +367,50 @@ def local_folder(location: str | os.PathLike) -> Iterator[Path]:
         remove_tree(location)
         loc = resolve(location)
         pafs.copy_files(tmp, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+
+
+# ---------------------------------------------------------------- run-folder safety (issue 23)
+
+
+def protected_folder(location: str | os.PathLike) -> str | None:
+    """Why the folder ``location`` must never be deleted, or None: "the filesystem root",
+    "a whole bucket" (an object store's bucket, no prefix), "the home folder" or "a parent
+    of the home folder", "the working directory" or "a parent of the working directory"
+    (links resolved). Pure apart from reading the working directory and home."""
+    loc = resolve(location)
+    if not loc.is_local:
+        inside = loc.path.strip("/")
+        if not inside:
+            return "the filesystem root"
+        return "a whole bucket" if is_object_store(loc.fs) and "/" not in inside else None
+    path = Path(os.path.realpath(loc.path))
+    if path == Path(path.anchor):
+        return "the filesystem root"
+    places = {"the working directory": Path(os.path.realpath(os.getcwd())),
+              "the home folder": Path(os.path.realpath(os.path.expanduser("~")))}
+    for name, place in places.items():
+        if path == place:
+            return name
+    for name, place in places.items():
+        if place.is_relative_to(path):
+            return f"a parent of {name}"
+    return None
+
+
+def folder_is_empty(location: str | os.PathLike) -> bool:
+    """True when the folder ``location`` holds nothing (no file, no folder) or does not exist."""
+    loc = resolve(location)
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
+        return False
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=False)
+    return not loc.fs.get_file_info(selector)
+
+
+def remove_file(location: str | os.PathLike) -> bool:
+    """Delete the file ``location``; False when there was none. Other errors raise: a
+    caller that removes a marker must know it is gone."""
+    loc = resolve(location)
+    if loc.fs.get_file_info(loc.path).type != pafs.FileType.File:
+        return False
+    loc.fs.delete_file(loc.path)
+    return True
