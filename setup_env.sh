@@ -10,7 +10,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   if $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; then
     echo "installed Fashion-MNIST into /usr/share/datasets/fashion-mnist"
   else
-    echo "could not install dataset-fashion-mnist: tests that need it are skipped; the quickstart" \
-         "then needs data.download=true (internet) or the data in data/" >&2
+    echo "could not install dataset-fashion-mnist: tests that need it are skipped (under CI=true they fail);" \
+         "the quickstart then needs data.download=true (internet) or the data in data/" >&2
   fi
 fi

@@ -50,6 +50,7 @@ SMOKE_PARTS = ("tests", "projection", "step")
 GPU_LOG_MARK = "+ 1 GPU"  # twa_ray/distributed/base_train.py logs it when base training takes a GPU
 TARGET_COPY_RATIO = 0.7  # projection kernels at 4 bits, of the device's copy bandwidth (issue 16)
 PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b")
+PYTEST_SKIP = re.compile(r"^SKIPPED \[(\d+)\] ([^:]+(?::\d+)?): (.*)$")  # pytest -rs: "SKIPPED [2] file:152: reason"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,15 +93,22 @@ def parse_pytest_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def parse_pytest_skips(output: str) -> list[dict]:
+    """The skipped tests of a ``pytest -rs`` run, from its short summary: each as
+    {"count", "where", "reason"} (pytest groups the skips of one place and reason)."""
+    return [{"count": int(n), "where": where, "reason": reason}
+            for n, where, reason in (m.groups() for m in map(PYTEST_SKIP.match, output.splitlines()) if m)]
+
+
 def check_tests(smoke: bool, cuda: bool, timeout: float) -> dict:
     target = ROOT / "tests" / ("gpu" if smoke else "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(target)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", str(target)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     counts = parse_pytest_counts(proc.stdout)
     ok = proc.returncode == 0 and not counts["failed"] and not counts["errors"] and (counts["passed"] > 0 or not cuda)
     record = {"check": "tests", "ok": ok, "returncode": proc.returncode, **counts,
-              "seconds": time.perf_counter() - started, "command": " ".join(cmd[1:])}
+              "skipped_tests": parse_pytest_skips(proc.stdout), "seconds": time.perf_counter() - started, "command": " ".join(cmd[1:])}
     if not ok:
         record["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
     return record
@@ -236,7 +244,8 @@ def summary_lines(records: list[dict]) -> list[str]:
         by_check.setdefault(r["check"], []).append(r)
     lines = []
     for check, rows in by_check.items():
-        status = "ok" if all(r["ok"] for r in rows) else "FAILED"
+        skips = [s for r in rows for s in r.get("skipped_tests", ())]
+        status = "FAILED" if not all(r["ok"] for r in rows) else "skipped" if skips else "ok"
         if check == "device":
             r = rows[0]
             detail = r["name"] + (f", {r['memory_gib']} GiB, CUDA {r['cuda']}, torch {r['torch']}" if r["device"] == "cuda" else "")
@@ -245,6 +254,7 @@ def summary_lines(records: list[dict]) -> list[str]:
             detail = r.get("error") or ", ".join(f"{r[k]} {k}" for k in ("passed", "failed", "errors", "skipped") if r.get(k)) \
                 or "no tests ran"
             detail += f" ({r['seconds']:.0f} s)" if "seconds" in r else ""
+            detail += "".join(f"; skipped {s['count']} at {s['where']}: {s['reason']}" for s in skips)
         elif check == "quickstart":
             r = rows[0]
             acc = r.get("test_acc") or {}
@@ -273,7 +283,9 @@ def summary_lines(records: list[dict]) -> list[str]:
             detail = rows[0].get("error", "")
         lines.append(f"  {check:<11} {status:<7} {detail}")
     failed = [c for c, rows in by_check.items() if not all(r["ok"] for r in rows)]
-    lines.append("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
+    skipped = sum(s["count"] for r in records for s in r.get("skipped_tests", ()))
+    lines.append(f"FAILED: {', '.join(failed)}" if failed else
+                 f"all checks that ran passed; {skipped} test(s) skipped, see above" if skipped else "all checks passed")
     return lines
 
 

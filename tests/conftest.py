@@ -84,6 +84,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # where dataset-fashion-mnist installs it
+
+
+def require_fashion_mnist(path: Path = FASHION_MNIST) -> Path:
+    """``path`` when the offline Fashion-MNIST is there. Otherwise the calling test is skipped
+    with the reason, except under ``CI=true``, where it fails: there a missing dataset means
+    that setup_env.sh could not install it, and a silent skip would hide that."""
+    if path.is_dir():
+        return path
+    reason = (f"needs Fashion-MNIST in {path}: setup_env.sh could not install it "
+              "(apt-get install dataset-fashion-mnist)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def fashion_mnist():
+    """The offline Fashion-MNIST folder (``require_fashion_mnist``)."""
+    return require_fashion_mnist()
+
+
 @pytest.fixture(autouse=True)
 def _environ_restored():
     """Every test leaves ``os.environ`` as it found it: ``init_ray`` sets variables that a later

@@ -24,6 +24,25 @@ def test_pytest_counts_come_from_the_final_line():
     assert set(gpu_check.parse_pytest_counts("").values()) == {0}
 
 
+def test_a_skipped_nccl_test_is_reported_as_skipped_with_its_reason():
+    """On one GPU the two-rank NCCL test is skipped: the check says so and why, never a plain ok."""
+    output = ("..ss\n=========================== short test summary info ============================\n"
+              "SKIPPED [2] tests/gpu/test_gpu_cuda.py:152: needs two GPUs: one GPU cannot hold two NCCL ranks\n"
+              "18 passed, 2 skipped, 900 deselected in 31.00s\n")
+    skips = gpu_check.parse_pytest_skips(output)
+    assert skips == [{"count": 2, "where": "tests/gpu/test_gpu_cuda.py:152",
+                      "reason": "needs two GPUs: one GPU cannot hold two NCCL ranks"}]
+    records = [{"check": "tests", "ok": True, "passed": 18, "failed": 0, "errors": 0, "skipped": 2, "seconds": 31.0,
+                "skipped_tests": skips}]
+    lines = gpu_check.summary_lines(records)
+    assert " skipped " in lines[0] and " ok " not in lines[0]
+    assert "skipped 2 at tests/gpu/test_gpu_cuda.py:152: needs two GPUs: one GPU cannot hold two NCCL ranks" in lines[0]
+    assert lines[-1] == "all checks that ran passed; 2 test(s) skipped, see above"
+    # the reason in the report is the test's own: one place says it
+    source = (ROOT / "tests" / "gpu" / "test_gpu_cuda.py").read_text()
+    assert 'reason="needs two GPUs: one GPU cannot hold two NCCL ranks"' in source
+
+
 def test_parts_run_in_the_documented_order_and_smoke_leaves_out_the_quickstart():
     assert gpu_check.parse_args([]).parts == ["tests", "quickstart", "projection", "step"]
     assert gpu_check.parse_args(["--smoke"]).parts == ["tests", "projection", "step"]
@@ -83,10 +102,12 @@ def test_smoke_run_writes_the_records_and_prints_the_summary(tmp_path):
     assert tests["failed"] == tests["errors"] == 0
     if not torch.cuda.is_available():  # the gpu tests are collected, and skipped
         assert tests["passed"] == 0 and tests["skipped"] > 0
+        assert sum(s["count"] for s in tests["skipped_tests"]) == tests["skipped"]  # each with its reason
     rows = [r for r in records if r["check"] == "projection" and r["measure"] == "throughput"]
     assert {(r["op"], r["bits"]) for r in rows} == {(op, b) for op in ("coef_grad", "reconstruct") for b in (1, 4, 32)}
     assert all(r["gbps"] > 0 and r["ratio_to_memcpy"] > 0 and r["check_rel_err"] < 1e-4 for r in rows)
     assert all(r["projection_bytes"] == 4 * ((100_000 * r["bits"] + 7) // 8) for r in rows)  # n = 4, D = 1e5
     (step,) = [r for r in records if r["check"] == "step"]
     assert step["model"] == "small_cnn" and step["ratio_twa_to_sgd"] > 0
-    assert "all checks passed" in proc.stdout and f"JSON lines: {out}" in proc.stdout
+    done = "all checks passed" if tests["skipped"] == 0 else f"all checks that ran passed; {tests['skipped']} test(s) skipped"
+    assert done in proc.stdout and f"JSON lines: {out}" in proc.stdout

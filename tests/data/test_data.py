@@ -164,8 +164,8 @@ def test_fashion_mnist_from_root_idx_files(tmp_path, monkeypatch):
     assert s.test[3][1] == 3 and s.test[0][0].shape == (1, 28, 28)
 
 
-@pytest.mark.skipif(not fmnist_module.SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_real():
+def test_fashion_mnist_real(fashion_mnist):
+    assert fmnist_module.SYSTEM_DIR == fashion_mnist
     s = build_splits("fashion_mnist", None, val_ratio=0.0, seed=0)
     assert (len(s.train), len(s.val), len(s.test)) == (60000, 0, 10000)
     assert (s.num_classes, s.in_channels, s.image_size) == (10, 1, 28)
@@ -194,3 +194,18 @@ def test_imagefolder(tmp_path):
 
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "missing" / "train")):
         build_splits("imagefolder", tmp_path / "missing", val_ratio=0.1, seed=0)
+
+
+def test_missing_fashion_mnist_skips_but_fails_under_ci(tmp_path, monkeypatch):
+    """A test needing the offline data skips without it, with the reason; under CI=true it
+    fails instead (setup_env.sh could not install it), never a silent skip."""
+    from conftest import require_fashion_mnist
+
+    missing = tmp_path / "fashion-mnist"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="setup_env.sh could not install it"):
+        require_fashion_mnist(missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: needs Fashion-MNIST in .*fashion-mnist"):
+        require_fashion_mnist(missing)
+    assert require_fashion_mnist(tmp_path) == tmp_path

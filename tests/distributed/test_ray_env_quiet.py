@@ -100,7 +100,7 @@ def test_a_users_own_setting_wins(clean_env):
 
 def test_the_hook_runs_where_twa_ray_cannot_be_imported(clean_env, tmp_path):
     """Ray workers of a driver started outside the checkout run the hook without twa_ray."""
-    import cloudpickle
+    from ray import cloudpickle  # what Ray pickles the hook with; no requirement names plain cloudpickle
 
     hook = quiet_ray(verbose=False)["runtime_env"]["worker_process_setup_hook"]
     (tmp_path / "hook.pkl").write_bytes(cloudpickle.dumps(hook))

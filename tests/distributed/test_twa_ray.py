@@ -113,8 +113,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(ray_local, tmp_path, store
     assert state["twa"]["num_steps"] == 5 and torch.isfinite(state["twa"]["X"]).all()
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
-def test_quickstart_one_and_two_workers_agree_on_test_accuracy(ray_local, tmp_path):
+def test_quickstart_one_and_two_workers_agree_on_test_accuracy(ray_local, tmp_path, fashion_mnist):
     """The quickstart's model and data (fewer images and epochs): 1 and 2 TWA workers
     reach test accuracies within 0.5 points (BatchNorm statistics differ per worker)."""
     from pathlib import Path

@@ -147,7 +147,7 @@ def nccl_rank(rank: int, world: int, basis: str, bits: int, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps({"X": x.tolist(), "w": w.tolist()}))
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: one GPU cannot hold two NCCL ranks")
 @pytest.mark.parametrize("basis, bits", [("normalized", 8), ("orthonormal-global", 32)])
 def test_two_nccl_ranks_reach_the_one_process_weights(tmp_path, basis, bits):
     """Column shards on two GPUs over NCCL (orthonormal-global all-reduces its Gram matrix
