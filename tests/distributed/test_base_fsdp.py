@@ -124,7 +124,9 @@ def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
     ref = UnevenNet(gain=False)  # the same steps in one process
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     _steps(ref, opt)
-    model, optimizer = read_sharded(tmp_path / "checkpoint", "model"), read_sharded(tmp_path / "checkpoint", "optimizer")
+    shapes = {name: p.shape for name, p in ref.named_parameters()}
+    model = read_sharded(tmp_path / "checkpoint", "model", {name: v.shape for name, v in ref.state_dict().items()})
+    optimizer = read_sharded(tmp_path / "checkpoint", "optimizer", {f"{n}.momentum_buffer": s for n, s in shapes.items()})
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(model[name], value, rtol=1e-5, atol=1e-6)
     names = [name for name, _ in ref.named_parameters()]
@@ -134,7 +136,7 @@ def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
         for rank in range(WORLD):
             torch.testing.assert_close(ranks[rank]["momentum"][i], local_rows(buf, rank, WORLD), rtol=1e-5, atol=1e-6)
     flat = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    ema = read_sharded(tmp_path / "checkpoint", "ema")
+    ema = read_sharded(tmp_path / "checkpoint", "ema", shapes)
     torch.testing.assert_close(torch.cat([ema[n].reshape(-1) for n in names]), 0.5 * flat, rtol=1e-5, atol=1e-6)
 
     # the candidate: every rank's rows, committed once, equal to the full weights
@@ -148,6 +150,47 @@ def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
     assert written == ranks[1]["bytes"]  # every rank got the counts
     size = os.path.getsize(store.list_candidates()[0].path)
     assert written[1] == values[1] and values[0] < written[0] <= values[0] + size - 4 * store.num_params
+
+
+def _lossy_rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
+    """Two candidates into a local store whose filesystem drops rank 1's writes into the shared
+    file (as a FUSE mount of an object store does to all writers but the last to close it)."""
+    import logging
+
+    import twa_ray.store.candidate_store as candidate_store
+
+    if rank == 1:  # the row writer reports its bytes and writes nothing
+        candidate_store.write_value_ranges = lambda path, numels, ranges, values: 4 * values.size
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append
+    logging.getLogger("twa_ray.distributed.base_fsdp").addHandler(handler)
+    model = fsdp_wrap(UnevenNet(gain=False), world, torch.device("cpu"))
+    store = CandidateStore.open(store_uri)
+    writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
+    for step in (1, 2):
+        _steps(model, torch.optim.SGD(model.parameters(), lr=0.1), rank, world, steps=1)
+        writer.save(model, kind="step", step=step, lr=0.1, metrics={})
+        torch.save([p.full_tensor().detach().reshape(-1) for p in model.parameters()], f"{out}/weights{step}.pt")
+    torch.save({"warnings": [r.getMessage() for r in warnings],
+                "saved": writer.writer.saved_infos if rank == 0 else None}, f"{out}/lossy{rank}.pt")
+
+
+def test_rows_a_filesystem_lost_are_rewritten_whole_with_one_warning(tmp_path):
+    """A shared file that keeps only some ranks' rows must not be committed as a candidate (its
+    lost rows would read as zeros): each rank's rows are checked against its checksum and the
+    candidate is gathered and appended whole instead, with one warning naming the filesystem."""
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), UnevenNet(gain=False))
+    spawn_ranks(_lossy_rank_main, WORLD, str(tmp_path), store.uri)
+    ranks = [torch.load(tmp_path / f"lossy{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["saved"] == [(0, {"kind": "step", "step": 1}), (1, {"kind": "step", "step": 2})]
+    assert len(store) == 2 and not [f for f in os.listdir(tmp_path / "store" / "candidates") if ".tmp-" in f]
+    for index, step in enumerate((1, 2)):
+        weights = torch.cat(torch.load(tmp_path / f"weights{step}.pt", weights_only=True))
+        torch.testing.assert_close(store.read_flat(index), weights, rtol=0, atol=0)
+    [warning] = ranks[0]["warnings"]  # once, by rank 0, not again for the second candidate
+    assert str(tmp_path / "store") in warning and "concurrent writers" in warning and "FUSE" in warning
+    assert ranks[1]["warnings"] == []
 
 
 # --------------------------------------------------------------------- Ray Train

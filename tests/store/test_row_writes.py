@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twa_ray.store import CandidateStore, fsdp_shard
+from twa_ray.store.rows import rows_checksum
 
 SHAPES = {"emb": (300, 40), "conv": (3, 2, 2, 2), "bias": (5,), "one_row": (1, 4), "tiny": (2,)}
 INFO = {"kind": "epoch", "step": 4, "metrics": {"train_loss": 0.5}}
@@ -70,6 +71,23 @@ def test_discard_and_errors_name_the_problem(tmp_path):
     assert not remote.is_local
     with pytest.raises(ValueError, match="object store cannot write into a file"):
         remote.begin_candidate({})
+
+
+def test_read_rows_shows_what_arrived_and_the_checksum_tells_lost_rows(tmp_path):
+    """A pending candidate read back: each writer's rows as written, zeros where a write was lost."""
+    store = CandidateStore.create(tmp_path / "s", list(SHAPES), list(SHAPES.values()))
+    flat = torch.randn(store.num_params, generator=torch.Generator().manual_seed(0))
+    pending = store.begin_candidate(INFO)
+    rows = [_pieces(store, flat, rank, 2) for rank in range(2)]
+    store.write_rows(pending, store.fsdp_ranges(0, 2), rows[0])  # rank 1's write never arrives
+    back = [store.read_rows(pending, store.fsdp_ranges(rank, 2)) for rank in range(2)]
+    torch.testing.assert_close(back[0], rows[0], rtol=0, atol=0)
+    assert rows_checksum(back[0]) == rows_checksum(rows[0].double())  # as stored: float32
+    assert not back[1].any() and rows_checksum(back[1]) != rows_checksum(rows[1])
+    assert store.bytes_read == 4 * store.num_params and rows_checksum(torch.zeros(0)) == 0
+    assert str(tmp_path) in store.mount()
+    with pytest.raises(ValueError, match="not a candidate begun"):
+        store.read_rows(str(tmp_path / "elsewhere.arrow"), store.fsdp_ranges(0, 2))
 
 
 def _memory_fs():

@@ -130,8 +130,8 @@ class CandidateStore:
     so a store can be handed to Ray workers, each reading only its own columns.
 
     Attributes:
-        bytes_read: payload bytes requested by :meth:`read`, :meth:`read_ranges` (and the
-            methods built on them) on this instance: selected values x candidates x 4.
+        bytes_read: payload bytes requested by :meth:`read`, :meth:`read_ranges`, :meth:`read_rows`
+            (and the methods built on them) on this instance: selected values x candidates x 4.
             Footer and metadata reads are not counted. Reset it by assigning 0.
         bytes_written: bytes written by :meth:`begin_candidate` (headers and footer) and
             :meth:`write_rows` (values) on this instance. Reset it by assigning 0.
@@ -473,6 +473,48 @@ class CandidateStore:
         nbytes = write_value_ranges(pending, self._numels, ranges, values.numpy())
         self.bytes_written += nbytes
         return nbytes
+
+    def read_rows(self, pending: str, ranges: Ranges) -> torch.Tensor:
+        """The values at ``ranges`` of the candidate begun at ``pending`` (not yet committed), as
+        the filesystem holds them now: what :meth:`write_rows` wrote there, or zeros where a
+        write did not arrive (a filesystem that keeps one writer's copy of a file, such as a
+        FUSE mount of an object store, loses the others').
+
+        Args:
+            ranges: as for :meth:`write_rows`.
+        Returns:
+            float32, shape (sum of (end - start),): the ranges' values in store order.
+        Raises:
+            ValueError: ``ranges`` do not fit the tensors, or ``pending`` is not a candidate
+                begun in this store or is not a whole candidate file.
+        """
+        self._check_pending(pending)
+        ranges, width = self._checked_ranges(ranges)
+        out = np.empty(width, dtype=np.float32)
+        with open_source(self._loc.fs, pending, self._loc.is_local) as source:
+            read_value_ranges(source, pending, self._numels, ranges, out)
+        self.bytes_read += 4 * width
+        return torch.from_numpy(out)
+
+    def mount(self) -> str:
+        """The store's folder, and on Linux the mount that holds it and its type, for messages
+        (e.g. ``/mnt/gcs/store (mount /mnt/gcs, type fuse.gcsfuse)``)."""
+        if not self.is_local:
+            return f"{self.uri} ({self._loc.fs.type_name})"
+        path = os.path.realpath(self._loc.path)
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+        except OSError:
+            return path
+        # octal escapes (a space is \040) in mount points
+        mounts = [(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point), kind) for point, kind in mounts]
+        inside = [(point, kind) for point, kind in mounts
+                  if path == point or path.startswith(point.rstrip("/") + "/")]
+        if not inside:
+            return path
+        point, kind = max(inside, key=lambda m: len(m[0]))
+        return f"{path} (mount {point}, type {kind})"
 
     def commit_candidate(self, pending: str) -> int:
         """Publish the candidate at ``pending`` once every writer's :meth:`write_rows` has

@@ -28,15 +28,22 @@ pads it to ``world * ceil(S / world)`` rows, e.g. ViT's (1, 65, 192) position em
 d is then, in the flat (row-major) tensor, one run of ``(end - start) * prod(inner)`` elements
 per outer index (:meth:`FsdpShard.ranges`; a single run for d = 0): the order of
 ``param.to_local().reshape(-1)``.
+
+Writers that fill one candidate file with their rows check what arrived with
+:func:`rows_checksum` (``distributed.base_fsdp``).
 """
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+import torch
+
 __all__ = ["FsdpShard", "fsdp_shard", "fsdp_shard_dim", "fsdp_row_range", "fsdp_element_ranges",
-           "fsdp_padded_numel"]
+           "fsdp_padded_numel", "rows_checksum"]
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -167,3 +174,12 @@ def fsdp_padded_numel(shape: Sequence[int], world: int) -> int:
     """Elements FSDP2 allocates on *every* rank for a tensor of ``shape``: ``ceil(S / world) * numel / S``
     along the shard dim (``numel / world`` when ``world`` divides it)."""
     return fsdp_shard(shape, 0, world).padded_numel
+
+
+def rows_checksum(values: torch.Tensor) -> int:
+    """CRC-32 of ``values`` (any shape, floating dtype and device) as a candidate file stores
+    them: float32, little-endian, in flat order. Equal for a rank's rows as it wrote them
+    (``CandidateStore.write_rows``) and as read back (``CandidateStore.read_rows``); 0 for none.
+    Below 2**32, so exact in a float64 all-reduce."""
+    flat = values.detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
+    return zlib.crc32(np.ascontiguousarray(flat, dtype="<f4").view(np.uint8))
