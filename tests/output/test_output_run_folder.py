@@ -48,3 +48,25 @@ def test_main_job_run_folder_has_no_exports(tmp_path):
         lambda path: (path.parent.mkdir(), path.write_bytes(b"png")),
     )
     assert [p.name for p in written][-1] == "summary.json" and not (tmp_path / "models").exists()
+
+
+def test_an_earlier_summary_is_gone_before_the_first_file_is_written(tmp_path, monkeypatch):
+    """summary.json marks a complete folder: a write that dies after model.pt leaves none,
+    not the earlier run's beside the new model.pt (issue 23, defect 4)."""
+    import pytest
+
+    from twa_ray.output import run_folder
+
+    mixing = Mixing([torch.zeros(2, 1)], [[0, 1]], ["w"], [1], {})
+    plot = lambda path: (path.parent.mkdir(exist_ok=True), path.write_bytes(b"png"))  # noqa: E731
+    write_run_folder(tmp_path, {"run": "A"}, [], mixing, {"w": torch.zeros(1)}, plot)
+    seen = []
+
+    def crash(path, rows):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run_folder, "write_rows", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_run_folder(tmp_path, {"run": "B"}, [], mixing, {"w": torch.ones(1)}, plot)
+    assert "summary.json" not in seen[0] and not (tmp_path / "summary.json").exists()

@@ -134,3 +134,55 @@ def test_remove_tree_itself_refuses_the_working_directory_and_its_parents(tmp_pa
             store_fs.remove_tree(location)
     assert (work / ".git").is_dir()
     assert store_fs.protected_folder("/") == "the filesystem root" and store_fs.protected_folder(work / "run") is None
+
+
+# ---------------------------------------------------------------- completion marker (issue 23, defect 4)
+
+
+def _write_main_run(cfg, run_dir, monkeypatch, weight):
+    """The main job's stage 5 (``pipelines.main.write_run``) with its inputs stubbed: a
+    model.pt of ``weight``; everything else tiny."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from twa_ray.output.atomic import write_bytes
+    from twa_ray.output.mixing import Mixing
+    from twa_ray.pipelines import main
+
+    monkeypatch.setattr(main, "twa_summary", lambda *args: {"config": cfg.name, "test_acc": {"twa": weight}})
+    monkeypatch.setattr(main, "splits_from_config", lambda cfg: None)
+    monkeypatch.setattr(main, "model_spec", lambda cfg, splits: {})
+    monkeypatch.setattr(main, "run_mixing", lambda *args: Mixing([torch.zeros(2, 1)], [[0, 1]], ["w"], [1], {}))
+    monkeypatch.setattr(main, "plot_accuracy", lambda path, *args: write_bytes(path, b"png"))
+    monkeypatch.setattr("twa_ray.output.run_folder.plot_mixing", lambda path, mixing: write_bytes(path, b"png"))
+    base = SimpleNamespace(metrics=[], store_uri="unused")
+    twa = SimpleNamespace(history=[], coefficients=None, rounds=[[0, 1]], block_names=["w"])
+    evaluation = SimpleNamespace(results={"twa": SimpleNamespace(state_dict={"w": torch.full((1,), weight)})})
+    return main.write_run(cfg, run_dir, base, twa, None, evaluation)
+
+
+def test_a_run_that_dies_while_writing_its_folder_leaves_no_complete_run(tmp_path, monkeypatch):
+    """Config A finished; config B dies inside the run-folder write, after model.pt: a rerun
+    of A must not find "A finished" beside B's model.pt."""
+    import torch
+
+    a, b = _cfg(tmp_path), _cfg(tmp_path, twa={"bits": 4})
+    run_dir = prepare_run_dir(a)
+    _write_main_run(a, run_dir, monkeypatch, 1.0)
+    assert finished_run(a, run_dir)
+
+    def crash(path, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("twa_ray.output.run_folder.write_rows", crash)  # the writer after model.pt
+    with pytest.raises(OSError, match="disk full"):
+        _write_main_run(b, run_dir, monkeypatch, 2.0)
+    assert torch.load(run_dir / "model.pt", weights_only=True)["w"].item() == 2.0  # B's, written first
+    assert not finished_run(a, run_dir) and not finished_run(b, run_dir)
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists()
+    monkeypatch.undo()
+    _write_main_run(b, run_dir, monkeypatch, 2.0)  # B again, to its end: complete for B alone
+    assert finished_run(b, run_dir) and not finished_run(a, run_dir)
+    last = (run_dir / "config.json").stat().st_mtime_ns  # written last
+    assert all(p.stat().st_mtime_ns <= last for p in run_dir.rglob("*") if p.is_file())

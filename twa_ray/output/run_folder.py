@@ -44,9 +44,11 @@ def write_run_folder(
     ``mixing`` (``output.mixing.run_mixing``) gives coefficients.parquet and plots/mixing.png.
     ``plot_accuracy(path)`` draws plots/accuracy.png; ``models`` maps a name to a
     state_dict exported as models/<name>.pt and .safetensors. summary.json comes last:
-    its presence marks a complete run folder.
+    its presence marks a complete run folder, so an earlier run's summary.json is removed
+    before the first file is written (a writer that dies half-way leaves none).
     """
     run_dir = store_fs.as_location(run_dir)
+    store_fs.remove_file(run_dir / "summary.json")
     written = [run_dir / "model.pt", run_dir / "metrics.parquet", run_dir / "coefficients.parquet",
                run_dir / "plots" / "accuracy.png", run_dir / "plots" / "mixing.png"]
     write_torch(written[0], model_state)

@@ -39,7 +39,7 @@ from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
 from ..store import fs as store_fs
-from .runs import record_config
+from .runs import write_complete_run
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,8 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
 
 def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvaluation) -> dict:
     """Stage 5: the run folder (summary.json, metrics, coefficients, model.pt, plots), then
-    config.json, which with summary.json marks the run complete. Returns the summary."""
+    config.json, which with summary.json marks the run complete (both removed before the
+    first file is written: ``runs.write_complete_run``). Returns the summary."""
     summary = twa_summary(cfg, base, twa, full, evaluation)
     summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
     metrics = stage_rows("base_train", base.metrics) + stage_rows("twa", twa.history)
@@ -204,9 +205,9 @@ def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvalua
         metrics += stage_rows("full_budget", full.metrics)
     test_curve = candidate_curve(base.store_uri, evaluation.results) if cfg.eval.candidates else None
     mixing = run_mixing(base.store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
-    write_run_folder(run_dir, summary, metrics, mixing, evaluation.results["twa"].state_dict,
-                     lambda path: plot_accuracy(path, summary, metrics, test_curve))
-    record_config(cfg, run_dir)
+    write_complete_run(cfg, run_dir, lambda: write_run_folder(
+        run_dir, summary, metrics, mixing, evaluation.results["twa"].state_dict,
+        lambda path: plot_accuracy(path, summary, metrics, test_curve)))
     return summary
 
 

@@ -3,6 +3,9 @@ checked in the driver, a finished run of the same config found, and a complete r
 
 A run folder is complete when it holds ``summary.json`` (written last by
 ``output.run_folder``) and ``config.json`` (``record_config``) equal to the job's config.
+``write_complete_run`` removes both before it writes the first file and writes
+config.json last, so a run that dies while writing leaves a folder that is complete for
+no config (not the earlier run's, beside this run's model.pt).
 
 A run folder is a local folder (a ``Path``) or a URI (``s3://bucket/run``: a
 ``store.fs.Uri``); both join with ``/``, and every file goes through ``store.fs``.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from ..config import Config, ConfigError, config_to_dict, differing_settings, is_plain_name, recorded_config
 from ..data import DataSplits
@@ -30,6 +34,10 @@ from ..output.atomic import read_json, write_json
 from ..store import fs as store_fs
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COMPLETION_FILES = ("summary.json", "config.json")  # together, equal to the config: a complete run
 
 
 RUN_MARKER = ".twa_ray_run"  # in a run folder of this project from its first write on: --force may remove it
@@ -101,7 +109,7 @@ def check_inputs(cfg: Config) -> DataSplits:
 def finished_run(cfg: Config, run_dir: Path | str) -> bool:
     """True when ``run_dir`` holds a complete run (summary.json) of exactly this config."""
     run_dir = store_fs.as_location(run_dir)
-    summary, recorded = run_dir / "summary.json", run_dir / "config.json"
+    summary, recorded = (run_dir / name for name in COMPLETION_FILES)
     if not (store_fs.file_exists(summary) and store_fs.file_exists(recorded)):
         return False
     try:
@@ -114,3 +122,16 @@ def record_config(cfg: Config, run_dir: Path | str) -> None:
     """The config a run folder was made with (compared by ``finished_run``); written after
     summary.json, it marks the run complete for this config."""
     write_json(store_fs.as_location(run_dir) / "config.json", config_to_dict(cfg))
+
+
+def write_complete_run(cfg: Config, run_dir: Path | str, write: Callable[[], T]) -> T:
+    """``write()`` (the job's run-folder files, summary.json among them) between removing the
+    completion markers (summary.json, config.json; local or URI, through ``store.fs``) and
+    ``record_config``: until it returns, ``finished_run`` is False for every config.
+    Returns what ``write`` returns."""
+    run_dir = store_fs.as_location(run_dir)
+    for name in COMPLETION_FILES:
+        store_fs.remove_file(run_dir / name)
+    written = write()
+    record_config(cfg, run_dir)
+    return written

@@ -32,7 +32,7 @@ from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore, find_checkpoints, import_checkpoints
 from ..store import fs as store_fs
 from .finetune import FinetuneResult, make_finetuned
-from .runs import record_config
+from .runs import write_complete_run
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def evaluate_all(cfg: Config, store_uri: str, selection: SoupSelection, twa, tim
 def write_run(cfg: Config, run_dir: str | Path, models: SoupModels, selection: SoupSelection, twa,
               results: dict[str, Evaluated], store_uri: str, times: dict) -> dict:
     """Stage 5: the run folder (``output.run_folder``, plus models/<method>.{pt,safetensors}),
-    then config.json, which with summary.json marks the run complete. Returns the summary."""
+    then config.json, which with summary.json marks the run complete (both removed before the
+    first file is written: ``runs.write_complete_run``). Returns the summary."""
     finetuned = models.finetuned
     summary = soup_summary(cfg, finetuned, selection, twa, results, store_uri, times)
     summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
@@ -107,12 +108,11 @@ def write_run(cfg: Config, run_dir: str | Path, models: SoupModels, selection: S
                    + metrics)
     model_acc = [results[f"cand:{c}"].accuracy for c in selection.indices]
     mixing = run_mixing(store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
-    write_run_folder(
+    write_complete_run(cfg, run_dir, lambda: write_run_folder(
         run_dir, summary, metrics, mixing, results["twa"].state_dict,
         lambda path: plot_soups(path, model_acc, {m: results[m].accuracy for m in METHODS}),
         models={m: results[m].state_dict for m in METHODS},
-    )
-    record_config(cfg, run_dir)
+    ))
     return summary
 
 
