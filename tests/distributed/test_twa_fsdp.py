@@ -228,5 +228,5 @@ def test_ray_run_equals_the_core_and_resumes_after_a_lost_worker(ray_local, tmp_
     folder = result.checkpoint_path
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(folder))
     assert load_checkpoint(folder)["center"] is None  # rank 0 holds no (D,) vector
-    center = read_sharded(folder, "center")  # its rows from both ranks: the final weights
+    center = read_sharded(folder, "center", dict(zip(layout.names, layout.shapes)))  # both ranks' rows: the weights
     torch.testing.assert_close(torch.cat([center[n].reshape(-1) for n in layout.names]), result.weights, rtol=0, atol=0)

@@ -250,7 +250,8 @@ def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor,
 
     with ray.train.Checkpoint(checkpoint_path).as_directory() as folder:
         if is_sharded(folder):
-            model, ema = read_sharded(folder, "model"), read_sharded(folder, "ema")
+            shapes = dict(zip(layout.names, layout.shapes))  # what is read and allocated: the model's
+            model, ema = read_sharded(folder, "model", shapes), read_sharded(folder, "ema", shapes)
             ema = flatten_state(ema, layout, source=checkpoint_path) if ema else None
         else:
             state = load_checkpoint(folder)
