@@ -24,7 +24,8 @@ holds the loop, this module what differs:
   writer's copy of a file (a FUSE mount of an object store, such as gcsfuse or s3fs, uploads the
   whole file on close: the last to close wins, the others' rows stay zeros). Then that candidate,
   and every later one, is gathered on rank 0 and appended whole, with one warning. An object
-  store cannot write into a file at all: there rank 0 gathers the weights and appends;
+  store cannot write into a file at all: there rank 0 gathers the weights (no other rank holds
+  them: ``fsdp.gather_on_rank0``) and appends;
 - checkpoints hold sharded state (``torch.distributed.checkpoint``, :func:`checkpoint_shards`):
   every rank saves its shards of the model, of the optimizer state and of the EMA into its
   own folder and reports it, and Ray Train merges the folders into one checkpoint
@@ -47,7 +48,7 @@ from ..core.params import trainable_parameters
 from ..store import CandidateStore
 from ..store.rows import rows_checksum
 from .checkpoints import load_sharded
-from .fsdp import broadcast_buffers, gather_full, local_shard, sharded_by_name
+from .fsdp import broadcast_buffers, gather_on_rank0, local_shard, sharded_by_name
 from .worker import all_reduce_sum
 
 if TYPE_CHECKING:
@@ -104,9 +105,9 @@ class RowCandidateWriter:
             if self.writer is not None:
                 self.writer.saved(self.store.commit_candidate(pending), info)
             return
-        full = gather_full([p.detach() for p in params])
-        if self.writer is not None:
-            self.writer.saved(self.store.append(full, info), info)
+        full = gather_on_rank0([local_shard(p) for p in params], [p.shape for p in params], self.rank, self.world)
+        if self.writer is not None:  # rank 0: (D,) on CPU
+            self.writer.saved(self.store.append_flat(full, info), info)
 
     def _write_rows(self, pending: str, params: list[nn.Parameter], step: int) -> bool:
         """Every rank writes its rows into the candidate file ``pending``, then reads back the

@@ -4,13 +4,15 @@
 parameter becomes a DTensor of which rank r holds its part ``store.fsdp_shard(shape, r, k)``
 (indices of one dim, ``Shard(store.fsdp_shard_dim(shape, k))``: dim 0 unless k does not
 divide it; its local shard, ``local_shard``). The rest moves state between that layout and
-full tensors: ``gather_full`` (candidates on object stores), ``local_rows``,
+full tensors: ``gather_on_rank0`` (the full weights where one rank writes them: candidates on
+object stores, TWA's result), ``local_rows``,
 ``sharded_by_name`` (a rank's state as DTensors for DCP checkpoints), and
 ``broadcast_buffers`` (the unsharded buffers, as DDP keeps them).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -89,17 +91,45 @@ def sharded_by_name(model: nn.Module, local: list[torch.Tensor]) -> dict[str, to
             if hasattr(p, "device_mesh") else t for (n, p), t in zip(named, local)}
 
 
-def gather_full(obj: Any) -> Any:
-    """``obj`` (a state dict: nested dicts, lists and tuples) with every DTensor replaced by
-    its full tensor on CPU; other values as they are. A collective when ``obj`` holds
-    DTensors: every rank calls it with the same structure."""
-    if hasattr(obj, "full_tensor"):
-        return obj.full_tensor().cpu()
-    if isinstance(obj, dict):
-        return {k: gather_full(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(gather_full(v) for v in obj)
-    return obj
+def gather_on_rank0(parts: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]], rank: int,
+                    world: int) -> torch.Tensor | None:
+    """The full tensors of which every rank holds a part, on rank 0 only (a collective).
+
+    Args:
+        parts: per tensor t, this rank's part of it as ``fsdp_wrap`` shards it
+            (``store.fsdp_shard(shapes[t], rank, world)``: its ``local_shape``, or those values
+            flat), on this rank's device; e.g. ``local_shard(p)`` of every trainable parameter.
+        shapes: per tensor, its full shape.
+    Returns:
+        On rank 0: (D,) float32 on CPU, D = sum of the numels of ``shapes``: the full tensors
+        flattened and concatenated in order. On the other ranks: None.
+
+    One ``torch.distributed.gather`` to rank 0 per tensor: the other ranks send their part
+    (padded to the largest) and receive nothing, so no rank but 0 ever holds a full tensor;
+    rank 0 holds one tensor's gathered parts on the device at a time. One rank and no process
+    group: the parts themselves.
+    """
+    if not _distributed() or world == 1:
+        return torch.cat([part.detach().reshape(-1).to("cpu", torch.float32) for part in parts])
+    out = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32) if rank == 0 else None
+    offset = 0
+    for t, (part, shape) in enumerate(zip(parts, shapes)):
+        cuts = [fsdp_shard(shape, r, world) for r in range(world)]
+        send = part.detach().reshape(-1)
+        if send.numel() != cuts[rank].numel:
+            raise ValueError(f"tensor {t} of shape {list(shape)}: rank {rank} holds {send.numel()} values, its part "
+                             f"is {cuts[rank].numel}")
+        pad = max(cut.numel for cut in cuts)
+        if pad:
+            send = torch.cat([send, send.new_zeros(pad - send.numel())])  # (pad,): a copy, as gather wants
+            got = [send.new_empty(pad) for _ in range(world)] if rank == 0 else None
+            dist.gather(send, got, dst=0)
+            if out is not None:
+                full = out[offset : offset + math.prod(shape)].view(tuple(shape))
+                for cut, values in zip(cuts, got):
+                    full.narrow(cut.dim, cut.start, cut.end - cut.start).copy_(values[: cut.numel].view(cut.local_shape))
+        offset += math.prod(shape)
+    return out
 
 
 def broadcast_buffers(model: nn.Module) -> None:

@@ -23,8 +23,8 @@ the BatchNorm buffers are per rank but small, so rank 0 saves them as in ``block
 The one sharded state is the center (w(X) of the last finished round, the next round's
 origin): each rank keeps only its rows (:func:`own_rows`) and saves them with
 ``torch.distributed.checkpoint`` (:func:`center_shards`, one .distcp file per rank); a
-resumed rank reads back just its rows. The final weights are gathered once, for the result
-(:func:`gather_rows`).
+resumed rank reads back just its rows. The final weights are gathered once, on rank 0, for the
+result (:func:`gather_rows`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from ..core.params import ParamLayout, trainable_parameters
 from ..core.row_shards import build_row_projection, row_block_sizes
 from ..store import CandidateStore, fsdp_shard
 from .collectives import TorchCollectives
-from .fsdp import local_shard, sharded_by_name
+from .fsdp import gather_on_rank0, local_shard, sharded_by_name
 from .twa_shard import ShardSetup, check_store_matches
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,12 @@ def center_shards(model: nn.Module, own: torch.Tensor | None = None) -> dict[str
     return sharded_by_name(model, [part.reshape(t.shape).clone() for part, t in zip(parts, local)])
 
 
-def gather_rows(model: nn.Module, own: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """(D,) from every rank's rows ``own`` (numel(rank),) of the FSDP2 ``model``: one all-gather (a collective)."""
-    return FSDPShard(model, RowLayout(ParamLayout.from_model(model), world), rank, own.device).gather(own)
+def gather_rows(model: nn.Module, own: torch.Tensor, rank: int, world: int) -> torch.Tensor | None:
+    """The (D,) vector of which every rank holds its rows ``own`` (numel(rank),) of the FSDP2
+    ``model``, on rank 0 only: float32 on CPU there, None on the other ranks (a collective:
+    ``fsdp.gather_on_rank0``, so no other rank holds the full vector)."""
+    rows = RowLayout(ParamLayout.from_model(model), world)
+    return gather_on_rank0(own.split(rows.numels(rank)), rows.layout.shapes, rank, world)
 
 
 class _Collectives(TorchCollectives):

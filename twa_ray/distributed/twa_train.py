@@ -292,7 +292,8 @@ def _report_final(w: _Worker, run: TWARunState) -> None:
         run.done, run.elapsed_s = True, run.elapsed_s + time.time() - w.started
     metrics = {**(run.history[-1] if run.history else {}), "twa_complete": True}  # not "done": Tune reads that key
     snapshot = _snapshot(w, run, None)
-    weights = gather_rows(w.model, run.center, w.rank, w.world).cpu() if _fsdp(w) else run.center  # the result
+    # the result: with FSDP gathered on rank 0 only (None on the others), which writes it
+    weights = gather_rows(w.model, run.center, w.rank, w.world) if _fsdp(w) else run.center
     final = None
     if w.rank == 0:
         final = {
