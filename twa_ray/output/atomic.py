@@ -5,7 +5,9 @@ Every function takes a local path (``str`` or ``Path``) or any URI pyarrow opens
 (``s3://bucket/run/summary.json``, ``file:///...``; ``store.fs``):
 
 - a local path is written to a temporary file beside it, then renamed (``os.replace``
-  is atomic on POSIX filesystems); large files stream to disk;
+  is atomic on POSIX filesystems) by ``store.fs.commit_local``, which fsyncs the file
+  before and its folder after, so a power loss cannot leave it empty; large files
+  stream to disk;
 - a URI's file is rendered to bytes in memory first, then written with
   ``store.fs.write_bytes_atomic``: one upload on an object store (an object appears
   only once complete), a temporary name and a move elsewhere.
@@ -38,7 +40,8 @@ _UMASK = _current_umask()
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside the local ``path``; on success it replaces ``path``."""
+    """Yield a temporary path beside the local ``path``; on success it replaces ``path``
+    durably (``store.fs.commit_local``: fsynced)."""
     if store_fs.is_uri(path):
         raise ValueError(f"{path}: atomic_path writes local files only (use write_with for a URI)")
     path = Path(path)
@@ -48,7 +51,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        store_fs.commit_local(tmp, path, overwrite=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

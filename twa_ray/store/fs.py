@@ -13,11 +13,13 @@ holds a resolved filesystem, and location helpers (``read_file``, ``write_file``
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ __all__ = [
     "is_object_store",
     "write_bytes_atomic",
     "move_into_place",
+    "commit_local",
     "temp_name",
     "delete_quietly",
 ]
@@ -207,36 +210,108 @@ def temp_name(final_path: str) -> str:
 def move_into_place(fs: pafs.FileSystem, tmp_path: str, final_path: str, overwrite: bool) -> bool:
     """Move a completely written ``tmp_path`` to ``final_path``.
 
-    On a local filesystem this is a rename (atomic). With ``overwrite=False`` it is a
-    hard link + unlink, which fails instead of replacing an existing file, so two
-    concurrent writers can never clobber each other. On object stores the move is a
-    server-side copy; the final object appears only once complete, and the existence
-    check before it is best effort.
+    On a local filesystem :func:`commit_local`: durable (fsynced), and with
+    ``overwrite=False`` exclusive, so two concurrent writers can never clobber each other.
+    On object stores the move is a server-side copy; the final object appears only once
+    complete, and the existence check before it is best effort.
 
     Returns:
         True if the file was moved into place, False if ``final_path`` already existed
         and ``overwrite`` is False (the temp file is then left for the caller).
     """
     if isinstance(fs, pafs.LocalFileSystem):
-        if overwrite:
-            os.replace(tmp_path, final_path)
-            return True
-        try:
-            os.link(tmp_path, final_path)
-        except FileExistsError:
-            return False
-        except OSError:
-            # Filesystem without hard links: fall back to check-then-rename.
-            if os.path.exists(final_path):
-                return False
-            os.replace(tmp_path, final_path)
-            return True
-        os.unlink(tmp_path)
-        return True
+        return commit_local(tmp_path, final_path, overwrite)
     if not overwrite and exists(fs, final_path):
         return False
     fs.move(tmp_path, final_path)
     return True
+
+
+# An fsync error meaning "this filesystem cannot fsync that" (some network and FUSE mounts,
+# a folder on some systems), not "the data did not reach the disk": the commit goes on.
+_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+COMMIT_LOCK_WAIT_S = 10.0  # how long a commit waits for another one's lock on the same name
+
+
+def commit_local(tmp_path: str | os.PathLike, final_path: str | os.PathLike, overwrite: bool) -> bool:
+    """Durably move the completely written local file ``tmp_path`` to ``final_path`` in the
+    same folder: the one local commit of the store and the run folder.
+
+    The file is fsynced before it gets its final name and the folder after, so once this
+    returns a power loss leaves the whole file under that name, never an empty one. With
+    ``overwrite`` a rename (``os.replace``); without, a hard link + unlink, which fails
+    instead of replacing an existing file; where hard links are unsupported (SMB, some
+    FUSE mounts) a rename under an ``O_EXCL`` lock file beside ``final_path``
+    (:func:`_replace_exclusive`). Either way, of two commits to one name exactly one wins.
+
+    Returns:
+        True if moved into place; False if ``final_path`` already existed and ``overwrite``
+        is False (``tmp_path`` is then left for the caller).
+    """
+    tmp_path, final_path = os.fspath(tmp_path), os.fspath(final_path)
+    _fsync(tmp_path)
+    if overwrite:
+        os.replace(tmp_path, final_path)
+    else:
+        try:
+            os.link(tmp_path, final_path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            if not _replace_exclusive(tmp_path, final_path):
+                return False
+        else:
+            os.unlink(tmp_path)
+    _fsync(os.path.dirname(final_path) or os.curdir, folder=True)
+    return True
+
+
+def _replace_exclusive(tmp_path: str, final_path: str) -> bool:
+    """``os.replace(tmp_path, final_path)`` unless ``final_path`` exists, as one step among
+    the commits that use it: the check and the rename happen while holding a lock file
+    created with ``O_EXCL`` beside ``final_path`` (a hidden temporary name no reader lists).
+    A commit that finds the lock taken waits for the name to appear (False) or the lock to
+    go; a lock held longer than ``COMMIT_LOCK_WAIT_S`` (a writer that died mid-commit)
+    raises TimeoutError naming it. Returns False when ``final_path`` exists."""
+    head, tail = os.path.split(final_path)
+    lock = os.path.join(head, f".{tail}{TEMP_MARKER}lock")
+    deadline = time.monotonic() + COMMIT_LOCK_WAIT_S
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            break
+        except FileExistsError:
+            if os.path.lexists(final_path):
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{lock}: another commit to {final_path} has held this lock for over "
+                                   f"{COMMIT_LOCK_WAIT_S:g} s; if no writer is running, one died mid-commit: "
+                                   "delete the lock") from None
+            time.sleep(0.01)
+    try:
+        if os.path.lexists(final_path):
+            return False
+        os.replace(tmp_path, final_path)
+        return True
+    finally:
+        os.unlink(lock)
+
+
+def _fsync(path: str, folder: bool = False) -> None:
+    """fsync the local file (its data) or ``folder`` (its entries: a rename or link made in
+    it) at ``path``. Skipped where the filesystem cannot (``_FSYNC_UNSUPPORTED``); any
+    other error raises."""
+    if folder and os.name == "nt":  # Windows opens no folder; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _FSYNC_UNSUPPORTED:
+            raise
+        logger.debug("%s: fsync unsupported here (%s)", path, exc)
+    finally:
+        os.close(fd)
 
 
 def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
