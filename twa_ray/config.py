@@ -684,6 +684,31 @@ def differing_settings(recorded: Any, wanted: Any, keys: Sequence[str] | None = 
     return [k for k in keys if recorded.get(k, _ABSENT) != wanted.get(k, _ABSENT)]
 
 
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a config field's type (``TrainConfig``, ``FinetuneConfig | None``), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def dotted_settings(raw: Mapping[str, Any], cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """A config dict (``config_to_dict``) as {dotted key: value}, one entry per setting:
+    sections (``train``, ``tune.asha``) are opened, a mapping setting (``tune.space``,
+    ``model.kwargs``) is one value, keys the schema does not know are kept as they are.
+    ``differing_settings`` of two of them names the settings that differ (``twa.lr``)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        section = _section_type(hints.get(key))
+        if section is not None and isinstance(value, Mapping):
+            out.update(dotted_settings(value, section, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def settings_fingerprint(settings: dict) -> str:
     """10 hex digits that change with any of ``settings`` (JSON-able): deterministic run names."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

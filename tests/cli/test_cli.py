@@ -4,6 +4,7 @@ import runpy
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -163,6 +164,7 @@ def test_tune_verbose_flag_reaches_ray_and_the_sweeps_run_config(verbose, tmp_pa
             seen["run_config"] = run_config
             raise _Stop
 
+    monkeypatch.setattr(pipeline, "check_store_settings", lambda cfg: None)
     monkeypatch.setattr(pipeline, "ensure_candidates", lambda cfg: SimpleNamespace(store_uri="store"))
     monkeypatch.setattr(sweep.CandidateStore, "open", lambda uri: [None] * 8)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -192,3 +194,107 @@ def test_soup_verbose_flag_reaches_ray(verbose, tmp_path, monkeypatch, ray_calls
              + (["--verbose"] if verbose else []))
     (init,) = ray_calls
     assert ("env_vars" in init.get("runtime_env", {})) is not verbose
+
+
+# ---------------------------------------------------------------- a rerun with other settings (issue 23, defect 2)
+
+
+def _sweep(tmp_path, *overrides, force=False):
+    return main(["tune", "--config", "configs/tune_quickstart.yaml", f"output_dir={tmp_path / 'run'}",
+                 f"store={tmp_path / 'store'}", *overrides] + (["--force"] if force else []))
+
+
+@pytest.fixture
+def stub_sweep(monkeypatch, ray_calls):
+    """The tune command up to Tune: candidates stubbed; the Tuner, new or restored, ends the
+    command (_Stop). Returns the Tuner calls ("new" or "restore")."""
+    import ray
+    from ray import tune
+
+    from twa_ray.pipelines import main as pipeline
+    from twa_ray.tune import sweep
+
+    tuners = []
+
+    class Tuner:
+        can_restore = staticmethod(lambda path: Path(path).is_dir())
+
+        @staticmethod
+        def restore(path, **kwargs):
+            tuners.append("restore")
+            raise _Stop
+
+        def __init__(self, trainable, *, run_config, **kwargs):  # the experiment's folder, as Tune makes it
+            (Path(run_config.storage_path) / run_config.name).mkdir(parents=True)
+            tuners.append("new")
+            raise _Stop
+
+    monkeypatch.setattr(pipeline, "check_store_settings", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "ensure_candidates", lambda cfg: SimpleNamespace(store_uri="store"))
+    monkeypatch.setattr(sweep.CandidateStore, "open", lambda uri: [None] * 8)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    return tuners
+
+
+def test_a_sweep_rerun_with_other_settings_is_refused_before_ray_starts(tmp_path, stub_sweep, ray_calls, capsys):
+    with pytest.raises(_Stop):
+        _sweep(tmp_path)
+    assert stub_sweep == ["new"] and len(ray_calls) == 1
+    assert (tmp_path / "run" / "config.json").is_file()  # the sweep's config, recorded as the main job's is
+    capsys.readouterr()
+    assert _sweep(tmp_path, "tune.num_samples=3", "twa.lr=0.25", "tune.asha.grace_period=2") == 1
+    err = capsys.readouterr().err
+    assert "the sweep in" in err and "was made with other settings" in err
+    assert "(tune.asha.grace_period, tune.num_samples, twa.lr differ)" in err
+    assert "--force" in err and "output_dir" in err and "Traceback" not in err
+    assert len(ray_calls) == 1 and stub_sweep == ["new"]  # refused before ray.init, no Tuner
+    with pytest.raises(_Stop):  # the same settings resume (a moved dataset root is the same settings)
+        _sweep(tmp_path, "data.root=/elsewhere/data")
+    assert stub_sweep == ["new", "restore"]
+    with pytest.raises(_Stop):  # --force: a new sweep of the new settings
+        _sweep(tmp_path, "tune.num_samples=3", force=True)
+    assert stub_sweep == ["new", "restore", "new"]
+
+
+def test_train_candidates_with_other_settings_is_refused_before_ray_starts(tmp_path, monkeypatch, ray_calls, capsys):
+    import json
+
+    from twa_ray.config import config_to_dict, load_config
+    from twa_ray.distributed import base_train
+    from twa_ray.store import CandidateStore
+
+    monkeypatch.setattr(base_train, "run_base_training", _stop)
+    args = ["train-candidates", "--config", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
+    stored = config_to_dict(load_config("configs/quickstart.yaml", [f"output_dir={tmp_path / 'run'}"]))
+    CandidateStore.create(str(tmp_path / "run" / "candidates"), ["w"], [(2,)],
+                          meta={"config": json.loads(json.dumps(stored))})
+    assert main(args + ["train.lr=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "was made with other settings (train differ)" in err and "--force" in err and "Traceback" not in err
+    assert ray_calls == []
+    with pytest.raises(_Stop):  # the same settings resume
+        main(args)
+    assert len(ray_calls) == 1
+
+
+def test_soup_with_other_fine_tuning_settings_is_refused_before_ray_starts(tmp_path, monkeypatch, ray_calls, capsys):
+    from twa_ray.pipelines import runs, soups
+
+    monkeypatch.setattr(runs, "check_inputs", lambda cfg: None)
+    monkeypatch.setattr(soups, "make_finetuned", _stop)
+    args = ["soup", "--config", "configs/soup_quickstart.yaml", f"output_dir={tmp_path / 'run'}"]
+    folder = tmp_path / "run" / "finetuned"
+    folder.mkdir(parents=True)
+    from twa_ray.config import config_to_dict, load_config
+    from twa_ray.pipelines.finetune import FINETUNE_SECTIONS
+
+    raw = config_to_dict(load_config("configs/soup_quickstart.yaml"))
+    write_json(folder / "settings.json", {k: raw[k] for k in FINETUNE_SECTIONS})  # as an earlier run left it
+    assert main(args + ["finetune.lrs=[0.1]", "seed=3"]) == 1
+    err = capsys.readouterr().err
+    assert "fine-tuned models" in err and "was made with other settings (seed, finetune differ)" in err
+    assert "--force" in err and "Traceback" not in err and ray_calls == []
+    with pytest.raises(_Stop):  # the same settings go on, to the fine-tuning stage
+        main(args)
+    assert len(ray_calls) == 1

@@ -16,3 +16,30 @@ def test_finetune_settings_are_varied_and_checked():
     problems = "\n".join(soup_config_problems(bad))
     assert "finetune.num_models" in problems and "finetune.lrs" in problems and "finetune.label_smoothing" in problems
     assert soup_config_problems(config_from_dict({"checkpoints_dir": "x"})) == []
+
+
+def test_a_store_of_other_checkpoints_is_refused_naming_what_differs(tmp_path):
+    """The soup job's store check, before Ray starts (issue 23, defect 2)."""
+    import pytest
+    import torch
+
+    from twa_ray.config import ConfigError, config_to_dict
+    from twa_ray.pipelines.soups import _signature, check_imported, check_reuse
+    from twa_ray.store import CandidateStore
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for i in range(2):
+        torch.save({"w": torch.full((2,), float(i))}, folder / f"model_{i}.pt")
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "checkpoints_dir": str(folder)})
+    assert check_imported(cfg, folder) is None  # nothing imported yet
+    store = CandidateStore.create(cfg.store_uri, ["w"], [(2,)],
+                                  meta={"config": config_to_dict(cfg), "signature": _signature(folder)})
+    for i in range(2):
+        store.append({"w": torch.full((2,), float(i))})
+    assert check_imported(cfg, folder).uri == store.uri  # the same files: reused
+    torch.save({"w": torch.zeros(3)}, folder / "model_2.pt")  # the folder has changed since
+    with pytest.raises(ConfigError, match=r"the candidate store .* \(for the checkpoints in .*models\) was made "
+                                          r"with other settings \(checkpoint count, checkpoints differ\): run with "
+                                          r"--force to start afresh, or choose another output_dir or store"):
+        check_reuse(cfg, tmp_path / "run")

@@ -27,7 +27,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: b
     """--config, [--force], --verbose and the a.b=value overrides of a job command."""
     parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     if force:
-        parser.add_argument("--force", action="store_true", help="start afresh: discard this run folder's earlier results")
+        parser.add_argument("--force", action="store_true",
+                            help="start afresh: discard this run folder's earlier results (only a run folder of "
+                                 "twa_ray, with its .twa_ray_run marker, or an empty folder)")
     parser.add_argument("--verbose", action="store_true",
                         help="debug lines, and Ray's own console lines (Tune's trial tables too)")
     parser.add_argument("overrides", nargs="*", help=overrides_help)
@@ -42,6 +44,19 @@ def load_job_config(args: argparse.Namespace, check: Callable[[Config], None] | 
         if check is not None:
             check(cfg)
         return cfg
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def job_run_dir(cfg: Config, force: bool = False):
+    """The job's run folder (``pipelines.runs.prepare_run_dir``: made, marked, with ``force``
+    cleared); None after printing its ConfigError (naming output_dir or name: a folder that
+    --force must not remove, or the working directory) to stderr."""
+    from ..pipelines.runs import prepare_run_dir
+
+    try:
+        return prepare_run_dir(cfg, force=force)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..output.console import setup_logging
-from .common import add_job_arguments, finish, load_job_config, report_errors, standalone
+from .common import add_job_arguments, finish, job_run_dir, load_job_config, report_errors, standalone
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..pipelines.main import check_candidate_count
-    from ..pipelines.runs import check_inputs, finished_run, prepare_run_dir
+    from ..pipelines.main import check_candidate_count, check_store_settings
+    from ..pipelines.runs import check_inputs, finished_run
 
     setup_logging(args.verbose)
     cfg = load_job_config(args)
     if cfg is None:
         return 2
-    run_dir = prepare_run_dir(cfg, force=args.force)
+    run_dir = job_run_dir(cfg, force=args.force)
+    if run_dir is None:
+        return 2
     if finished_run(cfg, run_dir):
         print(f"run folder: {run_dir} (already complete for this config; --force starts afresh)")
         return 0
@@ -42,6 +44,7 @@ def command(args: argparse.Namespace) -> int:
     def job() -> int:
         splits = check_inputs(cfg)
         check_candidate_count(cfg, len(splits.train))  # before base training, which may take hours
+        check_store_settings(cfg)  # a store of other candidates: refused before Ray starts
         return run(cfg, run_dir, args.verbose)
 
     return report_errors(job)

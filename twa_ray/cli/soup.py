@@ -13,7 +13,8 @@ soups select on the val split too; the test split only scores the results.
 
 Joins the Ray cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1. A re-run of
 a finished run folder with the same config does nothing; an interrupted one reuses the
-fine-tuned models and imported store it finds.
+fine-tuned models and imported store it finds, when they were made with the same settings
+(else it stops before Ray starts, naming the keys that differ: --force starts afresh).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from ..output.console import setup_logging
-from .common import add_job_arguments, finish, load_job_config, report_errors, standalone
+from .common import add_job_arguments, finish, job_run_dir, load_job_config, report_errors, standalone
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def _check_soup_config(cfg: Config, path: str) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..pipelines.runs import check_inputs, finished_run, prepare_run_dir
+    from ..pipelines.runs import check_inputs, finished_run
+    from ..pipelines.soups import check_reuse
 
     setup_logging(args.verbose)
     cfg = load_job_config(args, lambda c: _check_soup_config(c, args.config))
@@ -55,7 +57,9 @@ def command(args: argparse.Namespace) -> int:
         return 2
     if cfg.twa.data != "val":
         log.warning("twa.data=%r: the soup comparison is meant for TWA-v (twa.data=val)", cfg.twa.data)
-    run_dir = prepare_run_dir(cfg, force=args.force)
+    run_dir = job_run_dir(cfg, force=args.force)
+    if run_dir is None:
+        return 2
     if finished_run(cfg, run_dir):
         print(f"run folder: {run_dir} (already complete for this config; --force starts afresh)")
         return 0
@@ -63,6 +67,7 @@ def command(args: argparse.Namespace) -> int:
     def job() -> int:
         # CheckpointError (a bad checkpoint folder) is a ValueError naming the file and key
         check_inputs(cfg)
+        check_reuse(cfg, run_dir)  # fine-tuned models or a store of other settings: refused before Ray starts
         return run(cfg, run_dir, args.verbose)
 
     return report_errors(job)

@@ -5,22 +5,29 @@
     ray job submit --working-dir . -- python jobs/tune_twa.py --config configs/tune_quickstart.yaml
 
 Candidates are made once (base training, or the store already there) and read by every
-trial. Running the same command again resumes an interrupted sweep.
+trial. The sweep's config is recorded in the run folder (config.json) before its first
+trial; running the same command again resumes an interrupted sweep, and a rerun with
+other settings is refused before Ray starts, naming the keys that differ (--force starts
+a new sweep, or choose another output_dir).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from ..config import Config
 from ..output.console import setup_logging
 from ..output.report import write_report
 from ..tune.report import write_sweep_outputs
 from ..tune.search_space import validate_space
-from .common import add_job_arguments, load_job_config, standalone
+from .common import add_job_arguments, job_run_dir, load_job_config, report_errors, standalone
 
 log = logging.getLogger(__name__)
 
 HELP = "a Ray Tune sweep over TWA settings on one shared candidate store"
+
+SWEEP = "the sweep"  # what a tune run folder holds, in errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,25 +35,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..distributed.ray_env import init_ray
-    from ..pipelines.main import ensure_candidates
-    from ..pipelines.runs import prepare_run_dir, require_local_run_dir
-    from ..pipelines.sweep import evaluate_best_trial
+    from ..pipelines.main import check_store_settings
+    from ..pipelines.runs import check_recorded_config, require_local_run_dir
 
     setup_logging(args.verbose)
     cfg = load_job_config(args, lambda c: (validate_space(c), require_local_run_dir(c, "the tune job")))
     if cfg is None:
         return 2
-    run_dir = prepare_run_dir(cfg, force=args.force)
+    run_dir = job_run_dir(cfg, force=args.force)
+    if run_dir is None:
+        return 2
 
-    init_ray(dashboard=True, verbose=args.verbose)  # ASHA's early stops free Train resources through the State API
+    def job() -> int:
+        # Tune would restore a sweep of other settings (its search space, samples, ASHA) as this one
+        check_recorded_config(cfg, run_dir, SWEEP)
+        check_store_settings(cfg)  # a store of other candidates
+        return run(cfg, run_dir, args.verbose)
+
+    return report_errors(job)
+
+
+def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
+    from ..distributed.ray_env import init_ray
+    from ..pipelines.main import ensure_candidates
+    from ..pipelines.runs import record_config
+    from ..pipelines.sweep import evaluate_best_trial
+
+    init_ray(dashboard=True, verbose=verbose)  # ASHA's early stops free Train resources through the State API
     from ..tune.sweep import run_sweep  # imports Ray: after init_ray
 
     # 1. candidates, made once and shared read-only by every trial
     base = ensure_candidates(cfg)
 
-    # 2. the sweep: each trial runs sharded TWA on Ray Train; ASHA stops poor trials
-    sweep = run_sweep(cfg, base.store_uri, verbose=args.verbose)  # Tune's trial tables only with --verbose
+    # 2. the sweep: each trial runs sharded TWA on Ray Train; ASHA stops poor trials. Its config
+    # is recorded first: a rerun resumes it only with the same settings
+    record_config(cfg, run_dir)
+    sweep = run_sweep(cfg, base.store_uri, verbose=verbose)  # Tune's trial tables only with --verbose
 
     # 3. the test split, read once: the best trial's final weights
     result = evaluate_best_trial(cfg, sweep)

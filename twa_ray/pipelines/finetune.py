@@ -25,19 +25,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import Config, TrainConfig, config_to_dict, differing_settings
+from ..config import Config, TrainConfig, config_to_dict, recorded_config
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
 from ..data.from_config import splits_from_config
 from ..distributed.evaluate import evaluate
 from ..distributed.tasks import run_task, task_device, task_slots
 from ..models.from_config import model_from_config
 from ..output.atomic import read_json, write_json, write_torch
+from .runs import require_same_settings
 
 log = logging.getLogger(__name__)
 
 FINETUNE_SECTIONS = ("seed", "data", "model", "train", "finetune")  # what decides the fine-tuned models
 PRETRAINED_FILE = "pretrained.pt"
 FINETUNED_DIR = "finetuned"
+SETTINGS_FILE = "settings.json"  # in FINETUNED_DIR: the settings its models were fine-tuned with
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,26 @@ def finetune(cfg: Config, cwd: str | None, init: str, spec: FinetuneSpec, out: s
     return result
 
 
+def finetune_settings(cfg: Config) -> dict:
+    """What decides the fine-tuned models (``FINETUNE_SECTIONS`` of ``cfg``), as recorded in
+    ``<run_dir>/finetuned/settings.json``."""
+    raw = config_to_dict(cfg)
+    return {k: raw[k] for k in FINETUNE_SECTIONS}
+
+
+def check_finetuned(cfg: Config, run_dir: str | Path) -> bool:
+    """ConfigError naming the sections when ``<run_dir>/finetuned`` holds models fine-tuned with
+    other settings (``runs.require_same_settings``); returns whether it recorded any. No Ray:
+    the soup job calls it before Ray starts."""
+    folder = Path(run_dir).resolve() / FINETUNED_DIR
+    if not (folder / SETTINGS_FILE).exists():
+        return False
+    recorded = recorded_config(read_json(folder / SETTINGS_FILE))  # keys added since at their defaults
+    require_same_settings(f"the folder of fine-tuned models {folder}", recorded, finetune_settings(cfg),
+                          FINETUNE_SECTIONS)
+    return True
+
+
 @dataclass
 class FinetuneResult:
     """The fine-tuned checkpoints: ``folder`` holds ``model_{i}.pt`` (i = 0..N-1)."""
@@ -168,21 +190,14 @@ def make_finetuned(cfg: Config, run_dir: str | Path) -> FinetuneResult:
     """Pretrain once, then fine-tune ``finetune.num_models`` copies as concurrent Ray tasks.
 
     Models already in ``<run_dir>/finetuned`` (same settings) are kept; a folder made
-    with other settings is an error (run with --force, or use another output_dir).
+    with other settings is an error (``check_finetuned``).
     """
     import ray
 
     folder = Path(run_dir).resolve() / FINETUNED_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    settings_path = folder / "settings.json"
-    raw = config_to_dict(cfg)
-    settings = {k: raw[k] for k in FINETUNE_SECTIONS}
-    if settings_path.exists():
-        if differing_settings(read_json(settings_path), settings):
-            raise ValueError(f"{folder} holds models fine-tuned with other settings: run with --force to start afresh, "
-                             "or choose another output_dir")
-    else:
-        write_json(settings_path, settings)
+    if not check_finetuned(cfg, run_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / SETTINGS_FILE, finetune_settings(cfg))
     cwd, times = os.getcwd(), {}
 
     pretrained = folder.parent / PRETRAINED_FILE

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, check_twa_start, config_to_dict, differing_settings, recorded_config, select_candidates
+from ..config import Config, check_twa_start, config_to_dict, recorded_config, select_candidates
 from ..core.baselines import INITIAL_KIND, after_start, best_k
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
@@ -39,7 +39,7 @@ from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
 from ..store import fs as store_fs
-from .runs import write_complete_run
+from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,23 @@ def check_candidate_count(cfg: Config, num_train: int) -> list[int]:
     return chosen
 
 
+def check_store_settings(cfg: Config) -> CandidateStore | None:
+    """The candidate store at ``cfg.store_uri`` when its candidates were made with ``cfg``'s
+    settings (``CANDIDATE_SECTIONS``, and the EMA keys when it recorded them), None when there
+    is none yet; ConfigError naming the sections that differ otherwise
+    (``runs.require_same_settings``). Needs no Ray: jobs call it before Ray starts."""
+    uri = store_fs.absolute(cfg.store_uri)
+    try:
+        store = CandidateStore.open(uri)
+    except FileNotFoundError:
+        return None
+    stored = _candidate_settings(recorded_config(store.meta.get("config", {})))
+    keys = CANDIDATE_SECTIONS + (("baselines",) if "baselines" in stored else ())
+    require_same_settings(f"the candidate store {uri}", stored, _candidate_settings(config_to_dict(cfg)), keys,
+                          elsewhere="output_dir or store")
+    return store
+
+
 def ensure_candidates(cfg: Config):
     """Stage 1: the base-training result behind ``cfg.store_uri``: reused when the store is
     complete for the same settings (its last checkpoint found through the store's record of
@@ -96,19 +113,10 @@ def ensure_candidates(cfg: Config):
     store made with different settings is an error naming the section."""
     from ..distributed.base_train import BaseTrainResult, checkpoint_info, latest_checkpoint, run_base_training
 
-    uri = store_fs.absolute(cfg.store_uri)
-    try:
-        store = CandidateStore.open(uri)
-    except FileNotFoundError:
+    store = check_store_settings(cfg)
+    if store is None:
         return run_base_training(cfg)
-    stored = _candidate_settings(recorded_config(store.meta.get("config", {})))
-    keys = CANDIDATE_SECTIONS + (("baselines",) if "baselines" in stored else ())
-    differ = differing_settings(stored, _candidate_settings(config_to_dict(cfg)), keys)
-    if differ:
-        raise ValueError(
-            f"the candidate store {uri} was made with other settings ({', '.join(differ)} differ): "
-            "run with --force to start afresh, or choose another output_dir or store"
-        )
+    uri = store_fs.absolute(cfg.store_uri)
     infos = [c.info for c in store.list_candidates()]
     epochs = [i for i in infos if i.get("kind") == "epoch"]
     if not any(i.get("epoch") == cfg.train.epochs for i in epochs):

@@ -10,6 +10,14 @@ no config (not the earlier run's, beside this run's model.pt).
 A run folder is a local folder (a ``Path``) or a URI (``s3://bucket/run``: a
 ``store.fs.Uri``); both join with ``/``, and every file goes through ``store.fs``.
 
+Same settings? Whatever a job reuses from an earlier run (a candidate store, fine-tuned
+models, a sweep's trials) was made with settings recorded beside it; ``require_same_settings``
+is the one check of them all: other settings are refused, naming the keys that differ, with
+"run with --force to start afresh, or choose another output_dir". Jobs check before Ray
+starts. A sweep records its whole config in config.json (``record_config``) when it starts,
+and a rerun resumes it only with the same settings (``check_recorded_config``; locations,
+``LOCATION_KEYS``, aside).
+
 What ``--force`` removes: only a run folder of this project, one that holds the marker
 ``RUN_MARKER`` (``.twa_ray_run``, a small JSON file), or an empty folder. ``prepare_run_dir``
 writes the marker into a new or empty run folder before any other file, so a run that
@@ -24,9 +32,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from ..config import Config, ConfigError, config_to_dict, differing_settings, is_plain_name, recorded_config
+from ..config import (Config, ConfigError, config_to_dict, differing_settings, dotted_settings, is_plain_name,
+                      recorded_config)
 from ..data import DataSplits
 from ..data.from_config import splits_from_config
 from ..models.from_config import model_from_config
@@ -38,8 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COMPLETION_FILES = ("summary.json", "config.json")  # together, equal to the config: a complete run
-
-
 RUN_MARKER = ".twa_ray_run"  # in a run folder of this project from its first write on: --force may remove it
 
 
@@ -135,3 +142,44 @@ def write_complete_run(cfg: Config, run_dir: Path | str, write: Callable[[], T])
     written = write()
     record_config(cfg, run_dir)
     return written
+
+
+# ---------------------------------------------------------------- same settings?
+
+LOCATION_KEYS = ("output_dir", "storage_root", "data.root")  # where results and data are, not what they hold
+
+
+def require_same_settings(what: str, recorded: Any, wanted: Any, keys: Sequence[str] | None = None,
+                          elsewhere: str = "output_dir") -> None:
+    """Raise ConfigError when the settings ``recorded`` with ``what`` (a store's meta, a run
+    folder's config.json) differ from ``wanted`` (``config.differing_settings``, over ``keys``
+    when given): it names ``what``, the keys that differ, ``--force`` and another ``elsewhere``."""
+    differ = differing_settings(recorded, wanted, keys)
+    if differ:
+        raise ConfigError(f"{what} was made with other settings ({', '.join(differ)} differ): "
+                          f"run with --force to start afresh, or choose another {elsewhere}")
+
+
+def run_settings(raw: Any) -> dict:
+    """A recorded or current config dict as {dotted key: value} (``config.dotted_settings``,
+    keys added since at their defaults: ``recorded_config``), ``LOCATION_KEYS`` left out: a
+    moved run folder or dataset is the same settings."""
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in dotted_settings(recorded_config(raw)).items() if k not in LOCATION_KEYS}
+
+
+def check_recorded_config(cfg: Config, run_dir: Path | str, what: str) -> bool:
+    """Before anything runs: ConfigError (``require_same_settings``, naming the dotted keys)
+    when ``run_dir``'s config.json records other settings than ``cfg``'s (``run_settings``);
+    ``what`` names what the folder holds ("the sweep"). Returns whether a config was recorded."""
+    path = store_fs.as_location(run_dir) / COMPLETION_FILES[1]
+    if not store_fs.file_exists(path):
+        return False
+    try:
+        recorded = read_json(path)
+    except ValueError:
+        raise ConfigError(f"{path}: not a readable config: run with --force to start afresh, "
+                          "or choose another output_dir") from None
+    require_same_settings(f"{what} in {run_dir}", run_settings(recorded), run_settings(config_to_dict(cfg)))
+    return True

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, config_to_dict, differing_settings
+from ..config import Config, config_to_dict
 from ..core.soups import Soup, best_individual, greedy_soup, individual_scores, uniform_soup, weights_scorer
 from ..data import calibration_loader
 from ..data.from_config import splits_from_config
@@ -31,8 +31,8 @@ from ..output.plots import plot_soups
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore, find_checkpoints, import_checkpoints
 from ..store import fs as store_fs
-from .finetune import FinetuneResult, make_finetuned
-from .runs import write_complete_run
+from .finetune import FinetuneResult, check_finetuned, make_finetuned
+from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
 
@@ -155,28 +155,51 @@ def _signature(folder: str | Path) -> list[list]:
     return [[c.entry, c.path.stat().st_size, c.path.stat().st_mtime_ns] for c in find_checkpoints(folder)]
 
 
+def check_imported(cfg: Config, folder: str | Path) -> CandidateStore | None:
+    """The candidate store at ``cfg.store_uri`` when it holds exactly the checkpoints of
+    ``folder`` (names, sizes, times) for ``cfg.model``; None when there is none yet;
+    ConfigError naming what differs otherwise (``runs.require_same_settings``). No Ray."""
+    uri = store_fs.absolute(cfg.store_uri)
+    try:
+        store = CandidateStore.open(uri)
+    except FileNotFoundError:
+        return None
+    signature = _signature(folder)
+    recorded = {"checkpoints": store.meta.get("signature"), "checkpoint count": len(store),
+                "model": store.meta.get("config", {}).get("model")}
+    wanted = {"checkpoints": signature, "checkpoint count": len(signature), "model": config_to_dict(cfg)["model"]}
+    require_same_settings(f"the candidate store {uri} (for the checkpoints in {folder})", recorded, wanted,
+                          elsewhere="output_dir or store")
+    return store
+
+
+def check_reuse(cfg: Config, run_dir: str | Path) -> None:
+    """Before Ray starts: ConfigError naming the keys when what the job would reuse from
+    ``run_dir`` was made with other settings: the fine-tuned models (``finetune.check_finetuned``),
+    or the store imported from ``checkpoints_dir`` (``check_imported``). TWA settings may
+    change: TWA then trains afresh (``twa_train.twa_run_name``), as in the main job."""
+    if cfg.checkpoints_dir is None:
+        check_finetuned(cfg, run_dir)
+    else:
+        check_imported(cfg, cfg.checkpoints_dir)
+
+
 def import_candidates(cfg: Config, folder: str | Path) -> str:
     """The candidate store (at ``cfg.store_uri``) holding the checkpoints of ``folder``.
 
     Imports them (see ``twa_ray.store.importers``) unless the store exists for exactly
-    these files; a store with other content is an error. Returns the store's URI.
+    these files; a store with other content is an error (``check_imported``). Returns the
+    store's URI.
     """
-    uri = store_fs.absolute(cfg.store_uri)
-    signature = _signature(folder)
-    try:
-        store = CandidateStore.open(uri)
-    except FileNotFoundError:
+    store = check_imported(cfg, folder)
+    if store is None:
+        uri = store_fs.absolute(cfg.store_uri)
         splits = splits_from_config(cfg)
         store = import_checkpoints(folder, uri, model_from_config(cfg, splits),
-                                   meta={"config": config_to_dict(cfg), "signature": signature,
+                                   meta={"config": config_to_dict(cfg), "signature": _signature(folder),
                                          "num_classes": splits.num_classes})
         return store.uri
-    recorded = {"signature": store.meta.get("signature"), "model": store.meta.get("config", {}).get("model")}
-    wanted = {"signature": signature, "model": config_to_dict(cfg)["model"]}
-    if differing_settings(recorded, wanted) or len(store) != len(signature):
-        raise ValueError(f"the candidate store {uri} holds other checkpoints than {folder} (or another model): "
-                         "run with --force to start afresh, or choose another output_dir or store")
-    log.info("reusing the %d imported candidates in %s", len(store), uri)
+    log.info("reusing the %d imported candidates in %s", len(store), store.uri)
     return store.uri
 
 

@@ -7,7 +7,11 @@ trained nothing in them (``twa.select_ratio`` / the val split; see
 ``data.from_config.twa_datasets``) and never see the test split, which is read once, for the
 best trial's final weights.
 
-Running the same sweep again restores it (``Tuner.restore``). A trial trains at most
+Running the same sweep again restores it (``Tuner.restore``), whatever settings the
+caller now has: Tune restores the first run's search space, samples and ASHA settings.
+The tune job therefore records the sweep's config in its run folder before it starts and
+refuses a rerun with other settings before Ray starts (``pipelines.runs.check_recorded_config``,
+in ``cli.tune``); a caller of ``run_sweep`` does the same. A trial trains at most
 once, whatever the timing of an interruption: when it finishes it writes its record
 (history, final metrics, checkpoint path) atomically to ``tune_trials/<trial_id>.json``;
 a trial Tune starts again finds the record, reports it and returns without starting a
