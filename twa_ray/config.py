@@ -3,7 +3,10 @@
     cfg = load_config("configs/quickstart.yaml", ["twa.bits=4", "train.epochs=3"])
 
 Unknown keys, wrong types and invalid values are collected and raised together as one
-``ConfigError`` naming the file (or override) and the dotted key of each problem.
+``ConfigError`` naming the file (or override) and the dotted key of each problem. A float
+setting takes every notation ``float()`` reads (``1e-4``, which YAML 1.1 reads as a string,
+``5E-4``, ``.5``, ``1_000``); an int setting takes integers only. ``name`` is a plain name
+(``is_plain_name``): it makes the default run folder runs/<name>.
 """
 from __future__ import annotations
 
