@@ -3,22 +3,40 @@
     from twa_ray.store import import_checkpoints
     store = import_checkpoints("soups/", "runs/soup/candidates", model)   # model: the architecture
 
-What counts as a checkpoint (one candidate each), directly inside the folder:
+:func:`find_checkpoints` tells what the folder is and lists its candidates, in this order:
 
-- a file ``*.pt``, ``*.pth``, ``*.bin``, ``*.ckpt`` (``torch.save``) or ``*.safetensors``:
-  the TWA paper's ``{i}.pt``, Model Soups' ``model_{i}.pt``, Hugging Face style files;
-- a subfolder (a Ray Train checkpoint folder, e.g. ``checkpoint_000003/`` holding our
-  ``state.pt`` + ``info.json``): it must hold exactly one checkpoint file of the kinds
-  above (not searched deeper). A subfolder without one is skipped with a warning; one
-  with several is an error naming them.
+- a ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``, as FSDP2 and
+  torchtitan write them): one candidate (:mod:`.formats.dcp`);
+- a Hugging Face ``save_pretrained`` / Trainer ``checkpoint-<step>/`` folder
+  (``model.safetensors``, ``pytorch_model.bin`` or their sharded ``*.index.json``): one
+  candidate (:mod:`.formats.hf`);
+- a Trainer ``output_dir`` (``checkpoint-<step>/`` folders): one candidate each, in step
+  order (a final model saved beside them is not one);
+- otherwise a folder of checkpoints, one candidate per entry directly inside it:
 
-Hidden entries (``.name``) and other files (``*.json``, logs) are ignored. Candidates
-are ordered by natural sort of the entry names (``2.pt`` before ``10.pt``).
+  - a file ``*.pt``, ``*.pth``, ``*.bin`` (``torch.save``), ``*.safetensors``, or ``*.ckpt``
+    (Lightning, :mod:`.formats.lightning`): the TWA paper's ``{i}.pt``, Model Soups'
+    ``model_{i}.pt``, Lightning's ``epoch=0-step=100.ckpt``;
+  - a subfolder that is a DCP or Hugging Face checkpoint as above, or that holds exactly one
+    checkpoint file of the kinds above (a Ray Train checkpoint folder, e.g.
+    ``checkpoint_000003/`` holding our ``state.pt`` + ``info.json``; not searched deeper).
+    A subfolder without one is skipped with a warning; one with several is an error naming
+    them. So a Ray Train run folder gives every checkpoint it kept.
+
+A Ray Tune experiment folder is refused with a pointer to :mod:`twa_ray.tune.ray_results`
+(each trial's last or best checkpoint; it needs Ray, which this package never imports).
+Hidden entries (``.name``) and other files (``*.json``, logs) are ignored. Candidates are
+ordered by natural sort of the entry names (``2.pt`` before ``10.pt``). A folder that
+matches none of these is an error naming it.
 
 Each file is read as a state_dict: a dict of tensors, or such a dict under the key
 ``state_dict``, ``model_state_dict`` or ``model`` (nested at most three deep, e.g. our
 base-training ``state.pt`` = {"model": ..., "optimizer": ...}). Key prefixes
-``module.`` (DDP) and ``_orig_mod.`` (torch.compile) shared by every key are removed.
+``module.`` (DDP) and ``_orig_mod.`` (torch.compile) shared by every key are removed, and
+so is the prefix under which the file holds every parameter of the model (a
+LightningModule's ``model.``, a DCP's ``app.model.``); keys outside it are not the model's.
+A key the file omits because the model ties it to another (GPT-2's ``lm_head.weight``)
+is taken from its partner.
 
 ``torch.load`` always runs with ``weights_only=True``: a file that needs arbitrary
 unpickling (a pickled model object, or a payload with code) is refused with
@@ -27,184 +45,122 @@ unpickling (a pickled model object, or a payload with code) is refused with
 The model decides what is a trainable parameter (``requires_grad``, stored) and what is
 a buffer (BatchNorm statistics: ignored by the store, recomputed after averaging; a
 checkpoint may omit them). Every candidate must hold every parameter, no key the model
-does not know, the model's shapes, and the first candidate's floating dtypes; weights
-must be finite. Errors name the file and the key.
+does not know (a DCP checkpoint's other keys are not read), the model's shapes, and the
+first candidate's floating dtypes; weights must be finite. Errors name the file and the key.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..core.params import ParamLayout, flatten_state
 from .candidate_store import CandidateStore
+from .formats.common import (CheckpointError, CheckpointFile, ModelKeys, UnsafeCheckpointError, match_model, natural_key,
+                             read_safetensors, read_torch, unwrap_state_dict)
+from .formats.dcp import find_dcp, read_dcp
+from .formats.hf import find_hf, is_trainer_checkpoint, read_hf
+from .formats.lightning import SUFFIX as LIGHTNING_SUFFIX, read_lightning
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointFile", "UnsafeCheckpointError",
-    "find_checkpoints", "import_checkpoints", "load_state_dict", "unwrap_state_dict",
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointFile", "UnsafeCheckpointError", "checkpoint_in_folder",
+    "find_checkpoints", "import_checkpoints", "load_state_dict", "read_checkpoint", "unwrap_state_dict",
 ]
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
-CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-STRIP_PREFIXES = ("module.", "_orig_mod.")
-_MAX_NESTING = 3
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file cannot be imported; the message names the path (and key)."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A file that ``torch.load(weights_only=True)`` refuses: it needs arbitrary unpickling."""
-
-
-@dataclass(frozen=True)
-class CheckpointFile:
-    """One candidate of a checkpoint folder.
-
-    Attributes:
-        path: the file to read.
-        entry: the folder entry it came from (the file, or its Ray Train checkpoint
-            folder); candidates are ordered by this name.
-        format: ``"torch"`` or ``"safetensors"``.
-    """
-
-    path: Path
-    entry: str
-    format: str
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key comparing the numbers in a name as numbers: '2.pt' < '10.pt' < 'model_3.pt'."""
-    parts = re.split(r"(\d+)", name)  # text, number, text, ... (always starts with text)
-    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
+CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (LIGHTNING_SUFFIX, SAFETENSORS_SUFFIX)
+# what a Ray Tune experiment folder holds beside its trials (file names only: no Ray here)
+TUNE_MARKERS = ("tuner.pkl", "experiment_state-*.json")
 
 
 def _format_of(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         return "safetensors"
+    if suffix == LIGHTNING_SUFFIX:
+        return "lightning"
     return "torch" if suffix in TORCH_SUFFIXES else None
 
 
+def checkpoint_in_folder(folder: str | os.PathLike, entry: str | None = None) -> CheckpointFile | None:
+    """The one checkpoint that ``folder`` is or holds: a DCP folder, a Hugging Face folder,
+    or a folder with exactly one checkpoint file (not searched deeper); None when it holds
+    none. ``entry`` names the candidate (default: the folder's name).
+
+    Raises CheckpointError when it holds several checkpoint files.
+    """
+    folder = Path(folder)
+    entry = folder.name if entry is None else entry
+    found = find_dcp(folder, entry) or find_hf(folder, entry)
+    if found is not None:
+        return found
+    inner = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and _format_of(p) and not p.is_dir()),
+                   key=lambda p: p.name)
+    if len(inner) > 1:
+        raise CheckpointError(f"checkpoint folder {folder} holds several checkpoint files "
+                              f"{[p.name for p in inner]}; keep one per folder")
+    return CheckpointFile(inner[0], entry, _format_of(inner[0])) if inner else None
+
+
 def find_checkpoints(folder: str | os.PathLike) -> list[CheckpointFile]:
-    """The checkpoints in ``folder`` (see the module docstring), in natural order of their names.
+    """The candidates of ``folder`` (see the module docstring), in natural order of their names.
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``folder`` is missing or a file.
-        CheckpointError: no checkpoint in it, or a subfolder holds several.
+        CheckpointError: it matches no format (no checkpoint in it), a subfolder holds
+            several checkpoint files, or it is a Ray Tune experiment.
     """
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     if not folder.is_dir():
         raise NotADirectoryError(f"checkpoint folder {folder} is not a folder")
+    marker = next((m for pattern in TUNE_MARKERS for m in folder.glob(pattern)), None)
+    if marker is not None:
+        raise CheckpointError(f"{folder} is a Ray Tune experiment ({marker.name}): read it with "
+                              "twa_ray.tune.ray_results.import_checkpoints (each trial's last or best checkpoint; "
+                              "the soup job's checkpoints_dir does)")
+    trainer = sorted((p for p in folder.iterdir() if is_trainer_checkpoint(p)), key=lambda p: natural_key(p.name))
+    if trainer:  # a Trainer's output_dir
+        return [find_hf(p, p.name) for p in trainer]
+    own = find_dcp(folder, folder.name) or find_hf(folder, folder.name)
+    if own is not None:
+        return [own]
     found = []
     for entry in folder.iterdir():
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():  # a Ray Train checkpoint folder: exactly one checkpoint file inside
-            inner = sorted((p for p in entry.iterdir() if not p.name.startswith(".") and _format_of(p)
-                            and not p.is_dir()), key=lambda p: p.name)
-            if len(inner) > 1:
-                raise CheckpointError(f"checkpoint folder {entry} holds several checkpoint files "
-                                      f"{[p.name for p in inner]}; keep one per folder")
-            if not inner:
-                log.warning("skipping %s: a subfolder without a checkpoint file (%s)", entry, ", ".join(CHECKPOINT_SUFFIXES))
+        if entry.is_dir():
+            ckpt = checkpoint_in_folder(entry)
+            if ckpt is None:
+                log.warning("skipping %s: a subfolder without a checkpoint (%s, a Hugging Face or DCP folder)",
+                            entry, ", ".join(CHECKPOINT_SUFFIXES))
                 continue
-            found.append(CheckpointFile(inner[0], entry.name, _format_of(inner[0])))
+            found.append(ckpt)
         elif _format_of(entry):  # also a dangling link: reading it then names the path
             found.append(CheckpointFile(entry, entry.name, _format_of(entry)))
         else:
             log.debug("ignoring %s (not a checkpoint)", entry)
     if not found:
-        raise CheckpointError(f"no checkpoints in {folder}: expected files {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)} "
-                              "or Ray Train checkpoint folders holding one")
+        raise CheckpointError(f"no checkpoints in {folder}: expected files {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}, "
+                              "checkpoint folders holding one (Ray Train), Hugging Face folders (model.safetensors, "
+                              "pytorch_model.bin, checkpoint-<step>/) or torch.distributed.checkpoint folders (.metadata)")
     return sorted(found, key=lambda c: (natural_key(c.entry), c.entry))
 
 
-# ---------------------------------------------------------------- reading one file
-
-
-def _read_torch(path: Path) -> Any:
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-        raise UnsafeCheckpointError(
-            f"{path}: refused: loading it needs arbitrary unpickling, which could run code ({detail}); "
-            "only tensors and state_dicts are imported (torch.load weights_only=True). "
-            "Save model.state_dict() instead of the model object."
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read it as a torch checkpoint (unreadable, truncated or corrupt): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:  # pragma: no cover - safetensors is an optional dependency
-        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # SafetensorError, OSError: the file is unreadable or corrupt
-        raise CheckpointError(f"{path}: cannot read it as a safetensors file (unreadable, truncated or corrupt): {exc}") from exc
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, Mapping):
-        keys = list(obj)[:8]
-        return f"a dict with keys {keys}{' ...' if len(obj) > 8 else ''}"
-    return f"a {type(obj).__name__}"
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The state_dict (name -> tensor) inside a loaded checkpoint object.
-
-    Accepts a dict of tensors, or one under ``state_dict`` / ``model_state_dict`` /
-    ``model`` (up to three levels), and removes a ``module.`` / ``_orig_mod.`` prefix
-    shared by every key. Raises CheckpointError naming ``source`` otherwise.
-    """
-    for _ in range(_MAX_NESTING + 1):
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            if not all(isinstance(k, str) for k in obj):
-                raise CheckpointError(f"{source}: state_dict keys must be strings, got {_describe(obj)}")
-            return _strip_prefixes(dict(obj))
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            break
-        obj = obj[key]
-    raise CheckpointError(f"{source}: no state_dict found: expected a dict of tensors, or one under "
-                          f"{' / '.join(WRAPPER_KEYS)}; got {_describe(obj)}")
+# ---------------------------------------------------------------- reading one candidate
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read one checkpoint file (torch with ``weights_only=True``, or safetensors) as a state_dict.
+    """Read one checkpoint file (torch or Lightning with ``weights_only=True``, or safetensors)
+    as a state_dict, its keys as saved.
 
     Raises UnsafeCheckpointError (needs arbitrary unpickling) or CheckpointError
     (unreadable, truncated, no state_dict), each naming the file.
@@ -213,8 +169,26 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     fmt = _format_of(path)
     if fmt is None:
         raise CheckpointError(f"{path}: unknown checkpoint type (expected {', '.join(CHECKPOINT_SUFFIXES)})")
-    obj = _read_safetensors(path) if fmt == "safetensors" else _read_torch(path)
-    return unwrap_state_dict(obj, str(path))
+    if fmt == "lightning":
+        return read_lightning(path)
+    return read_safetensors(path) if fmt == "safetensors" else unwrap_state_dict(read_torch(path), str(path))
+
+
+def read_checkpoint(ckpt: CheckpointFile, model: nn.Module | ModelKeys) -> dict[str, torch.Tensor]:
+    """The state_dict of one candidate with the model's keys (prefix removed, tied keys
+    filled), not yet checked against the model's shapes and dtypes.
+
+    ``model.load_state_dict(read_checkpoint(c, model))`` loads it (with ``strict=False``
+    where the checkpoint omits buffers). Raises UnsafeCheckpointError / CheckpointError naming the file.
+    """
+    keys = model if isinstance(model, ModelKeys) else ModelKeys.of(model)
+    if ckpt.format == "dcp":
+        state = read_dcp(ckpt.path, keys)
+    elif ckpt.format == "huggingface":
+        state = read_hf(ckpt.path)
+    else:
+        state = load_state_dict(ckpt.path)
+    return match_model(state, keys, str(ckpt.path))
 
 
 # ---------------------------------------------------------------- checking against the model
@@ -250,6 +224,7 @@ def _check_state(
 
 def import_checkpoints(
     folder: str | os.PathLike, store_uri: str | os.PathLike, model: nn.Module, meta: Mapping[str, Any] | None = None,
+    checkpoints: Sequence[CheckpointFile] | None = None,
 ) -> CandidateStore:
     """Import every checkpoint of ``folder`` into a new candidate store at ``store_uri``.
 
@@ -259,6 +234,9 @@ def import_checkpoints(
         model: the architecture; its trainable parameters (``requires_grad``) are the
             store's columns, in ``named_parameters()`` order (D values per candidate).
         meta: extra JSON metadata of the store (e.g. the model and data config).
+        checkpoints: the candidates, inside ``folder``, when another lister chose them
+            (``twa_ray.tune.ray_results``: a Ray Train run's or Tune trials' checkpoints);
+            default: ``find_checkpoints(folder)``.
 
     Returns:
         The store: candidate k (k = 0..n-1) is the k-th checkpoint in natural order, a
@@ -273,9 +251,11 @@ def import_checkpoints(
         FileExistsError: a store exists at ``store_uri``.
     """
     folder = Path(folder).resolve()
-    files = find_checkpoints(folder)
+    files = list(find_checkpoints(folder) if checkpoints is None else checkpoints)
+    if not files:
+        raise CheckpointError(f"no checkpoints in {folder}")
     layout = ParamLayout.from_model(model)
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    keys = ModelKeys.of(model)
     store_meta = {**dict(meta or {}), "stage": "import",
                   "import": {"folder": str(folder), "entries": [c.entry for c in files]}}
     store: CandidateStore | None = None
@@ -283,8 +263,8 @@ def import_checkpoints(
     try:
         for ckpt in files:
             source = str(ckpt.path)
-            state = load_state_dict(ckpt.path)
-            dtypes = _check_state(state, layout, model_shapes, source, reference)
+            state = read_checkpoint(ckpt, keys)
+            dtypes = _check_state(state, layout, keys.shapes, source, reference)
             try:
                 vector = flatten_state(state, layout, source)  # (D,) float32; raises on NaN / Inf
             except ValueError as exc:
@@ -292,7 +272,7 @@ def import_checkpoints(
             if store is None:
                 reference = (source, dtypes)
                 store = CandidateStore.create(store_uri, layout.names, layout.shapes, dtypes, meta=store_meta)
-            store.append_flat(vector, {"stage": "import", "source": str(ckpt.path.relative_to(folder)),
+            store.append_flat(vector, {"stage": "import", "source": os.path.relpath(ckpt.path, folder),
                                        "entry": ckpt.entry, "format": ckpt.format})
     except BaseException:
         if store is not None:  # ours, and incomplete: leave nothing half-imported behind
