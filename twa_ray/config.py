@@ -406,7 +406,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _as_float(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
     """``value`` as a float field takes it, else None: an int (not a bool), a float, or a
     string in any notation ``float()`` accepts (``1e-4``, ``5E-4``, ``.5``, ``1_000``). YAML 1.1
     (PyYAML) reads a number without a dot, such as ``1e-4``, as a string."""
@@ -424,7 +424,7 @@ def _as_float(value: Any) -> float | None:
 
 def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> Any:
     """``value`` as the type ``tp`` of ``key`` (errors appended, naming the key). A float
-    field takes every notation ``float()`` accepts (``_as_float``), never a bool; an int
+    field takes every notation ``float()`` accepts (``as_float``), never a bool; an int
     field takes only integers (YAML already reads ``1_000`` and ``0x10`` as ints), never a
     float or a string."""
     origin = typing.get_origin(tp)
@@ -461,7 +461,7 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str], where: str) -> An
     if tp is Any:
         return value
     if tp is float:
-        number = _as_float(value)
+        number = as_float(value)
         if number is None:
             errors.append(f"{where}: {key}: expected float, got {value!r}")
         return number

@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..config import Config, ConfigError, as_float, config_from_dict, config_to_dict
 
 KINDS = ("grid", "choice", "loguniform", "uniform")
 
@@ -29,10 +29,11 @@ def _check_entry(key: str, spec: Any) -> tuple[str, Any]:
     if kind in ("grid", "choice"):
         if not isinstance(values, list) or not values:
             raise ConfigError(f"tune.space.{key}.{kind}: expected a non-empty list, got {values!r}")
-    else:
-        ok = isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)
-        if not ok or values[0] >= values[1] or (kind == "loguniform" and values[0] <= 0):
+    else:  # bounds in any float notation, as float fields take them (YAML reads 1e-4 as a string)
+        bounds = [as_float(v) for v in values] if isinstance(values, list) and len(values) == 2 else [None]
+        if None in bounds or bounds[0] >= bounds[1] or (kind == "loguniform" and bounds[0] <= 0):
             raise ConfigError(f"tune.space.{key}.{kind}: expected [low, high] with 0 < low < high, got {values!r}")
+        values = bounds
     return kind, values
 
 
