@@ -29,8 +29,9 @@ from ..models.from_config import model_from_config, model_spec
 from ..output.mixing import run_mixing
 from ..output.plots import plot_soups
 from ..output.run_folder import stage_rows, write_run_folder
-from ..store import CandidateStore, find_checkpoints, import_checkpoints
+from ..store import CandidateStore
 from ..store import fs as store_fs
+from ..tune.ray_results import find_checkpoints, import_checkpoints  # any format, Ray Train / Tune folders too
 from .finetune import FinetuneResult, check_finetuned, make_finetuned
 from .runs import require_same_settings, write_complete_run
 
