@@ -359,6 +359,16 @@ def test_a_dcp_metadata_with_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "store").exists()
 
 
+def test_a_corrupt_dcp_metadata_is_named(tmp_path):
+    model, _ = _trained(1)
+    _dcp_save(model.state_dict(), tmp_path / "ckpt")
+    metadata = tmp_path / "ckpt/.metadata"
+    metadata.write_bytes(metadata.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="cannot read") as err:
+        import_checkpoints(tmp_path / "ckpt", tmp_path / "store", _mlp())
+    assert not isinstance(err.value, UnsafeCheckpointError) and str(tmp_path / "ckpt") in str(err.value)
+
+
 # ---------------------------------------------------------------- what is no checkpoint
 
 

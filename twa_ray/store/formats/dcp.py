@@ -49,9 +49,11 @@ def read_dcp(folder: Path, keys: ModelKeys) -> dict[str, torch.Tensor]:
 
     try:
         stored = _dcp_io()[0](folder).read_metadata().state_dict_metadata
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"{folder}: refused: its {METADATA} is not plain DCP metadata ({exc}); "
-                                    "nothing of it was run") from None
+    except pickle.UnpicklingError as exc:  # the restricted reader's refusal says what the file "refers to"
+        if "refers to" in str(exc):
+            raise UnsafeCheckpointError(f"{folder}: refused: its {METADATA} is not plain DCP metadata ({exc}); "
+                                        "nothing of it was run") from None
+        raise CheckpointError(f"{folder}: cannot read its {METADATA} (unreadable, truncated or corrupt): {exc}") from None
     except (OSError, EOFError, ValueError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"{folder}: cannot read it as a torch.distributed.checkpoint "
                               f"({type(exc).__name__}: {exc})") from exc
