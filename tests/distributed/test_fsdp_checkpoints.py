@@ -1,11 +1,16 @@
 """Sharded checkpoints of ``sharding: fsdp`` (torch.distributed.checkpoint) without Ray: two
 gloo ranks each save their shards into their own folder, the folders are merged as Ray
-Train merges the ranks' reported folders, and three ranks resume from them (DCP reshards);
-one process reads the full tensors back. Loading runs no pickled code."""
+Train merges the ranks' reported folders, and three ranks resume from them (DCP reshards),
+also from S3 (moto's server), where each reads only the bytes it loads; one process reads
+the full tensors back. Loading runs no pickled code."""
+import collections
 import os
 import pickle
+import posixpath
 import shutil
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 from torch import nn
@@ -17,6 +22,8 @@ from twa_ray.distributed.checkpoints import _dcp_load, is_sharded, load_sharded,
 from twa_ray.distributed.fsdp import fsdp_wrap, local_shard
 from twa_ray.distributed.local_ranks import spawn_ranks
 from twa_ray.distributed.twa_fsdp import RowLayout, center_shards, gather_rows, own_rows
+from twa_ray.store import fs as store_fs
+from twa_ray.store import fsdp_shard
 
 SAVED_BY, RESUMED_BY = 2, 3
 
@@ -120,6 +127,203 @@ def test_three_ranks_resume_from_two_ranks_shards_exactly(merged):
             torch.testing.assert_close(g["center"], _vector(), rtol=0, atol=0)
         else:
             assert g["center"] is None
+
+
+class _Counted:
+    """A readable file that adds the bytes each read returns to ``add``."""
+
+    def __init__(self, f: pa.NativeFile, add):
+        self._f, self._add = f, add
+
+    def read(self, nbytes=None):
+        data = self._f.read(nbytes)
+        self._add(len(data))
+        return data
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def tell(self):
+        return self._f.tell()
+
+    def size(self):
+        return self._f.size()
+
+    def close(self):
+        return self._f.close()
+
+    @property
+    def closed(self):
+        return self._f.closed
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return self._f.seekable()
+
+    def writable(self):
+        return False
+
+
+class _CountingHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem ``fs`` that counts the bytes read from each file: ``read`` {file name: bytes}."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs, self.read = fs, collections.Counter()
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def _counted(self, f, path):
+        name = posixpath.basename(path)
+
+        def add(n):
+            self.read[name] += n
+
+        return pa.PythonFile(_Counted(f, add), mode="r")
+
+    def open_input_stream(self, path):
+        return self._counted(self.fs.open_input_stream(path), path)
+
+    def open_input_file(self, path):
+        return self._counted(self.fs.open_input_file(path), path)
+
+    def get_type_name(self):
+        return "counting"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def _s3_resume_main(rank: int, world: int, out: str, uri: str) -> None:
+    """Resume base training's shards, then TWA's run state and center, from the checkpoint at
+    ``uri`` through a filesystem that counts what this rank reads."""
+    from ray.train import Checkpoint
+
+    from twa_ray.config import config_from_dict
+    from twa_ray.distributed.twa_train import _resume, _Worker
+
+    loc = store_fs.resolve(uri)
+    counting = _CountingHandler(loc.fs)
+    checkpoint = Checkpoint(loc.path, filesystem=pafs.PyFileSystem(counting))
+    model = fsdp_wrap(UnevenNet(seed=1), world, torch.device("cpu"))  # other weights until loaded
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    ema = load_checkpoint_shards(checkpoint, model, optimizer, torch.load(f"{out}/groups.pt", weights_only=True))
+    base = dict(counting.read)
+    counting.read.clear()
+    cfg = config_from_dict({"seed": 0, "twa": {"sharding": "fsdp"}})
+    run = _resume(_Worker(cfg, rank, world, torch.device("cpu"), model, None, [], None, None, None, 1, 1, out), checkpoint)
+    torch.save({"base": base, "twa": dict(counting.read), "ema": ema, "center": run.center, "round": run.round,
+                "weights": [p.full_tensor().detach() for p in model.parameters()]}, f"{out}/s3_resumed{rank}.pt")
+
+
+def _needed_bytes(folder, rank: int, world: int, parts: tuple[str, ...]) -> dict[str, int]:
+    """{file: bytes} of the stored chunks of ``parts`` (model, optimizer, ema, center) that
+    overlap ``rank``'s part (``fsdp_shard``) of their parameter, at ``world`` ranks."""
+    from twa_ray.distributed.checkpoints import _dcp_io
+
+    meta = _dcp_io()[0](folder).read_metadata()
+    shapes = dict(UnevenNet().named_parameters())
+    needed = collections.Counter()
+    for index, where in meta.storage_data.items():
+        part, name = index.fqn.split(".", 1)
+        if part not in parts:
+            continue
+        param = shapes[name.removesuffix(".momentum_buffer")].shape
+        cut = fsdp_shard(param, rank, world)
+        lo = [cut.start if d == cut.dim else 0 for d in range(len(param))]
+        hi = [cut.end if d == cut.dim else param[d] for d in range(len(param))]
+        [chunk] = [c for c in meta.state_dict_metadata[index.fqn].chunks if tuple(c.offsets) == tuple(index.offset)]
+        if all(max(a, o) < min(b, o + n) for a, b, o, n in zip(lo, hi, chunk.offsets, chunk.sizes)):
+            needed[where.relative_path] += where.length
+    return dict(needed)
+
+
+def test_a_resumed_rank_reads_only_what_it_loads_from_s3(merged, s3_uri):
+    """Three ranks resume from the two ranks' checkpoint on S3: each reads .metadata and, of the
+    .distcp files, only the chunks that overlap its part (a whole file of another rank never),
+    once; TWA's resume reads rank 0's state and info and the center's chunks, once."""
+    from twa_ray.distributed.checkpoints import save_checkpoint
+    from twa_ray.distributed.twa_train import TWARunState
+
+    local = merged / "on_s3"  # the checkpoint as Ray Train keeps it, with a TWA run's state past round 1
+    shutil.copytree(merged / "merged", local)
+    save_checkpoint(local, *TWARunState(round=1, data_seed=0).to_checkpoint())
+    uri = store_fs.join(s3_uri, "ckpt")
+    loc = store_fs.resolve(uri)
+    pafs.copy_files(str(local), loc.path, destination_filesystem=loc.fs)
+    spawn_ranks(_s3_resume_main, RESUMED_BY, str(merged), uri)
+    got = [torch.load(merged / f"s3_resumed{r}.pt", weights_only=True) for r in range(RESUMED_BY)]
+
+    ref = UnevenNet()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    _steps(ref, opt, 0, 3)
+    rows = RowLayout(ParamLayout.from_model(ref), RESUMED_BY)
+    size = {name: os.path.getsize(local / name) for name in os.listdir(local)}
+    for rank, g in enumerate(got):
+        for p, w in zip(ref.parameters(), g["weights"]):
+            torch.testing.assert_close(w, p.detach(), rtol=1e-5, atol=1e-6)
+        full_ema = torch.cat([0.5 * p.detach().reshape(-1) for p in ref.parameters()])
+        torch.testing.assert_close(torch.cat([e.reshape(-1) for e in g["ema"]]), rows.take(full_ema, rank),
+                                   rtol=1e-5, atol=1e-6)
+        assert g["round"] == 1
+        torch.testing.assert_close(g["center"], rows.take(_vector(), rank), rtol=0, atol=0)
+        assert g["base"] == {".metadata": size[".metadata"],
+                             **_needed_bytes(local, rank, RESUMED_BY, ("model", "optimizer", "ema"))}
+        assert g["twa"] == {"info.json": size["info.json"], "state.pt": size["state.pt"],
+                            ".metadata": size[".metadata"], **_needed_bytes(local, rank, RESUMED_BY, ("center",))}
+    # parts 0 and 2 of every tensor lie in one saved rank's chunks each: the other file is not read
+    assert "__1_0.distcp" not in got[0]["base"] and "__0_0.distcp" not in got[2]["base"]
+
+    # one process assembles the full weights (base_train.read_final): every rank's model chunks, nothing else
+    from ray.train import Checkpoint
+
+    from twa_ray.distributed.checkpoint_reads import has_shards, read_shards
+
+    counting = _CountingHandler(loc.fs)
+    checkpoint = Checkpoint(loc.path, filesystem=pafs.PyFileSystem(counting))
+    assert has_shards(checkpoint) and not counting.read
+    model = read_shards(checkpoint, "model", {n: p.shape for n, p in ref.named_parameters()})
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(model[name], p.detach(), rtol=1e-5, atol=1e-6)
+    assert counting.read == {".metadata": size[".metadata"], **_needed_bytes(local, 0, 1, ("model",))}
 
 
 def test_a_missing_key_or_shape_is_named(merged):

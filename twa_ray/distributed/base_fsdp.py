@@ -47,7 +47,7 @@ from torch import nn
 from ..core.params import trainable_parameters
 from ..store import CandidateStore
 from ..store.rows import rows_checksum
-from .checkpoints import load_sharded
+from .checkpoint_reads import load_shards
 from .fsdp import broadcast_buffers, gather_on_rank0, local_shard, sharded_by_name
 from .worker import all_reduce_sum
 
@@ -180,12 +180,14 @@ def checkpoint_shards(net: nn.Module, optimizer: torch.optim.Optimizer, ema: lis
     return sharded, optim_state["param_groups"]
 
 
-def load_checkpoint_shards(folder: str, net: nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint_shards(checkpoint: Any, net: nn.Module, optimizer: torch.optim.Optimizer,
                            param_groups: list[dict[str, Any]]) -> list[torch.Tensor]:
-    """Load the checkpoint in ``folder`` (:func:`checkpoint_shards`' state, saved by
-    ``checkpoints.save_sharded``) into the FSDP2 ``net`` and its ``optimizer`` (a collective):
-    each rank reads only its shards, from a checkpoint of any number of ranks. ``param_groups``:
-    rank 0's state file's. Returns the EMA: this rank's local part of every trainable parameter."""
+    """Load the ``checkpoint`` (a ``ray.train.Checkpoint`` or a local folder: :func:`checkpoint_shards`'
+    state, saved by ``checkpoints.save_sharded``) into the FSDP2 ``net`` and its ``optimizer``
+    (a collective): each rank reads only its shards (``checkpoint_reads.load_shards``: from a
+    remote checkpoint just their bytes), from a checkpoint of any number of ranks.
+    ``param_groups``: rank 0's state file's. Returns the EMA: this rank's local part of every
+    trainable parameter."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     net.zero_grad(set_to_none=True)  # else get_state_dict does not create a fresh optimizer's state
@@ -193,7 +195,7 @@ def load_checkpoint_shards(folder: str, net: nn.Module, optimizer: torch.optim.O
     ema = [torch.empty_like(local_shard(p)) for p in trainable_parameters(net)]
     sharded = {"model": model_state, "optimizer": _tensors_only(optim_state["state"]),
                "ema": sharded_by_name(net, ema)}
-    load_sharded(folder, sharded)
+    load_shards(checkpoint, sharded)
     set_state_dict(net, optimizer, model_state_dict=sharded["model"],
                    optim_state_dict={"state": sharded["optimizer"], "param_groups": param_groups})
     return [local_shard(e).clone() for e in sharded["ema"].values()]

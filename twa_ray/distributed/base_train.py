@@ -59,7 +59,8 @@ from ..store import CandidateStore
 from ..store import fs as store_fs
 from .base_fsdp import RowCandidateWriter, checkpoint_shards, load_checkpoint_shards, loss_scale
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
-from .checkpoints import CHECKPOINTS_TO_KEEP, is_sharded, load_checkpoint, load_ray_checkpoint, read_sharded
+from .checkpoint_reads import has_shards, read_shards
+from .checkpoints import CHECKPOINTS_TO_KEEP, load_ray_checkpoint
 from .fsdp import broadcast_buffers, fsdp_wrap, local_shard
 from .worker import all_reduce_sum, evaluate_across_ranks, inject_fault, report, seed_rng, sync_batchnorm
 
@@ -248,14 +249,14 @@ def read_final(checkpoint_path: str, layout: ParamLayout) -> tuple[torch.Tensor,
     ``train.sharding: fsdp`` checkpoint's are assembled here from every rank's shards."""
     import ray.train
 
-    with ray.train.Checkpoint(checkpoint_path).as_directory() as folder:
-        if is_sharded(folder):
-            shapes = dict(zip(layout.names, layout.shapes))  # what is read and allocated: the model's
-            model, ema = read_sharded(folder, "model", shapes), read_sharded(folder, "ema", shapes)
-            ema = flatten_state(ema, layout, source=checkpoint_path) if ema else None
-        else:
-            state = load_checkpoint(folder)
-            model, ema = state["model"], state.get("ema")
+    checkpoint = ray.train.Checkpoint(checkpoint_path)
+    if has_shards(checkpoint):  # the model's and EMA's chunks only: not the optimizer's
+        shapes = dict(zip(layout.names, layout.shapes))  # what is read and allocated: the model's
+        model, ema = read_shards(checkpoint, "model", shapes), read_shards(checkpoint, "ema", shapes)
+        ema = flatten_state(ema, layout, source=checkpoint_path) if ema else None
+    else:
+        state, _ = load_ray_checkpoint(checkpoint)
+        model, ema = state["model"], state.get("ema")
     weights = flatten_state(model, layout, source=checkpoint_path)
     return weights, None if ema is None else ema.float()
 
@@ -412,9 +413,8 @@ def _setup(config: dict) -> _Trainer:
         epochs=tc.schedule_epochs,
     ))
     ema = None
-    if state is not None and fsdp:  # every rank reads its shards of model, optimizer and EMA
-        with checkpoint.as_directory() as folder:
-            ema = load_checkpoint_shards(folder, net, optimizer, state["optimizer_groups"])
+    if state is not None and fsdp:  # every rank reads its shards of model, optimizer and EMA (their bytes only)
+        ema = load_checkpoint_shards(checkpoint, net, optimizer, state["optimizer_groups"])
     elif state is not None:
         optimizer.load_state_dict(state["optimizer"])
     if state is not None:

@@ -24,7 +24,9 @@ writes its own temporary folder (rank 0's also holds state.pt, info.json and DCP
 .metadata) and reports it, and Ray Train 2.60 copies every rank's folder into the one
 checkpoint directory (``ray.train.report``; ``StorageContext.persist_current_checkpoint``
 into the name rank 0 broadcast) and registers it once every rank has reported. A resumed
-rank reads only its shards (:func:`load_sharded`; another worker count reshards).
+rank reads only its shards (:func:`load_sharded`; another worker count reshards), and from a
+remote checkpoint fetches only their bytes (``checkpoint_reads.load_shards``; the state and
+info files alone: :func:`load_ray_checkpoint`).
 
 DCP reads tensors with ``torch.load(weights_only=True)``, but it unpickles ``.metadata``
 with plain ``pickle`` and non-tensor values with ``weights_only=False``: here ``.metadata``
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import pathlib
@@ -308,10 +311,39 @@ def ray_checkpoint(state: dict[str, Any] | None, info: dict[str, Any] | None = N
         yield Checkpoint.from_directory(folder)
 
 
-def load_ray_checkpoint(checkpoint: Any, map_location: str | torch.device = "cpu",
-                        with_state: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(state, info) of a ``ray.train.Checkpoint`` (state is None when ``with_state`` is False)."""
-    with checkpoint.as_directory() as folder:
-        info = load_checkpoint_info(folder)
-        state = load_checkpoint(folder, map_location) if with_state else None
-    return state, info
+def load_ray_checkpoint(checkpoint: Any, map_location: str | torch.device = "cpu", with_state: bool = True,
+                        name: str = STATE_FILE) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(state, info) of a ``ray.train.Checkpoint``: its state file (or the ``extra`` file
+    ``name``; None when ``with_state`` is False) and JSON info, read straight from where the
+    checkpoint lies (:func:`read_checkpoint_file`): those two files only, never the sharded
+    state beside them (``checkpoint_reads.load_shards`` reads a rank's part of that)."""
+    info = read_checkpoint_file(checkpoint, INFO_FILE)
+    info = json.loads(info) if info is not None else {}
+    if not with_state:
+        return None, info
+    if _is_local(checkpoint):
+        return load_checkpoint(checkpoint.path, map_location, name), info
+    data = read_checkpoint_file(checkpoint, name)
+    if data is None:
+        raise FileNotFoundError(f"checkpoint {checkpoint.path} holds no {name}")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), info
+
+
+def read_checkpoint_file(checkpoint: Any, name: str) -> bytes | None:
+    """The bytes of the file ``name`` of a ``ray.train.Checkpoint``, read with pyarrow from its
+    ``filesystem`` at its ``path``: that file alone, where ``Checkpoint.as_directory`` copies a
+    remote checkpoint whole (every rank's shards). None when the checkpoint has no such file."""
+    import pyarrow.fs as pafs
+
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    if checkpoint.filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
+def _is_local(checkpoint: Any) -> bool:
+    """Whether a ``ray.train.Checkpoint`` lies on the local filesystem (its path is a folder here)."""
+    import pyarrow.fs as pafs
+
+    return isinstance(checkpoint.filesystem, pafs.LocalFileSystem)

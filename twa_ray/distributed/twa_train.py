@@ -34,7 +34,8 @@ from ..output.console import Progress, setup_logging
 from ..store import CandidateStore
 from ..store import fs as store_fs
 from .batches import ShardedBatchSampler, batches_per_epoch, loader_for
-from .checkpoints import CHECKPOINTS_TO_KEEP, load_checkpoint, load_ray_checkpoint, load_sharded
+from .checkpoint_reads import load_shards
+from .checkpoints import CHECKPOINTS_TO_KEEP, load_ray_checkpoint
 from .fsdp import fsdp_wrap, local_param_bytes
 from .twa_fsdp import build_fsdp_twa, center_shards, gather_rows, own_rows
 from .twa_shard import build_shard_twa, candidate_rounds
@@ -166,8 +167,7 @@ def _resume(w: _Worker, checkpoint) -> TWARunState:
         w.model.load_state_dict(run.buffers[w.rank], strict=False)
     if _fsdp(w) and run.round > 0:  # a round has finished: its center, this rank's rows of every rank's shards
         sharded = {"center": center_shards(w.model)}
-        with checkpoint.as_directory() as folder:
-            load_sharded(folder, sharded)
+        load_shards(checkpoint, sharded)
         run.center = own_rows(sharded["center"].values())
     return run
 
@@ -419,8 +419,7 @@ def run_twa(
             f"(try a smaller twa.lr or twa.grad_clip); the last good coefficients are in "
             f"{store_fs.location_of(storage, result.checkpoint.path)}"
         )
-    with result.checkpoint.as_directory() as folder:
-        final = load_checkpoint(folder, name=FINAL_FILE)
+    final, _ = load_ray_checkpoint(result.checkpoint, name=FINAL_FILE)  # that file only, not the shards beside it
     return TWAResult(
         weights=final["weights"], coefficients=final["coefficients"], rounds=final["rounds"],
         block_names=final["block_names"], history=final["history"],
