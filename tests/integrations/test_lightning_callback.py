@@ -100,6 +100,25 @@ def test_step_cadence_keeps_raw_weights_and_ignores_older_candidates(tmp_path):
     assert ckpt["twa_coefficients"].shape == (6, 6)
 
 
+def test_resumed_fit_averages_the_candidates_of_both_parts(tmp_path):
+    """The callback's state rides in Lightning's checkpoints: a fit resumed from one goes on
+    with the candidates saved before the interruption."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = task.points()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    first = task.trainer(max_epochs=2, callbacks=[TWACallback(every_n_epochs=1), saver], enable_checkpointing=True,
+                         default_root_dir=str(tmp_path))
+    first.fit(task.TinyClassifier(), task.loader(data))  # "interrupted" after 2 epochs (its TWA ran too)
+    callback = TWACallback(every_n_epochs=1, twa_epochs=1)
+    second = task.trainer(max_epochs=4, callbacks=[callback], default_root_dir=str(tmp_path))
+    second.fit(task.TinyClassifier(), task.loader(data), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert callback.candidate_indices == [0, 1, 2, 3]
+    infos = [c.info for c in CandidateStore.open(tmp_path / "twa_candidates").list_candidates()]
+    assert [i["step"] for i in infos] == [8, 16, 24, 32]
+    assert callback.coefficients.shape[0] == 4
+
+
 def test_too_few_candidates_fail_before_training(tmp_path):
     callback = TWACallback(every_n_epochs=1, start_epoch=2)
     model = task.TinyClassifier()
@@ -131,14 +150,6 @@ def test_arguments_are_plain_values():
     for name, p in inspect.signature(TWACallback).parameters.items():
         assert p.kind is inspect.Parameter.KEYWORD_ONLY, name
         assert p.default is None or type(p.default) in (int, float, str, bool), name
-
-
-def test_importing_twa_ray_integrations_imports_no_framework():
-    code = ("import sys, twa_ray, twa_ray.integrations, twa_ray.integrations._common; "
-            "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
 
 
 def test_ddp_two_ranks_shard_the_projection_and_end_identical(tmp_path):
