@@ -212,9 +212,8 @@ def _average_batchnorm_stats(model: nn.Module, comm, world: int) -> None:
 
 
 class TWACallbackBase:
-    """The state and steps shared by ``twa_ray.integrations.lightning.TWACallback`` and
-    ``twa_ray.integrations.transformers.TWACallback`` (the framework classes document the
-    arguments and add the hooks).
+    """The arguments, state and steps shared by ``twa_ray.integrations.lightning.TWACallback``
+    and ``twa_ray.integrations.transformers.TWACallback`` (which add their framework's hooks).
 
     After fit: ``store_uri``, ``candidate_indices`` (this fit's candidates, the raw final
     weights last), ``raw_state_dict`` (the whole state_dict before averaging, on CPU),
@@ -249,6 +248,32 @@ class TWACallbackBase:
         exchange: str = _DEFAULTS.exchange,
         kernel: str = _DEFAULTS.kernel,
     ) -> None:
+        """
+        Args:
+            every_n_epochs: save a candidate after every n-th epoch, counted from
+                ``start_epoch`` (epochs completed); the default cadence (n = 1).
+            every_n_steps: or after every n-th optimizer step, counted from ``start_step``.
+            start_epoch, start_step: where the count starts, in epochs / steps completed: a
+                candidate is saved when ``done >= start`` and ``(done - start) % n == 0``
+                (``done >= 1``); start_epoch=5, every_n_epochs=2 saves after epochs 5, 7, 9...
+            store: the candidate store's path or URI (``s3://...``), readable by every rank;
+                default ``twa_candidates`` under the trainer's log / output folder. An
+                existing store is reused; TWA averages only this fit's candidates.
+            twa_epochs: passes over the train dataloader that train the coefficients.
+            lr, optimizer ("sgd" or "adamw"), momentum, weight_decay, nesterov, schedule
+                ("cosine", "constant", "linear", "step"), warmup (a fraction), grad_clip:
+                the coefficient optimizer.
+            bits (1, 2, 4, 8 or 32), granularity ("tensor", "model" or "size:N"), basis
+                ("normalized", "orthonormal", "orthonormal-global", "checkpoints"), start
+                ("mean", "last" or an index; basis "checkpoints"): the subspace (DESIGN.md
+                section 1).
+            bn_batches: batches BatchNorm is recalibrated on (None: all).
+            exchange, kernel: how a sharded step communicates and computes.
+
+        Defaults and meanings are the Ray job's ``twa.*`` settings
+        (``twa_ray.config.TWAConfig``). Every argument is a plain value, so LightningCLI can
+        configure the callback; an invalid one raises ValueError naming it.
+        """
         super().__init__()
         owner = type(self).__name__
         self.cadence = Cadence.from_arguments(every_n_epochs, every_n_steps, start_epoch, start_step)

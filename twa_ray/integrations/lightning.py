@@ -42,26 +42,14 @@ class TWACallback(TWACallbackBase, Callback):
     same weights and BatchNorm statistics (averaged over the ranks). The store must be a
     location every rank can read (default: ``<trainer.log_dir>/twa_candidates``).
 
-    Args:
-        every_n_epochs, start_epoch / every_n_steps, start_step: the cadence (one of them).
-        store: the candidate store's path or URI (``s3://...``); default under the trainer's
-            log folder. An existing store is reused; TWA averages only this fit's candidates.
-        twa_epochs: passes over the train dataloader that train the coefficients.
-        lr, optimizer ("sgd" or "adamw"), momentum, weight_decay, nesterov, schedule
-            ("cosine", "constant", ...), warmup, grad_clip: the coefficient optimizer.
-        bits (1, 2, 4, 8 or 32), granularity ("tensor", "model", "size:N"), basis, start:
-            the subspace (DESIGN.md section 1; ``twa_ray.config.TWAConfig`` documents each).
-        bn_batches: batches BatchNorm is recalibrated on (None: all).
-        exchange, kernel: how the sharded step communicates and computes (``TWAConfig``).
-
-    All arguments are plain values, so LightningCLI can configure the callback. Errors name
-    the argument at fault.
+    The arguments (``TWACallbackBase.__init__`` documents each) are plain values, so LightningCLI
+    can configure the callback; errors name the argument at fault.
 
     Example::
 
-        trainer = Trainer(max_epochs=4, callbacks=[TWACallback(every_n_epochs=1, twa_epochs=2)])
-        trainer.fit(model, loader)
-        callback = trainer.callbacks[0]
+        callback = TWACallback(every_n_epochs=1, twa_epochs=2)
+        trainer = Trainer(max_epochs=4, callbacks=[callback])
+        trainer.fit(model, loader)     # model: the TWA weights
         callback.coefficients          # (candidates, blocks)
         model.load_state_dict(callback.raw_state_dict)   # back to the last SGD weights
     """

@@ -41,8 +41,8 @@ class TWACallback(TWACallbackBase, TrainerCallback):
     processes as in the Ray job; every process ends with the same weights. DeepSpeed and
     FSDP (sharded parameters) are not supported.
 
-    The arguments are those of ``twa_ray.integrations.lightning.TWACallback`` (plain values;
-    errors name the argument at fault); the default store is ``<output_dir>/twa_candidates``.
+    The arguments (``TWACallbackBase.__init__`` documents each) are plain values; errors name
+    the argument at fault. The default store is ``<output_dir>/twa_candidates``.
     The callback finds the Trainer it belongs to when training begins (TrainerCallback hooks
     are not given the Trainer): the one whose callbacks hold it.
 
