@@ -109,7 +109,8 @@ def test_a_bad_checkpoints_dir_is_named_before_ray_starts(tmp_path):
     torch.save({"0.weight": torch.zeros(3)}, tmp_path / "bad" / "model_0.pt")
     proc = run_job("--config", str(config), f"checkpoints_dir={tmp_path / 'bad'}", "--force")
     assert proc.returncode == 1
-    assert f"{tmp_path / 'bad' / 'model_0.pt'}: unexpected key '0.weight'" in proc.stderr
+    assert f"{tmp_path / 'bad' / 'model_0.pt'}: none of its keys is a parameter of the model" in proc.stderr
+    assert "the file ['0.weight']" in proc.stderr
 
 
 def test_config_needs_models_and_a_val_split(tmp_path):

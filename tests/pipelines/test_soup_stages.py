@@ -43,3 +43,28 @@ def test_a_store_of_other_checkpoints_is_refused_naming_what_differs(tmp_path):
                                           r"with other settings \(checkpoint count, checkpoints differ\): run with "
                                           r"--force to start afresh, or choose another output_dir or store"):
         check_reuse(cfg, tmp_path / "run")
+
+
+def test_a_changed_shard_of_a_sharded_checkpoint_changes_the_folders_signature(tmp_path):
+    """The soup job reuses an imported store only for the same checkpoints: a sharded model's
+    shard files count, not just its index (a rewritten shard used to go unnoticed)."""
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from twa_ray.pipelines.soups import _signature
+
+    model = tmp_path / "models" / "model_0"
+    model.mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": {"weight": torch.zeros(2, 2)},
+              "model-00002-of-00002.safetensors": {"bias": torch.zeros(2)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(model / name))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: name for name, tensors in shards.items() for k in tensors}}))
+    before = _signature(tmp_path / "models")
+    save_file({"bias": torch.ones(3)}, str(model / "model-00002-of-00002.safetensors"))
+    os.utime(model / "model.safetensors.index.json", ns=(before[0][1][0][2],) * 2)  # the index as it was...
+    assert _signature(tmp_path / "models") != before  # ...and the changed shard still shows

@@ -152,8 +152,10 @@ def soup_config_problems(cfg: Config) -> list[str]:
 
 
 def _signature(folder: str | Path) -> list[list]:
-    """[entry, size, mtime_ns] of every checkpoint in ``folder``: tells a changed folder apart."""
-    return [[c.entry, c.path.stat().st_size, c.path.stat().st_mtime_ns] for c in find_checkpoints(folder)]
+    """[entry, [[file, size, mtime_ns], ...]] of every checkpoint in ``folder``, with every file
+    it is read from (a sharded model's shards, a DCP folder's files): tells a changed folder apart."""
+    return [[c.entry, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in c.all_files]]
+            for c in find_checkpoints(folder)]
 
 
 def check_imported(cfg: Config, folder: str | Path) -> CandidateStore | None:
