@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and candidates, and a local Ray."""
 import contextlib
+import importlib
 import os
 
 # Ray reads these when it is imported: keep every Ray test on the loopback, quiet.
@@ -87,17 +88,29 @@ def pytest_collection_modifyitems(config, items):
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # where dataset-fashion-mnist installs it
 
 
-def require_fashion_mnist(path: Path = FASHION_MNIST) -> Path:
-    """``path`` when the offline Fashion-MNIST is there. Otherwise the calling test is skipped
-    with the reason, except under ``CI=true``, where it fails: there a missing dataset means
-    that setup_env.sh could not install it, and a silent skip would hide that."""
-    if path.is_dir():
-        return path
-    reason = (f"needs Fashion-MNIST in {path}: setup_env.sh could not install it "
-              "(apt-get install dataset-fashion-mnist)")
+def skip_or_fail_under_ci(reason: str) -> None:
+    """Skip the calling test with ``reason``, except under ``CI=true``, where it fails: there
+    whatever it needs must have been installed (setup_env.sh, requirements*.txt), and a silent
+    skip would hide that it was not."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)  # also from a test module's top level
+
+
+def require_fashion_mnist(path: Path = FASHION_MNIST) -> Path:
+    """``path`` when the offline Fashion-MNIST is there, else ``skip_or_fail_under_ci``."""
+    if not path.is_dir():
+        skip_or_fail_under_ci(f"needs Fashion-MNIST in {path}: setup_env.sh could not install it "
+                              "(apt-get install dataset-fashion-mnist)")
+    return path
+
+
+def require_module(name: str):
+    """The module ``name`` (an optional extra: lightning, transformers), else ``skip_or_fail_under_ci``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail_under_ci(f"needs {name} (pip install -r requirements-extras.txt)")
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lightning", reason="the Lightning integration needs lightning (pip install lightning)")
+from conftest import require_module  # noqa: E402
+
+require_module("lightning")  # skipped without it, except under CI=true
 
 import lightning_task as task  # noqa: E402  (tests/integrations, beside this file)
 from conftest import ROOT, free_port  # noqa: E402

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers (pip install transformers)")
+from conftest import require_module  # noqa: E402
+
+require_module("transformers")  # skipped without it, except under CI=true
 
 from conftest import ROOT, free_port  # noqa: E402
 import transformers_task as task  # noqa: E402  (tests/integrations, beside this file)

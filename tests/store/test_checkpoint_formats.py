@@ -8,7 +8,6 @@ real library on a tiny model; none is a hand-made look-alike."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import pickle
@@ -19,21 +18,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_module
 from twa_ray.core.params import ParamLayout, flatten_state
 from twa_ray.store import CheckpointError, UnsafeCheckpointError, find_checkpoints, import_checkpoints
 from twa_ray.store.importers import read_checkpoint
 
 
-def _require(module: str):
-    """``module`` imported; without it the test is skipped, except under CI=true, where it
-    fails: there the extras (requirements-extras.txt) must be installed."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        reason = f"needs {module} (pip install -r requirements-extras.txt)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {reason}", pytrace=False)
-        pytest.skip(reason)
+_require = require_module
 
 
 def _mlp() -> nn.Module:
