@@ -10,7 +10,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,12 +47,54 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return path
 
 
-def machine() -> dict:
-    """What the numbers ran on (put next to every measurement)."""
+def _load_1m() -> float | None:
     try:
-        load = os.getloadavg()[0]
+        return os.getloadavg()[0]
     except OSError:
-        load = None
+        return None
+
+
+class _LoadWatch:
+    """The highest 1-minute load average seen since the benchmark started (sampled every
+    ``interval_s`` by a daemon thread): a number measured while something else ran shows it,
+    even when the machine was idle again by the time the record was written."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.highest = _load_1m()
+        self._interval_s = interval_s
+        threading.Thread(target=self._run, name="load-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval_s)
+            self.seen(_load_1m())
+
+    def seen(self, load: float | None) -> float | None:
+        if load is not None and (self.highest is None or load > self.highest):
+            self.highest = load
+        return self.highest
+
+
+LOAD_WATCH = _LoadWatch()
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """The checkout's commit (short), with ``+dirty`` when tracked files differ from it; None
+    outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """What the numbers ran on (put next to every measurement): the hardware, the commit, the
+    load average now and the highest seen during the run."""
+    load = _load_1m()
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -66,6 +110,8 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "load_avg_1m": None if load is None else round(load, 2),
+        "max_load_avg_1m": None if LOAD_WATCH.seen(load) is None else round(LOAD_WATCH.highest, 2),
+        "git_commit": git_commit(),
     }
 
 

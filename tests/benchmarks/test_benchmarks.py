@@ -189,3 +189,19 @@ def test_direction_fidelity_of_exact_codes_is_perfect():
     # two levels per block: 1-bit min-max codes hold these directions exactly
     u = torch.tensor([[1.0, -1.0, 1.0, 2.0, 2.0, -2.0]])
     assert direction_fidelity(u, [3, 3], 1) == pytest.approx({"norm_ratio": 1.0, "cosine": 1.0, "rel_err": 0.0}, abs=1e-6)
+
+
+def test_every_record_names_its_commit_and_the_highest_load_of_the_run(monkeypatch):
+    """A number carries the commit it was measured at and the highest 1-minute load average
+    seen while its benchmark ran, not only the load when the line was written."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _common
+
+    info = _common.machine()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_common.ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert info["git_commit"].split("+")[0] == head
+    assert info["max_load_avg_1m"] >= info["load_avg_1m"]
+    watch = _common._LoadWatch(interval_s=3600)
+    watch.highest = 0.5
+    assert watch.seen(7.25) == 7.25 and watch.seen(1.0) == 7.25 and watch.seen(None) == 7.25
