@@ -268,6 +268,26 @@ def job_command(run: Run, seed: int, work: Path) -> tuple[list[str], Path]:
     return cmd + list(run.overrides), run_dir
 
 
+def typed_arg(arg: str, root: Path = ROOT) -> str:
+    """``arg`` (a path, or ``key=path``) with an absolute path inside the repository made
+    relative to it; anything else as it is."""
+    key, sep, value = arg.rpartition("=") if "=" in arg and not arg.startswith("/") else ("", "", arg)
+    path = Path(value)
+    if path.is_absolute():
+        try:
+            value = str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return f"{key}{sep}{value}"
+
+
+def as_typed(args: list[str], root: Path = ROOT) -> str:
+    """``args`` as a user types them in the repository: ``python`` for the interpreter, and
+    paths inside the repository relative to it (``typed_arg``), so a recorded command shows no
+    machine's folders."""
+    return shlex.join(["python" if args[0] == sys.executable else args[0], *(typed_arg(a, root) for a in args[1:])])
+
+
 def execute(cmd: list[str], threads: int | None) -> tuple[float, bool]:
     """Run a job (its stderr shows as it goes); (wall seconds, whether it found its run complete)."""
     env = dict(os.environ)
@@ -293,7 +313,8 @@ def record(run: Run, seed: int, mode: str, summary: dict, summary_path: Path, ac
         "benchmark": "reproduce", "mode": mode, "claim": run.claim, "seed": seed, "run": run.name,
         "acc": acc, "ratios": ratios,
         "context": {key: summary[key] for key in CONTEXT if key in summary},
-        "summary": str(summary_path), "command": shlex.join(["python", *cmd[1:]]), "invocation": invocation,
+        "summary": typed_arg(str(summary_path)), "command": as_typed(cmd),
+        "invocation": invocation,
         "job_wall_s": round(wall, 2), "reused": reused,  # reused: an earlier invocation ran it
         "date": finished.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
     }
@@ -651,7 +672,7 @@ def main(argv=None) -> int:
             parser.error(f"--runs: {', '.join(sorted(only - names))} is no run of {','.join(args.claims)} "
                          f"(runs: {', '.join(sorted(names))})")
     prepare_work(work, args.fresh)
-    invocation = shlex.join(["python", "benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    invocation = as_typed(["python", "benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         records = run_claims(args.claims, seeds, mode, work, out / "reproduce.jsonl", args.threads, invocation, only)
     except SummaryError as exc:

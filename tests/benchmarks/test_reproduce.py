@@ -231,3 +231,17 @@ def test_a_target_whose_metric_no_run_gave_is_left_out_with_a_note(capsys):
     bits = records("bits", [{"bits=1": 90.5, "bits=2": 91.4}, {"bits=1": 91.0, "bits=2": 91.5}])
     assert reproduce.evaluate_targets(reproduce.aggregate(bits)) == []
     assert "not evaluated, no run of bits gave bits=4" in capsys.readouterr().err
+
+
+def test_commands_are_recorded_as_a_user_types_them(tmp_path):
+    """No machine's folders in a recorded command: the interpreter is `python`, paths inside the
+    repository are relative to it, --work/--out appear only when given (then as given)."""
+    work = reproduce.ROOT / "runs" / "reproduce" / "quick"
+    cmd, _ = reproduce.job_command(reproduce.plan("head", "quick")[0], 2, work)
+    typed = reproduce.as_typed(cmd)
+    assert typed.startswith("python -m twa_ray ") and str(reproduce.ROOT) not in typed
+    assert "output_dir=runs/reproduce/quick/seed2/" in typed
+    assert reproduce.as_typed(["python", "benchmarks/reproduce.py", "--claims", "head"]) == \
+        "python benchmarks/reproduce.py --claims head"
+    outside = tmp_path / "elsewhere"  # a folder the user named outside the checkout stays as named
+    assert reproduce.as_typed(["python", f"--work={outside}"]) == f"python --work={outside}"
