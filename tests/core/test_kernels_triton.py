@@ -1,4 +1,4 @@
-"""The Triton chunk kernels against the eager ones (projection._fused_*), under the Triton
+"""The Triton chunk kernels against their contract in torch (kernels_triton.reference_*), under the Triton
 interpreter on CPU tensors.
 
 triton.jit reads TRITON_INTERPRET when it decorates, and triton.language's own functions
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from twa_ray.core import kernels_triton
-from twa_ray.core.kernels_triton import triton_available, triton_grad, triton_reconstruct
-from twa_ray.core.projection import _fused_grad, _fused_reconstruct
+from twa_ray.core.kernels_triton import (reference_grad, reference_reconstruct, triton_available, triton_grad,
+                                         triton_reconstruct)
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
@@ -83,11 +83,11 @@ def test_match_eager_chunk_kernels(interpret, bits, n):
         for tiles in ({}, {"block_n": 2, "block_b": 32}):
             raw, gt, w = _chunk(n, cols, bits, seed=bits * 100 + n * 10 + cols % 10)
             got = triton_grad(raw, gt, bits, **tiles)
-            ref = _fused_grad(bits)(raw, gt)
+            ref = reference_grad(bits)(raw, gt)
             assert got.shape == (n,) and got.dtype == torch.float32
             assert (got - ref).abs().le(RTOL * _abs_grad(raw, gt, bits)).all(), (cols, tiles, got, ref)
             got = triton_reconstruct(raw, w, bits, **tiles)
-            ref = _fused_reconstruct(bits)(raw, w)
+            ref = reference_reconstruct(bits)(raw, w)
             assert got.shape == (8 // bits, cols) and got.dtype == torch.float32
             assert (got - ref).abs().le(RTOL * _abs_reconstruct(raw, w, bits)).all(), (cols, tiles)
 
@@ -99,8 +99,8 @@ def test_exact_where_every_sum_is_exact(interpret, bits):
     # sum is an exact float32 integer, in any order, so the kernels must agree bit for bit
     raw, gt, w = _chunk(7, 301, bits, seed=bits, integer=True)
     tiles = {"block_n": 4, "block_b": 64}
-    assert torch.equal(triton_grad(raw, gt, bits, **tiles), _fused_grad(bits)(raw, gt))
-    assert torch.equal(triton_reconstruct(raw, w, bits, **tiles), _fused_reconstruct(bits)(raw, w))
+    assert torch.equal(triton_grad(raw, gt, bits, **tiles), reference_grad(bits)(raw, gt))
+    assert torch.equal(triton_reconstruct(raw, w, bits, **tiles), reference_reconstruct(bits)(raw, w))
 
 
 @needs_triton

@@ -61,6 +61,11 @@ def _projection(sizes, bits, chunk, seed, n=5):
     return proj, g, x
 
 
+def _sizes(proj):
+    """The block sizes as the native functions take them: (L,) int64 on the CPU."""
+    return torch.tensor(proj.sizes, dtype=torch.int64)
+
+
 def _centred_codes(proj):
     """(n, m) float64 code - 2^(b-1) of every element."""
     parts, col = [], 0
@@ -136,7 +141,7 @@ def test_native_streamed_weights_match_stored(native_module):
     shifted = torch.empty(m + 16)[1 : m + 1]
     assert aligned.data_ptr() % 64 == 0 and shifted.data_ptr() % 64 != 0
     for out in (aligned, shifted):
-        native.reconstruct(proj.data, weights, base, proj.center, proj._sizes_cpu, 4, out)
+        native.reconstruct(proj.data, weights, base, proj.center, _sizes(proj), 4, out)
     assert torch.equal(aligned, shifted)
     proj.kernel = "eager"
     ref = proj.reconstruct(x)
@@ -154,7 +159,7 @@ def test_native_code_sums_are_exact(native_module):
         for m in sizes:
             ref += [codes[:, pos + a : pos + min(m, a + TILE)].sum(dim=1) for a in range(0, m, TILE)]
             pos += m
-        assert torch.equal(native.code_sums(proj.data, proj._sizes_cpu, bits).double(), torch.stack(ref)), bits
+        assert torch.equal(native.code_sums(proj.data, _sizes(proj), bits).double(), torch.stack(ref)), bits
 
 
 @pytest.mark.parametrize("bits", PACKED_BITS)
@@ -176,16 +181,16 @@ def test_kernels_match_float64_reference(native_module, bits, chunk):
 
 def test_native_results_do_not_depend_on_the_thread_count(native_module):
     proj, g, x = _projection([70_000, 3, 50_000], 4, 8 << 20, seed=3, n=7)
-    sums = native.code_sums(proj.data, proj._sizes_cpu, 4)
+    sums = native.code_sums(proj.data, _sizes(proj), 4)
     weights, base = (x * proj.scale).t().contiguous(), torch.randn(3)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            dot, g_sum = native.coef_grad(proj.data, g, proj._sizes_cpu, sums, 4)
-            out = native.reconstruct(proj.data, weights, base, proj.center, proj._sizes_cpu, 4, torch.empty(g.shape))
-            results.append((dot, g_sum, out, native.code_sums(proj.data, proj._sizes_cpu, 4)))
+            dot, g_sum = native.coef_grad(proj.data, g, _sizes(proj), sums, 4)
+            out = native.reconstruct(proj.data, weights, base, proj.center, _sizes(proj), 4, torch.empty(g.shape))
+            results.append((dot, g_sum, out, native.code_sums(proj.data, _sizes(proj), 4)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -193,15 +198,16 @@ def test_native_results_do_not_depend_on_the_thread_count(native_module):
 
 def test_native_kernel_checks_its_tensors(native_module):
     proj, g, _ = _projection([100, 20], 4, 8 << 20, seed=4)
-    sums = native.code_sums(proj.data, proj._sizes_cpu, 4)
+    sizes = _sizes(proj)  # held: the last call takes its pointer
+    sums = native.code_sums(proj.data, sizes, 4)
     with pytest.raises(ValueError, match="g: expected"):
-        native.coef_grad(proj.data, g[:-1], proj._sizes_cpu, sums, 4)
+        native.coef_grad(proj.data, g[:-1], sizes, sums, 4)
     with pytest.raises(ValueError, match="data: expected"):
-        native.coef_grad(proj.data[:, 1:], g, proj._sizes_cpu, sums, 4)
+        native.coef_grad(proj.data[:, 1:], g, sizes, sums, 4)
     with pytest.raises(ValueError, match="sums: expected"):
-        native.coef_grad(proj.data, g, proj._sizes_cpu, sums[:, 1:], 4)
+        native.coef_grad(proj.data, g, sizes, sums[:, 1:], 4)
     with pytest.raises(ValueError, match="bits must be"):
-        native_module.coef_grad(proj.data.data_ptr(), 5, proj.data.shape[1], g.data_ptr(), proj._sizes_cpu.data_ptr(),
+        native_module.coef_grad(proj.data.data_ptr(), 5, proj.data.shape[1], g.data_ptr(), sizes.data_ptr(),
                                 2, sums.data_ptr(), 3, 0, 0, 1, 0)
 
 
@@ -215,7 +221,7 @@ def test_auto_is_native_on_cpu_and_eager_at_32_bits(native_module):
 
 
 def test_kernel_choice_errors():
-    with pytest.raises(ValueError, match="is not one of"):
+    with pytest.raises(ValueError, match=r"twa\.kernel: 'compiled' is not one of \['auto', 'eager', 'native', 'triton'\]"):
         resolve_kernel("compiled", "cpu", 4)
     with pytest.raises(ValueError, match="runs on CPU tensors"):
         resolve_kernel("native", "cuda", 4)
@@ -239,10 +245,11 @@ def test_failed_native_build_warns_once_and_runs_eager(monkeypatch):
     monkeypatch.setattr(native, "_build", lambda: (None, "missing C++ compiler 'c++'"))
     proj, g, x = _projection([300, 7], 2, 8 << 20, seed=5)
     expected = proj.coef_grad(g), proj.reconstruct(x)
-    proj.kernel = "native"
     records = _Records()
     native.log.addHandler(records)
     try:
+        proj.kernel = "native"  # chosen here, once: the build is tried and fails
+        assert proj.kernel_impl.name == "eager"
         assert resolve_kernel("native", "cpu", 2) == "eager" and resolve_kernel("auto", "cpu", 2) == "eager"
         got = proj.coef_grad(g), proj.reconstruct(x)
     finally:
@@ -255,7 +262,7 @@ def test_failed_native_build_warns_once_and_runs_eager(monkeypatch):
 
 _TRITON_SCRIPT = """
 import json, torch
-from twa_ray.core import projection
+from twa_ray.core.kernels import TritonKernel
 from twa_ray.core.projection import build_projection, resolve_kernel
 out = {}
 for bits in (1, 2, 4, 8):
@@ -267,7 +274,7 @@ for bits in (1, 2, 4, 8):
     expected = proj.coef_grad(g), proj.reconstruct(x)
     proj.kernel = "triton"
     got = proj.coef_grad(g), proj.reconstruct(x)
-    out[bits] = [resolve_kernel("triton", "cpu", bits), bool(projection._TRITON_FAILED),
+    out[bits] = [resolve_kernel("triton", "cpu", bits), proj.kernel_impl.name, TritonKernel._failure,
                  bool(torch.allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)),
                  bool(torch.allclose(got[1], expected[1], rtol=1e-5, atol=1e-5))]
 print(json.dumps(out))
@@ -285,8 +292,8 @@ def test_triton_kernel_in_the_projection_matches_eager():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    # [kernel that ran, fell back to eager, coef_grad matches, reconstruct matches] per width
-    assert results == {str(b): ["triton", False, True, True] for b in PACKED_BITS}, results
+    # [kernel chosen, kernel that ran, why triton failed, coef_grad matches, reconstruct matches] per width
+    assert results == {str(b): ["triton", "triton", None, True, True] for b in PACKED_BITS}, results
 
 
 def test_config_key_chooses_the_kernel():

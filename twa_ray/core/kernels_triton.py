@@ -1,6 +1,7 @@
-"""Triton kernels for the projection's two chunk operations on packed b-bit codes.
+"""Triton kernels for the projection's two chunk operations on packed b-bit codes: the
+implementation behind ``twa_ray.core.kernels.TritonKernel``.
 
-The same contract as ``projection._fused_grad(bits)`` / ``_fused_reconstruct(bits)``: a
+The contract, written in torch by ``reference_grad(bits)`` / ``reference_reconstruct(bits)``: a
 chunk of packed bytes raw (n, B) uint8, a byte holding per = 8/b codes, code k of byte j
 in bits [k*b, (k+1)*b) and read in place as code_k * 2^(k*b) (``bytes & mask_k``):
 
@@ -85,6 +86,36 @@ def triton_available(device: torch.device | str = "cuda") -> bool:
     except (ImportError, RuntimeError):
         return False
     return True
+
+
+# ---------------------------------------------------------------- the contract, in torch
+
+
+def reference_grad(bits: int) -> Callable:
+    """The contract of ``triton_grad``, in torch: (raw (n, B) uint8, gt (per, B) float:
+    de-interleaved, 2^-kb scaled) -> (n,) dot products of the centred codes
+    (code - 2^(b-1)) with g."""
+    masks = [((1 << bits) - 1) << (k * bits) for k in range(8 // bits)]
+    shifts = [float((1 << (bits - 1)) << (k * bits)) for k in range(8 // bits)]
+
+    def kernel(raw: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        acc = ((raw & masks[0]).to(torch.float32) - shifts[0]) * gt[0]
+        for k in range(1, len(masks)):
+            acc = acc + ((raw & masks[k]).to(torch.float32) - shifts[k]) * gt[k]
+        return acc.sum(dim=1)
+
+    return kernel
+
+
+def reference_reconstruct(bits: int) -> Callable:
+    """The contract of ``triton_reconstruct``, in torch: (raw (n, B) uint8, w (n,)) ->
+    (per, B): sum_i w_i * code_k(byte j) * 2^(k*b)."""
+    masks = [((1 << bits) - 1) << (k * bits) for k in range(8 // bits)]
+
+    def kernel(raw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.stack([((raw & m).to(torch.float32) * w[:, None]).sum(dim=0) for m in masks])
+
+    return kernel
 
 
 # ---------------------------------------------------------------- kernels (decorated on first use)
@@ -179,7 +210,7 @@ def triton_grad(raw: torch.Tensor, gt: torch.Tensor, bits: int, *,
                 block_n: int | None = None, block_b: int | None = None) -> torch.Tensor:
     """Dot products of the centred codes with g: raw (n, B) uint8, gt (per, B) float32
     (the de-interleaved g, row k scaled by 2^(-k*b)) -> (n,) float32, as
-    ``projection._fused_grad(bits)(raw, gt)``. ``block_n``/``block_b``: tile sizes
+    ``reference_grad(bits)(raw, gt)``. ``block_n``/``block_b``: tile sizes
     (powers of two; default TILE_ROWS and TILE_CODES / per)."""
     per, block_n, block_b = _tiles(bits, block_n, block_b)
     _check_raw(raw)
@@ -201,7 +232,7 @@ def triton_reconstruct(raw: torch.Tensor, w: torch.Tensor, bits: int, *,
                        block_n: int | None = None, block_b: int | None = None) -> torch.Tensor:
     """Weighted sum of the codes: raw (n, B) uint8, w (n,) float32 -> (per, B) float32 with
     [k, j] = sum_i w[i] * code_k(raw[i, j]) * 2^(k*b), as
-    ``projection._fused_reconstruct(bits)(raw, w)``. Tile sizes as in ``triton_grad``."""
+    ``reference_reconstruct(bits)(raw, w)``. Tile sizes as in ``triton_grad``."""
     per, block_n, block_b = _tiles(bits, block_n, block_b)
     _check_raw(raw)
     n, cols = raw.shape

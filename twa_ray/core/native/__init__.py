@@ -8,11 +8,12 @@ older build. cpp_extension holds a file lock while it builds: processes that sta
 once (Ray workers) build once, the others wait for that build. The binary is compiled
 without ``-march`` flags and picks its AVX-512, AVX2 or portable code at run time, so a
 cache shared between machines is safe. Where no compiler exists or the build fails, ``load()`` logs one
-warning and returns None: the projection then uses its eager kernels.
+warning and returns None: a projection then gets the eager kernel when it is built.
 
 ``coef_grad`` and ``reconstruct`` check their tensors (dtype, device, shape, contiguity)
-before handing pointers to the C++ code; ``Projection`` calls them on a whole run of
-blocks. They run on ``torch.get_num_threads()`` threads (results do not depend on it).
+before handing pointers to the C++ code; ``twa_ray.core.kernels.NativeKernel`` calls them
+on a projection's whole run of blocks. They run on ``torch.get_num_threads()`` threads
+(results do not depend on it).
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def coef_grad(data: torch.Tensor, g: torch.Tensor, sizes: torch.Tensor, sums: to
     ``code_sums`` -> dot (n, L) float64, dot[i, l] = sum_e (code_ie - 2^(b-1)) * g_e over
     block l, and g_sum (L,) float64, the sums of g per block. Per tile t the gradient is
     centred on its mean, gc = fl(g - mean_t); the products with gc are added in float32
-    (at most TILE <= ``projection.SUM_PIECE`` of them), then in float64 with mean_t times
+    (at most TILE <= ``kernels.chunks.SUM_PIECE`` of them), then in float64 with mean_t times
     the tile's code sum.
     """
     module = _module()
