@@ -179,7 +179,7 @@ class TWA:
         """One-process TWA from candidates: an (n, D) matrix, or a list of flat vectors
         or state_dicts of ``model``'s architecture. ``start`` ("mean", "last" or a candidate
         index; ``checkpoints`` basis only) is where X starts; ``kernel``: the projection
-        kernels (``twa_ray.core.projection.KERNELS``)."""
+        kernels (``twa_ray.core.kernels.KERNELS``: "auto" or a registered name)."""
         layout = ParamLayout.from_model(model)
         if isinstance(candidates, torch.Tensor):
             w = candidates.float().clone()
