@@ -11,8 +11,9 @@ Public names, in the spirit of ``torch.optim.swa_utils``:
 
 Everything else is imported from its module: ``twa_ray.core.params`` (the parameter
 vector), ``.blocks`` (granularity and shards), ``.quant`` (quantisation and packing),
-``.subspace`` (center and basis), ``.projection`` (the packed projection), ``.kernels`` (its kernels: a registry of classes),
-``.collectives``, ``.schedules``, ``.baselines`` and ``.soups``.
+``.subspace`` (center and basis), ``.projection`` (the packed projection), ``.kernels``
+(its kernels, a registry of classes), ``.collectives``, ``.schedules``, ``.baselines`` and
+``.soups``.
 
 Example: three candidates of a linear model, TWA over 4-bit directions, one block per
 tensor (weight and bias), so the coefficients X are (3 candidates, 2 blocks):
