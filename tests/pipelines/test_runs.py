@@ -186,3 +186,27 @@ def test_a_run_that_dies_while_writing_its_folder_leaves_no_complete_run(tmp_pat
     assert finished_run(b, run_dir) and not finished_run(a, run_dir)
     last = (run_dir / "config.json").stat().st_mtime_ns  # written last
     assert all(p.stat().st_mtime_ns <= last for p in run_dir.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- settled locations (issue 24)
+
+def test_a_finished_run_is_finished_from_another_copy_of_the_working_dir(tmp_path, monkeypatch):
+    """Locations are settled absolute where the job loads its config: data.root is the
+    working dir's (under `ray job submit`, Ray's copy, which may move between submissions).
+    A run folder is finished for the same settings wherever its data was read from."""
+    from twa_ray.config import STORAGE_ROOT_ENV, settle_locations
+
+    shared = {STORAGE_ROOT_ENV: str(tmp_path / "shared")}
+    for copy in ("copy1", "copy2"):
+        (tmp_path / copy).mkdir()
+    monkeypatch.chdir(tmp_path / "copy1")
+    first = settle_locations(config_from_dict({"name": "q", "seed": 1}), shared)
+    run_dir = prepare_run_dir(first)
+    record_config(first, run_dir)
+    (run_dir / "summary.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "copy2")
+    again = settle_locations(config_from_dict({"name": "q", "seed": 1}), shared)
+    assert again.data.root != first.data.root and again.run_dir == first.run_dir
+    assert finished_run(again, run_dir)
+    assert not finished_run(settle_locations(config_from_dict({"name": "q", "seed": 2}), shared), run_dir)
+

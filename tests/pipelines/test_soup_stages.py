@@ -68,3 +68,23 @@ def test_a_changed_shard_of_a_sharded_checkpoint_changes_the_folders_signature(t
     save_file({"bias": torch.ones(3)}, str(model / "model-00002-of-00002.safetensors"))
     os.utime(model / "model.safetensors.index.json", ns=(before[0][1][0][2],) * 2)  # the index as it was...
     assert _signature(tmp_path / "models") != before  # ...and the changed shard still shows
+
+
+def test_fine_tuned_models_are_reused_wherever_their_data_was_read_from(tmp_path):
+    """data.root is settled absolute in the working dir (another copy under `ray job submit`):
+    the fine-tuned models are the same settings; another seed is not (issue 24)."""
+    import pytest
+
+    from twa_ray.config import ConfigError
+    from twa_ray.output.atomic import write_json
+    from twa_ray.pipelines.finetune import FINETUNED_DIR, SETTINGS_FILE, check_finetuned, finetune_settings
+
+    def cfg(root, seed=0):
+        return config_from_dict({"seed": seed, "data": {"root": root}, "finetune": {"num_models": 2}})
+
+    run = tmp_path / "run"
+    (run / FINETUNED_DIR).mkdir(parents=True)
+    write_json(run / FINETUNED_DIR / SETTINGS_FILE, finetune_settings(cfg(str(tmp_path / "copy1" / "data"))))
+    assert check_finetuned(cfg(str(tmp_path / "copy2" / "data")), run)
+    with pytest.raises(ConfigError, match=r"fine-tuned models .* \(seed differ\)"):
+        check_finetuned(cfg(str(tmp_path / "copy2" / "data"), seed=1), run)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..config import Config, ConfigError, load_config, resolve_storage
+from ..config import Config, ConfigError, load_config, settle_locations
 from ..output.console import results_table
 from ..output.report import write_report
 from ..output.tensorboard import write_run_events
@@ -36,11 +36,12 @@ def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: b
 
 
 def load_job_config(args: argparse.Namespace, check: Callable[[Config], None] | None = None) -> Config | None:
-    """The config ``args`` name, overrides applied, result locations settled
-    (``resolve_storage``) and ``check`` passed; None after printing the errors (each
-    naming the field) to stderr."""
+    """The config ``args`` name, overrides applied, every location settled absolute
+    (``config.settle_locations``: the run folder, the store and Ray's storage under the
+    storage root, data.root under the working directory) and ``check`` passed; None after
+    printing the errors (each naming the field) to stderr."""
     try:
-        cfg = resolve_storage(load_config(args.config, args.overrides))
+        cfg = settle_locations(load_config(args.config, args.overrides))
         if check is not None:
             check(cfg)
         return cfg

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import Config, TrainConfig, config_to_dict, recorded_config
+from ..config import Config, TrainConfig, config_to_dict, recorded_config, without_locations
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
 from ..data.from_config import splits_from_config
 from ..distributed.evaluate import evaluate
@@ -165,14 +165,15 @@ def finetune_settings(cfg: Config) -> dict:
 
 def check_finetuned(cfg: Config, run_dir: str | Path) -> bool:
     """ConfigError naming the sections when ``<run_dir>/finetuned`` holds models fine-tuned with
-    other settings (``runs.require_same_settings``); returns whether it recorded any. No Ray:
-    the soup job calls it before Ray starts."""
+    other settings (``runs.require_same_settings``; where the data was read from, data.root,
+    aside: ``config.without_locations``); returns whether it recorded any. No Ray: the soup
+    job calls it before Ray starts."""
     folder = Path(run_dir).resolve() / FINETUNED_DIR
     if not (folder / SETTINGS_FILE).exists():
         return False
     recorded = recorded_config(read_json(folder / SETTINGS_FILE))  # keys added since at their defaults
-    require_same_settings(f"the folder of fine-tuned models {folder}", recorded, finetune_settings(cfg),
-                          FINETUNE_SECTIONS)
+    require_same_settings(f"the folder of fine-tuned models {folder}", without_locations(recorded),
+                          without_locations(finetune_settings(cfg)), FINETUNE_SECTIONS)
     return True
 
 

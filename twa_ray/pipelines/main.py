@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, check_twa_start, config_to_dict, recorded_config, select_candidates
+from ..config import Config, check_twa_start, config_to_dict, recorded_config, select_candidates, without_locations
 from ..core.baselines import INITIAL_KIND, after_start, best_k
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
@@ -38,7 +38,6 @@ from ..output.mixing import run_mixing
 from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
-from ..store import fs as store_fs
 from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
@@ -53,13 +52,10 @@ METHODS = ("last", "swa", "ema", "best_k", "full_budget", "twa")  # summary.json
 
 
 def _candidate_settings(raw: dict) -> dict:
+    # where the dataset's files are read from (data.root) does not change the candidates: a
+    # moved checkout, or a `ray job submit` working dir, reuses its store
+    raw = without_locations(raw)
     out = {k: raw.get(k) for k in CANDIDATE_SECTIONS}
-    if isinstance(out.get("data"), dict):
-        data = dict(out["data"])
-        # where the dataset's files are read from does not change the candidates: a moved
-        # checkout, or a `ray job submit` working dir, reuses its store
-        data.pop("root", None)
-        out["data"] = data
     if isinstance(raw.get("baselines"), dict):
         out["baselines"] = {k: raw["baselines"].get(k) for k in EMA_KEYS}
     return out
@@ -94,14 +90,13 @@ def check_store_settings(cfg: Config) -> CandidateStore | None:
     settings (``CANDIDATE_SECTIONS``, and the EMA keys when it recorded them), None when there
     is none yet; ConfigError naming the sections that differ otherwise
     (``runs.require_same_settings``). Needs no Ray: jobs call it before Ray starts."""
-    uri = store_fs.absolute(cfg.store_uri)
     try:
-        store = CandidateStore.open(uri)
+        store = CandidateStore.open(cfg.store_uri)
     except FileNotFoundError:
         return None
     stored = _candidate_settings(recorded_config(store.meta.get("config", {})))
     keys = CANDIDATE_SECTIONS + (("baselines",) if "baselines" in stored else ())
-    require_same_settings(f"the candidate store {uri}", stored, _candidate_settings(config_to_dict(cfg)), keys,
+    require_same_settings(f"the candidate store {store.uri}", stored, _candidate_settings(config_to_dict(cfg)), keys,
                           elsewhere="output_dir or store")
     return store
 
@@ -116,7 +111,6 @@ def ensure_candidates(cfg: Config):
     store = check_store_settings(cfg)
     if store is None:
         return run_base_training(cfg)
-    uri = store_fs.absolute(cfg.store_uri)
     infos = [c.info for c in store.list_candidates()]
     epochs = [i for i in infos if i.get("kind") == "epoch"]
     if not any(i.get("epoch") == cfg.train.epochs for i in epochs):
@@ -127,8 +121,9 @@ def ensure_candidates(cfg: Config):
     if checkpoint is None:
         log.warning("base training's last checkpoint is gone: no EMA, and the full budget (if compared) trains "
                     "from the start")
-    log.info("reusing the %d candidates in %s", len(infos), uri)
-    return BaseTrainResult(uri, len(infos), [i.get("metrics", {}) for i in epochs], 0.0, checkpoint_path=checkpoint)
+    log.info("reusing the %d candidates in %s", len(infos), store.uri)
+    return BaseTrainResult(store.uri, len(infos), [i.get("metrics", {}) for i in epochs], 0.0,
+                           checkpoint_path=checkpoint)
 
 
 def train_twa(cfg: Config, base):

@@ -2,7 +2,8 @@
 checked in the driver, a finished run of the same config found, and a complete run marked.
 
 A run folder is complete when it holds ``summary.json`` (written last by
-``output.run_folder``) and ``config.json`` (``record_config``) equal to the job's config.
+``output.run_folder``) and ``config.json`` (``record_config``) equal to the job's config,
+its locations aside (settled absolute where the job runs: ``config.without_locations``).
 ``write_complete_run`` removes both before it writes the first file and writes
 config.json last, so a run that dies while writing leaves a folder that is complete for
 no config (not the earlier run's, beside this run's model.pt).
@@ -16,7 +17,7 @@ is the one check of them all: other settings are refused, naming the keys that d
 "run with --force to start afresh, or choose another output_dir". Jobs check before Ray
 starts. A sweep records its whole config in config.json (``record_config``) when it starts,
 and a rerun resumes it only with the same settings (``check_recorded_config``; locations,
-``LOCATION_KEYS``, aside).
+``config.LOCATION_KEYS``, aside).
 
 What ``--force`` removes: only a run folder of this project, one that holds the marker
 ``RUN_MARKER`` (``.twa_ray_run``, a small JSON file), or an empty folder. ``prepare_run_dir``
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..config import (Config, ConfigError, config_to_dict, differing_settings, dotted_settings, is_plain_name,
-                      recorded_config)
+                      recorded_config, without_locations)
 from ..data import DataSplits
 from ..data.from_config import splits_from_config
 from ..models.from_config import model_from_config
@@ -56,9 +57,10 @@ def _run_dir_key(cfg: Config) -> str:
 
 
 def run_dir_location(cfg: Config) -> Path | store_fs.Uri:
-    """``cfg``'s run folder: an absolute ``Path`` (``~`` expanded, links resolved) or a ``Uri``."""
+    """``cfg``'s run folder (``cfg.run_dir``, absolute once the job settled its locations):
+    a ``Path`` with links resolved (``~`` expanded) or a ``Uri``."""
     run_dir = store_fs.as_location(cfg.run_dir)
-    return Path(store_fs.absolute(str(run_dir))).resolve() if isinstance(run_dir, Path) else run_dir
+    return run_dir.expanduser().resolve() if isinstance(run_dir, Path) else run_dir
 
 
 def prepare_run_dir(cfg: Config, force: bool = False) -> Path | store_fs.Uri:
@@ -114,13 +116,16 @@ def check_inputs(cfg: Config) -> DataSplits:
 
 
 def finished_run(cfg: Config, run_dir: Path | str) -> bool:
-    """True when ``run_dir`` holds a complete run (summary.json) of exactly this config."""
+    """True when ``run_dir`` holds a complete run (summary.json) of exactly this config, its
+    locations aside (``config.without_locations``: they are settled absolute where the job
+    runs, and another copy of a ``ray job submit`` working dir reads the same data)."""
     run_dir = store_fs.as_location(run_dir)
     summary, recorded = (run_dir / name for name in COMPLETION_FILES)
     if not (store_fs.file_exists(summary) and store_fs.file_exists(recorded)):
         return False
     try:
-        return not differing_settings(recorded_config(read_json(recorded)), config_to_dict(cfg))
+        return not differing_settings(without_locations(recorded_config(read_json(recorded))),
+                                      without_locations(config_to_dict(cfg)))
     except ValueError:
         return False
 
@@ -146,9 +151,6 @@ def write_complete_run(cfg: Config, run_dir: Path | str, write: Callable[[], T])
 
 # ---------------------------------------------------------------- same settings?
 
-LOCATION_KEYS = ("output_dir", "storage_root", "data.root")  # where results and data are, not what they hold
-
-
 def require_same_settings(what: str, recorded: Any, wanted: Any, keys: Sequence[str] | None = None,
                           elsewhere: str = "output_dir") -> None:
     """Raise ConfigError when the settings ``recorded`` with ``what`` (a store's meta, a run
@@ -162,11 +164,11 @@ def require_same_settings(what: str, recorded: Any, wanted: Any, keys: Sequence[
 
 def run_settings(raw: Any) -> dict:
     """A recorded or current config dict as {dotted key: value} (``config.dotted_settings``,
-    keys added since at their defaults: ``recorded_config``), ``LOCATION_KEYS`` left out: a
+    keys added since at their defaults: ``recorded_config``), ``config.LOCATION_KEYS`` left out: a
     moved run folder or dataset is the same settings."""
     if not isinstance(raw, dict):
         return {}
-    return {k: v for k, v in dotted_settings(recorded_config(raw)).items() if k not in LOCATION_KEYS}
+    return dotted_settings(without_locations(recorded_config(raw)))
 
 
 def check_recorded_config(cfg: Config, run_dir: Path | str, what: str) -> bool:

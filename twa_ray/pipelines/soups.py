@@ -30,7 +30,6 @@ from ..output.mixing import run_mixing
 from ..output.plots import plot_soups
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
-from ..store import fs as store_fs
 from ..tune.ray_results import find_checkpoints, import_checkpoints  # any format, Ray Train / Tune folders too
 from .finetune import FinetuneResult, check_finetuned, make_finetuned
 from .runs import require_same_settings, write_complete_run
@@ -162,16 +161,15 @@ def check_imported(cfg: Config, folder: str | Path) -> CandidateStore | None:
     """The candidate store at ``cfg.store_uri`` when it holds exactly the checkpoints of
     ``folder`` (names, sizes, times) for ``cfg.model``; None when there is none yet;
     ConfigError naming what differs otherwise (``runs.require_same_settings``). No Ray."""
-    uri = store_fs.absolute(cfg.store_uri)
     try:
-        store = CandidateStore.open(uri)
+        store = CandidateStore.open(cfg.store_uri)
     except FileNotFoundError:
         return None
     signature = _signature(folder)
     recorded = {"checkpoints": store.meta.get("signature"), "checkpoint count": len(store),
                 "model": store.meta.get("config", {}).get("model")}
     wanted = {"checkpoints": signature, "checkpoint count": len(signature), "model": config_to_dict(cfg)["model"]}
-    require_same_settings(f"the candidate store {uri} (for the checkpoints in {folder})", recorded, wanted,
+    require_same_settings(f"the candidate store {store.uri} (for the checkpoints in {folder})", recorded, wanted,
                           elsewhere="output_dir or store")
     return store
 
@@ -196,9 +194,8 @@ def import_candidates(cfg: Config, folder: str | Path) -> str:
     """
     store = check_imported(cfg, folder)
     if store is None:
-        uri = store_fs.absolute(cfg.store_uri)
         splits = splits_from_config(cfg)
-        store = import_checkpoints(folder, uri, model_from_config(cfg, splits),
+        store = import_checkpoints(folder, cfg.store_uri, model_from_config(cfg, splits),
                                    meta={"config": config_to_dict(cfg), "signature": _signature(folder),
                                          "num_classes": splits.num_classes})
         return store.uri
