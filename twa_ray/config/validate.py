@@ -7,7 +7,7 @@ import re
 
 from ..core.blocks import parse_granularity
 from ..core.collectives import EXCHANGES
-from ..core.projection import KERNELS
+from ..core.kernels import kernel_names
 from ..core.quant import BITS
 from ..core.row_shards import ROW_BASES
 from ..core.schedules import OPTIMIZERS, SCHEDULES
@@ -94,7 +94,7 @@ def config_problems(cfg: Config, where: str) -> list[str]:
           "it names the run folder runs/<name>")
     check(cfg.twa.bits in BITS, "twa.bits", f"{cfg.twa.bits} is not one of {list(BITS)}")
     check(cfg.twa.basis in BASES, "twa.basis", f"{cfg.twa.basis!r} is not one of {list(BASES)}")
-    check(cfg.twa.kernel in KERNELS, "twa.kernel", f"{cfg.twa.kernel!r} is not one of {list(KERNELS)}")
+    check(cfg.twa.kernel in kernel_names(), "twa.kernel", f"{cfg.twa.kernel!r} is not one of {list(kernel_names())}")
     check(cfg.twa.exchange in EXCHANGES, "twa.exchange", f"{cfg.twa.exchange!r} is not one of {list(EXCHANGES)}")
     errors += [f"{where}: twa.start: {problem}" for problem in _start_problems(cfg.twa)]
     errors += [f"{where}: twa.sharding: {problem}" for problem in sharding_problems(cfg.twa)]
