@@ -2,6 +2,8 @@
 
 ``lr_factor`` returns the multiplier of the base learning rate; ``make_scheduler`` wraps
 it in a ``torch.optim.lr_scheduler.LambdaLR`` so that state_dict() resumes it exactly.
+``compressed_factor`` / ``make_compressed_scheduler``: the rest of a schedule compressed
+into a shorter continuation (the SGD-at-equal-compute baseline).
 """
 from __future__ import annotations
 
@@ -67,11 +69,7 @@ def lr_factor(step: int, spec: ScheduleSpec) -> float:
             return 1.0 - (1.0 - spec.final_factor) * (t - 0.5) / 0.4
         return spec.final_factor
     if spec.kind == "step":
-        if spec.milestones is not None:
-            return spec.gamma ** sum(t >= m for m in spec.milestones)
-        epochs = spec.epochs or spec.total_steps
-        # epoch e of E starts at step e * total / E: compared in integers, exactly
-        return spec.gamma ** sum(step * epochs >= e * spec.total_steps for e in paper_milestones(epochs))
+        return spec.gamma ** _decays(step, spec)
     warmup_steps = int(round(spec.warmup_frac * spec.total_steps))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -83,9 +81,74 @@ def lr_factor(step: int, spec: ScheduleSpec) -> float:
     return 1.0 - (1.0 - spec.final_factor) * progress  # linear
 
 
+def _decays(step: int, spec: ScheduleSpec) -> int:
+    """How many of a step schedule's milestones ``step`` has reached."""
+    if spec.milestones is not None:
+        return sum(step / spec.total_steps >= m for m in spec.milestones)
+    epochs = spec.epochs or spec.total_steps
+    # epoch e of E starts at step e * total / E: compared in integers, exactly
+    return sum(step * epochs >= e * spec.total_steps for e in paper_milestones(epochs))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepping once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+
+
+# ---------------------------------------------------------------- a continuation, the rest compressed
+
+
+def _decay_steps(spec: ScheduleSpec) -> list[int]:
+    """The steps at which a step schedule decays, one per milestone reached within its
+    ``total_steps`` (a milestone at the budget's end or past it never takes effect)."""
+    steps = []
+    for count in range(1, _decays(spec.total_steps - 1, spec) + 1):
+        low, high = 0, spec.total_steps - 1  # the first step with ``count`` decays (their number grows with the step)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if _decays(middle, spec) >= count else (middle + 1, high)
+        steps.append(low)
+    return steps
+
+
+def compressed_factor(step: int, spec: ScheduleSpec, start: int, steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of a continuation of
+    ``steps`` steps that resumes ``spec`` (the full budget's schedule) where training stopped,
+    after ``start`` of its ``spec.total_steps`` steps, and compresses the rest of the
+    schedule into those steps (SGD at the compute of TWA: the rest of the budget in TWA's
+    epochs). The first step has the schedule's factor at ``start``; then
+
+    - step: each decay still ahead (at step d of the budget) comes at the same fraction of
+      the continuation, (d - start) / (total_steps - start): from the first continuation step
+      ``j`` with ``j / steps`` at least that;
+    - cosine, linear, constant (and swa): the rest of the curve (warmup included, if any is
+      left) stretched over the continuation, whose last step has the schedule's final value
+      (cosine and linear: ``final_factor``);
+
+    a step past the last keeps the last one's factor.
+    """
+    total = spec.total_steps
+    if not 0 <= start <= total:
+        raise ValueError(f"the continuation starts at step {start}, outside the schedule's 0..{total} steps")
+    if steps < 1:
+        raise ValueError(f"a continuation needs at least one step, got {steps}")
+    step = min(max(0, step), steps - 1)
+    if spec.kind == "step":
+        decays = _decay_steps(spec)
+        done = sum(d <= start for d in decays)
+        # exactly, in integers: j / steps >= (d - start) / (total - start)
+        ahead = sum(d > start and step * (total - start) >= (d - start) * steps for d in decays)
+        return spec.gamma ** (done + ahead)
+    position = float(total) if steps == 1 else start + (total - start) * step / (steps - 1)
+    return lr_factor(position, spec)
+
+
+def make_compressed_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, start: int,
+                              steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step through ``compressed_factor``'s
+    continuation (state_dict() resumes it exactly: the factors depend on the step alone)."""
+    factors = [compressed_factor(j, spec, start, steps) for j in range(steps)]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda j: factors[min(j, steps - 1)])
 
 
 OPTIMIZERS = ("sgd", "adamw")
