@@ -150,3 +150,32 @@ def test_swa_and_best_k_read_the_store_one_candidate_at_a_time(run, monkeypatch)
     layout = ParamLayout(tuple(store.names), tuple(tuple(s) for s in store.shapes))
     swa = flatten_state(results["swa"].state_dict, layout)
     torch.testing.assert_close(swa.double(), reference, rtol=2.0 ** -24, atol=0)  # float32 rounding only
+
+
+def test_a_registered_baseline_is_averaged_evaluated_and_summarised_without_other_edits(run, monkeypatch):
+    from twa_ray.output import methods
+
+    def median(candidates, cfg):  # the middle candidate taken after training began
+        trained = [index for index, info in candidates if info.get("kind") != "initial"]
+        return [trained[len(trained) // 2]]
+
+    def first_two(candidates, cfg):
+        return [index for index, _ in candidates][:2]
+
+    monkeypatch.setitem(methods.METHODS, "median", methods.Method("median", "median", members=median))
+    monkeypatch.setitem(methods.METHODS, "first_two", methods.Method("first_two", "first two", members=first_two))
+    cfg, store, base, twa, calls = run
+    evaluation = main.evaluate_run(cfg, base, twa)
+    (sources,) = calls
+    assert sources["median"] == 2 and sources["first_two"] == [0, 1]  # one candidate is that candidate
+    assert evaluation.members["median"] == [2]
+    summary = main.twa_summary(cfg, base, twa, None, evaluation)
+    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "twa", "median", "first_two"]
+    assert summary["test_acc"]["median"] == evaluation.results["median"].accuracy
+    assert summary["trained_on"]["median"] == "train" and summary["selected_on"] == {"best_k": "val"}
+    # with every candidate evaluated, a one-candidate method is that candidate's result, evaluated once
+    calls.clear()
+    cfg.eval.candidates = True
+    evaluation = main.evaluate_run(cfg, base, twa)
+    (sources,) = calls
+    assert "median" not in sources and evaluation.results["median"] is evaluation.results["cand:2"]

@@ -88,3 +88,53 @@ def test_fine_tuned_models_are_reused_wherever_their_data_was_read_from(tmp_path
     assert check_finetuned(cfg(str(tmp_path / "copy2" / "data")), run)
     with pytest.raises(ConfigError, match=r"fine-tuned models .* \(seed differ\)"):
         check_finetuned(cfg(str(tmp_path / "copy2" / "data"), seed=1), run)
+
+
+def test_the_soups_and_the_summary_follow_the_methods_registry(tmp_path, monkeypatch):
+    """The soup job selects each registered soup on val (``output.methods``) and lists the
+    soup job's methods in summary.json; a soup registered in a test joins them, no other edit."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from twa_ray.core.params import flatten_params
+    from twa_ray.core.soups import Soup
+    from twa_ray.data.from_config import splits_from_config
+    from twa_ray.models.from_config import model_from_config
+    from twa_ray.output import methods
+    from twa_ray.pipelines import soups
+    from twa_ray.store import CandidateStore
+
+    cfg = config_from_dict({
+        "output_dir": str(tmp_path / "run"), "checkpoints_dir": str(tmp_path / "models"), "seed": 0,
+        "data": {"name": "synthetic", "val_ratio": 0.25, "batch_size": 16, "eval_batch_size": 32,
+                 "synthetic": {"num_train": 64, "num_test": 16, "num_classes": 3, "channels": 1, "image_size": 8}},
+        "model": {"name": "small_cnn", "kwargs": {"widths": [4, 4, 4]}}, "twa": {"bn_batches": 1},
+    })
+    net = model_from_config(cfg, splits_from_config(cfg))
+    store = CandidateStore.create_for_model(cfg.store_uri, net)
+    gen = torch.Generator().manual_seed(0)
+    w0 = flatten_params(net)
+    for i in range(3):
+        store.append_flat(w0 + 0.2 * torch.randn(w0.shape, generator=gen), {"kind": "imported", "entry": f"m{i}.pt"})
+
+    def worst_individual(candidates, score, scores):
+        row = min(range(len(scores)), key=scores.__getitem__)
+        return Soup(candidates[row].clone(), [row], scores[row])
+
+    selection = soups.select_soups(cfg, store.uri)
+    assert list(selection.soups) == ["best_individual", "uniform_soup", "greedy_soup"]
+    assert selection.soups["best_individual"].score == max(selection.val_acc)
+    monkeypatch.setitem(methods.METHODS, "worst_individual", methods.Method(
+        "worst_individual", "worst individual", jobs=(methods.SOUP,), soup=worst_individual))
+    selection = soups.select_soups(cfg, store.uri)
+    assert list(selection.soups) == ["best_individual", "uniform_soup", "greedy_soup", "worst_individual"]
+    assert selection.soups["worst_individual"].score == min(selection.val_acc)
+    assert soups.soup_methods() == ["best_individual", "uniform_soup", "greedy_soup", "twa", "worst_individual"]
+    results = {m: SimpleNamespace(accuracy=50.0 + i, loss=1.0) for i, m in enumerate(soups.soup_methods())}
+    results.update({f"cand:{c}": SimpleNamespace(accuracy=40.0, loss=1.0) for c in selection.indices})
+    twa = SimpleNamespace(projection_bytes=[8])
+    summary = soups.soup_summary(cfg, None, selection, twa, results, store.uri, {})
+    assert list(summary["test_acc"]) == soups.soup_methods()
+    assert list(summary["val_acc"]) == ["best_individual", "uniform_soup", "greedy_soup", "worst_individual"]
+    assert summary["best_individual"] == selection.soups["best_individual"].members[0]

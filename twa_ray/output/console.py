@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
+from .methods import method, number
+
 PACKAGE = "twa_ray"
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 WORKER_LOG_FORMAT = "%(asctime)s %(name)s [rank %(rank)s]: %(message)s"
@@ -146,76 +148,26 @@ class Progress:
 
 # ---------------------------------------------------------------- the results table
 
-METHOD_NAMES = {
-    "last": "last", "swa": "SWA", "ema": "EMA", "best_k": "best-k", "twa": "TWA", "full_budget": "full budget",
-    "best_individual": "best individual", "uniform_soup": "uniform soup", "greedy_soup": "greedy soup",
-}
 COLUMNS = ("method", "test acc (%)", "test loss", "epochs", "compute (s)", "trained on")
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _compute(stage: Any) -> float | None:
-    """A stage's seconds: a number, or the ``compute`` of a {"startup", "compute"} record."""
-    return _number(stage.get("compute")) if isinstance(stage, Mapping) else _number(stage)
-
-
-def _seconds(times: Mapping[str, Any], *keys: str) -> float | None:
-    """Sum of the stage times present among ``keys`` (None when none is)."""
-    present = [_compute(times.get(k)) for k in keys]
-    present = [t for t in present if t is not None]
-    return sum(present) if present else None
-
-
-def _main_job_method(summary: Mapping[str, Any], method: str) -> tuple[float | None, float | None, str | None]:
-    """(epochs, compute seconds, trained on) of a method of the main job (base training -> TWA)."""
-    times = summary.get("time_s") or {}
-    base, twa_epochs, budget = (_number(summary.get(k)) for k in ("base_epochs", "twa_epochs", "budget_epochs"))
-    dataset = summary.get("dataset")
-    train = f"{dataset} train" if dataset else "train"
-    twa_data = summary.get("twa_data")
-    if method == "twa":
-        # epochs.twa counts every round's epochs (twa_epochs is one round's)
-        twa_total = _number((summary.get("epochs") or {}).get("twa"))
-        twa_epochs = twa_total if twa_total is not None else twa_epochs
-        epochs = base + twa_epochs if base is not None and twa_epochs is not None else None
-        on = f"{train}; TWA on {twa_data}" if twa_data else train
-        return epochs, _seconds(times, "base_train", "twa"), on
-    if method == "full_budget":  # a continuation of base training costs base training too
-        keys = ("base_train", "full_budget") if summary.get("full_budget_continued") else ("full_budget",)
-        return budget, _seconds(times, *keys), train
-    return base, _seconds(times, "base_train"), train
-
-
-def _soup_job_method(summary: Mapping[str, Any], method: str) -> tuple[float | None, float | None, str | None]:
-    """(epochs, compute seconds, trained on) of a method of the soup job (fine-tuned models -> soups, TWA)."""
-    times = summary.get("time_s") or {}
-    n = summary.get("num_models")
-    models = f"{n} fine-tuned models" if n is not None else "fine-tuned models"
-    if method == "twa":
-        twa_data = summary.get("twa_data")
-        on = f"{models}; TWA on {twa_data}" if twa_data else models
-        return _number(summary.get("twa_epochs")), _seconds(times, "pretrain", "finetune", "twa"), on
-    return None, _seconds(times, "pretrain", "finetune", "soups"), f"{models}, chosen on val"
 
 
 def method_rows(summary: Mapping[str, Any]) -> list[dict]:
     """One row per method with a test accuracy in ``summary["test_acc"]``, in its order:
-    {'method', 'key', 'test_acc', 'test_loss', 'epochs', 'compute_s', 'trained_on'}; what the
-    summary does not say is None. Works for the main job's and the soup job's summaries."""
+    {'method', 'key', 'test_acc', 'test_loss', 'epochs', 'compute_s', 'trained_on'}, the label
+    and the cost as the method's registry entry (``output.methods``) reads them from the
+    summary; what the summary does not say is None. Works for the main job's and the soup
+    job's summaries."""
     accuracies = summary.get("test_acc") or {}
     losses = summary.get("test_loss") or {}
-    describe = _soup_job_method if "num_models" in summary else _main_job_method
     rows = []
     for key, acc in accuracies.items():
-        if _number(acc) is None:
+        if number(acc) is None:
             continue
-        epochs, compute, trained_on = describe(summary, key)
+        entry = method(key)
+        epochs, compute, trained_on = entry.cost(summary)
         rows.append({
-            "method": METHOD_NAMES.get(key, key.replace("_", " ")), "key": key,
-            "test_acc": float(acc), "test_loss": _number(losses.get(key)),
+            "method": entry.label, "key": key,
+            "test_acc": float(acc), "test_loss": number(losses.get(key)),
             "epochs": epochs, "compute_s": compute, "trained_on": trained_on,
         })
     return rows

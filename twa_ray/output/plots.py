@@ -14,17 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .atomic import write_with  # noqa: E402
 from .console import method_rows  # noqa: E402
+from .methods import legend_order, method  # noqa: E402
 
 
 def plot_soups(path: str | Path, model_acc: Sequence[float], marks: dict[str, float]) -> None:
-    """Test accuracy of each fine-tuned model (bars) with the soups and TWA as lines."""
+    """Test accuracy of each fine-tuned model (bars) with the soups and TWA (``marks``: per
+    method name) as lines, each in its registry entry's colour, line and label (``output.methods``)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.bar(range(len(model_acc)), model_acc, color="tab:gray", alpha=0.6, label="fine-tuned models")
-    styles = {"best_individual": ("tab:blue", ":"), "uniform_soup": ("tab:orange", "--"),
-              "greedy_soup": ("tab:red", "-."), "twa": ("tab:green", "-")}
     for name, acc in marks.items():
-        color, style = styles.get(name, ("black", ":"))
-        ax.axhline(acc, color=color, linestyle=style, label=f"{name.replace('_', ' ')} {acc:.2f}%")
+        entry = method(name)
+        ax.axhline(acc, color=entry.style.color, linestyle=entry.style.line, label=f"{entry.label} {acc:.2f}%")
     low = min(list(model_acc) + list(marks.values()))
     ax.set_ylim(max(0.0, low - 5.0), min(100.0, max(list(model_acc) + list(marks.values())) + 2.0))
     ax.set_xlabel("fine-tuned model")
@@ -86,11 +86,6 @@ def plot_sweep(path: str | Path, rows: Sequence[dict], metric: str, params: Sequ
 
 # ---------------------------------------------------------------- accuracy.png
 
-# The methods marked as points, in legend order: marker, colour.
-MARK_STYLES = {
-    "last": ("v", "tab:gray"), "swa": ("s", "tab:orange"), "ema": ("D", "tab:purple"),
-    "best_k": ("P", "tab:brown"), "twa": ("*", "tab:green"), "full_budget": ("X", "tab:red"),
-}
 MAX_EPOCH_TICKS = 12
 
 
@@ -103,6 +98,7 @@ class Curve:
     acc: list[float]  # (%)
     seconds: list[float] | None  # compute seconds at each point; None when the epoch times are unknown
     style: str = "-"
+    color: str | None = None  # a method's run: its registry colour (None: the next free one)
 
 
 @dataclass
@@ -201,10 +197,11 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
 
     Curves: the val accuracy by epoch of base training and of the full-budget run (a
     continuation starts at base training's last point); with ``test_curve`` (epochs, test
-    accuracies of the evaluated candidates) that too. Marks: each method's test accuracy at
-    the epochs and compute seconds of the results table (``console.method_rows``): last,
-    SWA, EMA, best-k at base training's end, TWA after its epochs, the full budget at the
-    budget's end. Compute seconds count the training loops only (the epochs' ``time``);
+    accuracies of the evaluated candidates) that too. Marks: the test accuracy of each
+    method whose registry entry (``output.methods``) has a marker, at the epochs and compute
+    seconds of the results table (``console.method_rows``), in the entries' legend order:
+    last, SWA, EMA, best-k at base training's end, TWA after its epochs, the full budget at
+    the budget's end. Compute seconds count the training loops only (the epochs' ``time``);
     a curve or mark without them has no point on the seconds panel. Whatever the run
     lacks (no full budget, no EMA, no val split) is left out.
     """
@@ -231,10 +228,11 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
         if continued and base is not None and base.epochs[-1] == start_epoch:  # join base training's last point
             epochs, acc = [start_epoch] + epochs, [base.acc[-1]] + acc
             seconds = None if seconds is None or base.seconds is None else [base.seconds[-1]] + seconds
-        curves.append(Curve("full budget (val)", epochs, acc, seconds))
-    marks = [Mark(r["key"], r["method"], float(r["epochs"]), r["test_acc"], r["compute_s"])
-             for r in method_rows(summary) if r["key"] in MARK_STYLES and r["epochs"] is not None]
-    marks.sort(key=lambda m: list(MARK_STYLES).index(m.method))
+        full = method("full_budget")
+        curves.append(Curve(f"{full.label} (val)", epochs, acc, seconds, color=full.style.color))
+    marks = {r["key"]: Mark(r["key"], r["method"], float(r["epochs"]), r["test_acc"], r["compute_s"])
+             for r in method_rows(summary) if method(r["key"]).style.marker and r["epochs"] is not None}
+    marks = [marks[name] for name in legend_order(list(marks))]
     xs = [e for c in curves for e in c.epochs] + [m.epoch for m in marks]
     ticks = epoch_ticks(min(xs), max(xs)) if xs else []
     return AccuracyPlot(curves, marks, y_limits(curves, marks), ticks)
@@ -250,7 +248,7 @@ def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping]
         panels.append(("seconds", "compute seconds (training loops, start-up excluded)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.0), squeeze=False, sharey=True)
     colors = iter(("tab:blue", "tab:cyan", "tab:olive", "tab:pink"))
-    curve_colors = {c.label: ("tab:red" if c.label.startswith("full budget") else next(colors)) for c in data.curves}
+    curve_colors = {c.label: c.color or next(colors) for c in data.curves}
     for ax, (axis, xlabel) in zip(axes[0], panels):
         xs_marked = [m.epoch if axis == "epoch" else m.seconds for m in data.marks]
         xs_all = [x for c in data.curves for x in ((c.epochs if axis == "epoch" else c.seconds) or [])]
@@ -266,7 +264,7 @@ def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping]
             if x is not None:
                 same = [j for j, other in enumerate(xs_marked) if other == x]
                 x += nudge * (same.index(i) - (len(same) - 1) / 2)
-                marker, color = MARK_STYLES[m.method]
+                marker, color = method(m.method).style.marker, method(m.method).style.color
                 ax.plot([x], [m.acc], linestyle="none", marker=marker, markersize=13 if marker == "*" else 8,
                         color=color, markeredgecolor="black", markeredgewidth=0.6, zorder=3,
                         label=f"{m.label} (test) {m.acc:.2f}%")

@@ -11,15 +11,10 @@ Ray must be running (``distributed.ray_env.init_ray``) before the first stage. B
 of the candidates base training is about to save.
 
 Every model gets the same BatchNorm recalibration (``twa.bn_batches`` shuffled training
-batches). The baselines:
-
-    last         the last candidate TWA chose
-    swa          the uniform average of the chosen candidates taken after training began
-                 (never the random initial weights)
-    ema          the EMA of the weights kept at every base-training step (timm ModelEmaV3)
-    best_k       the uniform average of the baselines.best_k chosen candidates with the best
-                 val accuracy (timm avg_checkpoints): it selects on val
-    full_budget  base training continued from its last checkpoint to the end of the schedule
+batches). The methods compared, their order in summary.json and the candidates each
+baseline averages (its members rule) come from the registry ``output.methods``
+(``job_methods("main")``); the stages here make the weights no rule picks (EMA, the full
+budget, TWA).
 """
 from __future__ import annotations
 
@@ -29,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, check_twa_start, config_to_dict, recorded_config, select_candidates, without_locations
-from ..core.baselines import INITIAL_KIND, after_start, best_k
+from ..core.baselines import INITIAL_KIND
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
 from ..distributed.evaluate import Evaluated, EvaluationRun, evaluate_parallel
 from ..models.from_config import model_spec
+from ..output.methods import MAIN, job_methods
 from ..output.mixing import run_mixing
 from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
@@ -47,8 +43,6 @@ log = logging.getLogger(__name__)
 CANDIDATE_SECTIONS = ("seed", "data", "model", "train")
 # ... and the EMA base training keeps beside them (compared when the store recorded them)
 EMA_KEYS = ("ema_decay", "ema_warmup")
-
-METHODS = ("last", "swa", "ema", "best_k", "full_budget", "twa")  # summary.json's test_acc, in this order
 
 
 def _candidate_settings(raw: dict) -> dict:
@@ -149,7 +143,7 @@ class RunEvaluation:
     ``eval.candidates``), and the candidates behind each averaged baseline."""
 
     run: EvaluationRun
-    members: dict[str, list[int]] = field(default_factory=dict)  # "last", "swa", "best_k", "twa"
+    members: dict[str, list[int]] = field(default_factory=dict)  # per method with a members rule, and "twa"
     initial: list[int] = field(default_factory=list)  # the stored initial weights' indices
 
     @property
@@ -160,7 +154,7 @@ class RunEvaluation:
 def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     """Stage 4: test accuracy of last, SWA, EMA, best-k, TWA (with its state_dict) and the
     full budget, each once, in parallel Ray tasks; with ``eval.candidates`` every stored
-    candidate too ("cand:<index>", and "last" is the last chosen one's result). A baseline
+    candidate too ("cand:<index>", and a method of one candidate, "last", is its result). A baseline
     with nothing to average (no val accuracies for best-k, no EMA) is left out."""
     from ..distributed.base_train import read_final
 
@@ -170,17 +164,17 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     # The baselines take every stored candidate, whichever window (twa.candidates) TWA learns
     # over: SWA is SWA's recipe, not TWA's subset of it.
     pairs = sorted(infos.items())
-    last = max(after_start(pairs) or infos)
-    members = {"last": [last], "swa": after_start(pairs), "best_k": best_k(pairs, cfg.baselines.best_k),
-               "twa": chosen}
+    members = {m.name: m.members(pairs, cfg) for m in job_methods(MAIN) if m.members is not None}
     sources: dict = {}
+    aliases: dict[str, str] = {}  # a method whose one member is an evaluated candidate: its result
     if cfg.eval.candidates:
         sources.update({f"cand:{c}": c for c in infos})
-    else:
-        sources["last"] = last
-    for name in ("swa", "best_k"):
-        if members[name]:
-            sources[name] = members[name]
+    for name, picked in members.items():
+        if len(picked) == 1 and cfg.eval.candidates:
+            aliases[name] = f"cand:{picked[0]}"
+        elif picked:  # an average of one candidate is that candidate
+            sources[name] = picked[0] if len(picked) == 1 else picked
+    members["twa"] = chosen
     layout = ParamLayout(tuple(store.names), tuple(tuple(s) for s in store.shapes))
     if base.checkpoint_path is not None:
         ema = read_final(base.checkpoint_path, layout)[1]
@@ -191,8 +185,7 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     sources["twa"] = twa.weights
     run = evaluate_parallel(cfg, sources, base.store_uri, os.getcwd(), keep_state=("twa",),
                             max_tasks=cfg.eval.workers)
-    if cfg.eval.candidates:
-        run.results["last"] = run.results[f"cand:{last}"]  # the same model: evaluated once
+    run.results.update({name: run.results[c] for name, c in aliases.items()})  # the same model: evaluated once
     initial = [i for i, info in infos.items() if info.get("kind") == INITIAL_KIND]
     return RunEvaluation(run, members, initial)
 
@@ -282,7 +275,7 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict
     }
     cost, wall = cost_ratios(times, continued)
     sgd_examples, twa_examples = _epoch_examples(cfg)
-    twa_on = "train" if cfg.twa.data == "train" else "train+val"
+    methods = job_methods(MAIN)
     return {
         "config": cfg.name,
         "dataset": cfg.data.name,
@@ -299,11 +292,10 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict
         "twa_epochs": cfg.twa.epochs,
         "epochs": {"base": cfg.train.epochs, "twa": cfg.twa.epochs * len(twa.rounds),
                    "full_budget": cfg.train.schedule_epochs if full is not None else None},
-        "test_acc": {k: results[k].accuracy if k in results else None for k in METHODS},
-        "test_loss": {k: results[k].loss if k in results else None for k in METHODS},
-        "trained_on": {"last": "train", "swa": "train", "ema": "train", "best_k": "train", "full_budget": "train",
-                       "twa": twa_on},
-        "selected_on": {"best_k": "val"},
+        "test_acc": {m.name: results[m.name].accuracy if m.name in results else None for m in methods},
+        "test_loss": {m.name: results[m.name].loss if m.name in results else None for m in methods},
+        "trained_on": {m.name: m.trained_on(cfg) for m in methods},
+        "selected_on": {m.name: m.selected_on for m in methods if m.selected_on},
         "swa_candidates": len(members["swa"]),
         "best_k_candidates": members["best_k"],
         "twa_includes_initial": any(i in members["twa"] for i in evaluation.initial),

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_to_dict
-from ..core.soups import Soup, best_individual, greedy_soup, individual_scores, uniform_soup, weights_scorer
+from ..core.soups import Soup, individual_scores, weights_scorer
 from ..data import calibration_loader
 from ..data.from_config import splits_from_config
 from ..distributed.evaluate import Evaluated, evaluate, evaluate_on_ray
 from ..distributed.ray_env import init_ray
 from ..distributed.tasks import run_task, task_device, task_slots
 from ..models.from_config import model_from_config, model_spec
+from ..output.methods import SOUP, job_methods, method
 from ..output.mixing import run_mixing
 from ..output.plots import plot_soups
 from ..output.run_folder import stage_rows, write_run_folder
@@ -36,7 +37,10 @@ from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
 
-METHODS = ("best_individual", "uniform_soup", "greedy_soup", "twa")
+
+def soup_methods() -> list[str]:
+    """The soup job's methods (``output.methods``): its summary's test_acc keys, in order."""
+    return [m.name for m in job_methods(SOUP)]
 
 
 # ---------------------------------------------------------------- the stages
@@ -107,11 +111,12 @@ def write_run(cfg: Config, run_dir: str | Path, models: SoupModels, selection: S
         metrics = (stage_rows("pretrain", finetuned.pretrain["history"]) + stage_rows("finetune", finetuned.models)
                    + metrics)
     model_acc = [results[f"cand:{c}"].accuracy for c in selection.indices]
+    methods = soup_methods()
     mixing = run_mixing(store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
     write_complete_run(cfg, run_dir, lambda: write_run_folder(
         run_dir, summary, metrics, mixing, results["twa"].state_dict,
-        lambda path: plot_soups(path, model_acc, {m: results[m].accuracy for m in METHODS}),
-        models={m: results[m].state_dict for m in METHODS},
+        lambda path: plot_soups(path, model_acc, {m: results[m].accuracy for m in methods}),
+        models={m: results[m].state_dict for m in methods},
     ))
     return summary
 
@@ -213,7 +218,7 @@ class SoupSelection:
     indices: list[int]  # store indices of the models, in row order
     entries: list[str]  # their checkpoint names in the imported folder (e.g. model_3.pt)
     val_acc: list[float]  # per model (BatchNorm recalibrated), percent
-    soups: dict[str, Soup]  # best_individual, uniform_soup, greedy_soup
+    soups: dict[str, Soup]  # per soup method (``output.methods``)
     time_s: float = 0.0
 
 
@@ -230,17 +235,13 @@ def select_soups(cfg: Config, store_uri: str, cwd: str | None = None) -> SoupSel
     bn_data = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
     score = weights_scorer(model, lambda m: evaluate(m, splits.val, device, cfg.data.eval_batch_size).accuracy, bn_data)
     scores = individual_scores(candidates, score)
-    soups = {
-        "best_individual": best_individual(candidates, scores=scores),
-        "uniform_soup": uniform_soup(candidates, score),
-        "greedy_soup": greedy_soup(candidates, score, scores=scores),
-    }
+    soups = {m.name: m.soup(candidates, score, scores) for m in job_methods(SOUP) if m.soup is not None}
     for soup in soups.values():  # rows -> store indices
         soup.members = [indices[r] for r in soup.members]
         soup.trace = [{**t, "candidate": indices[t["candidate"]]} for t in soup.trace]
-    log.info("val accuracy: models %s; best individual %.2f%%, uniform soup %.2f%%, greedy soup %.2f%% (members %s)",
-             [round(s, 2) for s in scores], soups["best_individual"].score, soups["uniform_soup"].score,
-             soups["greedy_soup"].score, soups["greedy_soup"].members)
+    chosen = [f"{method(name).label} {soup.score:.2f}%" + (f" (members {soup.members})" if soup.trace else "")
+              for name, soup in soups.items()]  # a selection that tried models one by one: its pick
+    log.info("val accuracy: models %s; %s", [round(s, 2) for s in scores], ", ".join(chosen))
     entries = [str(c.info.get("entry", c.index)) for c in infos]
     return SoupSelection(indices, entries, scores, soups, time.perf_counter() - started)
 
@@ -267,7 +268,7 @@ def evaluate_soups(cfg: Config, store_uri: str, selection: SoupSelection, twa_we
         else:
             sources[name] = soup.weights
     sources["twa"] = twa_weights
-    keep = tuple(METHODS) + tuple(aliases.values())
+    keep = tuple(soup_methods()) + tuple(aliases.values())
     names = list(sources)
     parts = max(1, min(4, task_slots(cfg.finetune.max_concurrent if cfg.finetune else None), len(names)))
     chunks = [{n: sources[n] for n in names[k::parts]} for k in range(parts)]
@@ -283,8 +284,9 @@ def evaluate_soups(cfg: Config, store_uri: str, selection: SoupSelection, twa_we
 
 def soup_summary(cfg: Config, finetuned: FinetuneResult | None, selection: SoupSelection, twa,
                  results: dict[str, Evaluated], store_uri: str, time_s: dict) -> dict:
-    """summary.json of the soup job: test accuracies (percent) of the four methods, and how they came about."""
-    soups = selection.soups
+    """summary.json of the soup job: test accuracies (percent) of its methods (``soup_methods``), and how
+    they came about."""
+    soups, methods = selection.soups, soup_methods()
     return {
         "config": cfg.name,
         "dataset": cfg.data.name,
@@ -298,9 +300,9 @@ def soup_summary(cfg: Config, finetuned: FinetuneResult | None, selection: SoupS
         "twa_data": cfg.twa.data,
         "twa_epochs": cfg.twa.epochs,
         "workers": cfg.twa.workers,
-        "test_acc": {m: results[m].accuracy for m in METHODS},
-        "test_loss": {m: results[m].loss for m in METHODS},
-        "val_acc": {m: soups[m].score for m in ("best_individual", "uniform_soup", "greedy_soup")},
+        "test_acc": {m: results[m].accuracy for m in methods},
+        "test_loss": {m: results[m].loss for m in methods},
+        "val_acc": {name: soup.score for name, soup in soups.items()},
         "best_individual": soups["best_individual"].members[0],
         "greedy_soup_members": soups["greedy_soup"].members,
         "models": _model_rows(finetuned, selection, results),
