@@ -1,21 +1,21 @@
-"""k TWA workers as local processes on gloo (127.0.0.1): no Ray, the library's collectives.
+"""k TWA workers as local processes on gloo (127.0.0.1): no Ray, the library's builders.
 
-``run_workers(setting, k)`` spawns k processes (torch.multiprocessing), each builds its
-column shard of the projection the way the runtime does (``make_blocks`` ->
-``plan_shards`` -> ``build_projection`` over its columns -> ``TWA`` with
-``TorchCollectives``), runs a few steps on its slice of a fixed global batch and
-reports per-step collective traffic (counted by wrapping the collectives), step times
-and its projection bytes. With ``reference=True`` it also runs the paper's row-sharded
-scheme (gradient all-reduce + full parameter all-reduce) on the same candidates and
-checks that both reach the same weights.
+``run_workers(setting, k)`` writes the candidates to a candidate store and spawns k processes
+(torch.multiprocessing); each builds its column shard of the projection the way the runtime
+does (``parallel.sharding``'s ``BlocksMode.build_twa``: its blocks' columns of the store ->
+packed Q shard -> ``TWA`` over the ``sharded`` exchange, ``parallel.exchanges``), runs a few
+steps on its slice of a fixed global batch and reports per-step collective traffic (counted by
+wrapping ``torch.distributed``'s functions, ``DistCounter``), step times and its projection
+bytes. With ``reference=True`` it also runs the paper's row-sharded scheme (gradient
+all-reduce + full parameter all-reduce) on the same candidates and checks that both reach
+the same weights.
 
 ``run_workers(setting, k, "fsdp")`` runs the ``twa.sharding: fsdp`` mode on the same
-candidates (written to a candidate store): the model wrapped by ``fsdp_wrap``, TWA built by
-``build_fsdp_twa``, every collective counted by wrapping ``torch.distributed``'s functions
-(``DistCounter``: FSDP2's all-gathers and reduce-scatters, TWA's all-reduce).
+candidates: the model wrapped and TWA built by ``FSDPMode``, every collective counted by
+``DistCounter`` (FSDP2's all-gathers and reduce-scatters, TWA's all-reduce).
 
 ``time_collectives(timing, k)`` spawns k processes that only time collectives, on gloo
-or NCCL (one GPU per rank): one TWA step's calls through ``TorchCollectives`` (shapes
+or NCCL (one GPU per rank): one TWA step's calls through each exchange class (shapes
 from the model's shard plan) and the calls FSDP2 makes in one step of the fsdp mode
 (per unit, padded shards), against one all-reduce of D floats, and the alternatives
 (all-reduce + local slice for the reduce-scatter, bucketed all-reduces), interleaved
@@ -75,12 +75,12 @@ class Setting(ModelSetting):
     lr: float = 0.05
     grad_clip: float | None = None  # TWA clips the gradient's global norm (one more all-reduce, of a scalar)
 
-    def twa_config(self, sharding: str):
-        """The TWA settings of both modes' runtime builders (``build_shard_twa``, ``build_fsdp_twa``)."""
+    def twa_config(self, sharding: str, exchange: str = "auto"):
+        """The TWA settings both modes are built with (``sharding_mode(sharding).build_twa``)."""
         from twa_ray.config import TWAConfig
 
         return TWAConfig(sharding=sharding, bits=self.bits, granularity=self.granularity, basis="normalized",
-                         lr=self.lr, momentum=0.9, schedule="constant", grad_clip=self.grad_clip)
+                         lr=self.lr, momentum=0.9, schedule="constant", grad_clip=self.grad_clip, exchange=exchange)
 
 
 def _totals(calls: list[tuple[str, int, float]]) -> dict:
@@ -149,7 +149,7 @@ class DistCounter:
 
 
 class CountingCollectives:
-    """Wraps TorchCollectives: per call, the payload it counted and the ring wire bytes."""
+    """Wraps an exchange (``parallel.exchanges``): per call, the payload it counted and the ring wire bytes."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -196,15 +196,6 @@ def _candidate_columns(base: torch.Tensor, numels, t0: int, t1: int, rows, n: in
     return torch.cat(parts, dim=1)
 
 
-def _tensor_spans(numels, t0: int, t1: int) -> list[tuple[int, int]]:
-    """Column ranges of tensors t0..t1-1 inside their concatenation."""
-    spans, pos = [], 0
-    for t in range(t0, t1):
-        spans.append((pos, pos + numels[t]))
-        pos += numels[t]
-    return spans
-
-
 def _batch(setting: Setting, rank: int, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(setting.global_batch, setting.in_channels, setting.image_size, setting.image_size, generator=gen)
@@ -229,12 +220,17 @@ def _timed_step(model: nn.Module, twa, x: torch.Tensor, y: torch.Tensor, share: 
     return end - t, end - u
 
 
-def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
-    from twa_ray.core import TWA, flatten_params
-    from twa_ray.core.blocks import make_blocks, plan_shards
+def _worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
+    """The blocks mode as the runtime builds it (``BlocksMode.build_twa`` on the store's
+    candidates, over the ``sharded`` exchange), every collective of its steps counted through
+    ``torch.distributed`` (``DistCounter``); with ``setting.reference`` the paper's scheme too."""
+    from twa_ray.core import flatten_params
+    from twa_ray.core.collectives import padded_length
     from twa_ray.core.params import ParamLayout, assign_flat, flatten_grads
     from twa_ray.core.projection import build_projection
-    from twa_ray.distributed.collectives import TorchCollectives
+    from twa_ray.parallel.exchanges import ShardedExchange
+    from twa_ray.parallel.sharding import sharding_mode
+    from twa_ray.store import CandidateStore
 
     torch.set_num_threads(setting.threads)
     torch.manual_seed(0)
@@ -242,21 +238,20 @@ def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
     layout = ParamLayout.from_model(model)
     base = flatten_params(model)
     n, numels = setting.candidates, layout.numels
-    blocks = make_blocks(numels, setting.granularity)
-    plan = plan_shards(blocks, setting.bits, k)
-    (t0, t1), (l0, l1) = plan.tensor_runs[rank], plan.block_runs[rank]
+    # the center (D,), computed as the reference computes it, so both quantise the same directions
+    center = torch.cat([
+        _candidate_columns(base, numels, t, t + 1, list(range(n)), n).mean(dim=0) for t in range(len(numels))
+    ])
     x, y, share = _batch(setting, rank, k)
 
-    # ---- our scheme: column shards
+    # ---- our scheme: column shards, over the sharded exchange (whose collectives DistCounter sees)
+    store = CandidateStore.open(store_uri)
     started = time.perf_counter()
-    cols = _candidate_columns(base, numels, t0, t1, list(range(n)), n)
-    own_center = torch.cat([cols[:, a:b].mean(dim=0) for a, b in _tensor_spans(numels, t0, t1)])
-    # the center, computed as the reference computes it, so both quantise the same directions
-    proj = build_projection(cols, blocks.sizes[l0:l1], "normalized", setting.bits, center=own_center)
-    del cols
-    comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
-    twa = TWA(model, proj, len(blocks), (l0, l1), collectives=comm, lr=setting.lr, grad_clip=setting.grad_clip)
+    setup = sharding_mode("blocks").build_twa(model, store, store.candidate_indices(),
+                                              setting.twa_config("blocks", exchange="sharded"),
+                                              setting.warmup_steps + setting.steps, rank, k, center=center.clone())
     build_s = time.perf_counter() - started
+    twa, blocks, plan = setup.twa, setup.blocks, setup.plan
     torch.manual_seed(100 + rank)  # dropout masks: the reference scheme replays the same ones
     first_w = None
     for _ in range(setting.warmup_steps):
@@ -264,18 +259,22 @@ def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
         twa.step()
         if first_w is None:
             first_w = flatten_params(model)
-    comm.calls.clear()
+    counter = DistCounter(k)
     step_s, update_s = [], []
-    for _ in range(setting.steps):
-        dist.barrier()
-        step, update = _timed_step(model, twa, x, y, share)
-        step_s.append(step)
-        update_s.append(update)
-    ours = comm.totals()
+    with counter:
+        for _ in range(setting.steps):
+            dist.barrier()
+            counter.counting = True
+            step, update = _timed_step(model, twa, x, y, share)
+            counter.counting = False
+            step_s.append(step)
+            update_s.append(update)
+    ours = counter.totals()
     result = {
         "rank": rank, "world_size": k, "num_params": layout.num_params, "num_blocks": len(blocks),
-        "coords": plan.ranges[rank][1] - plan.ranges[rank][0], "padded_length": comm.inner.pad,
-        "projection_bytes": proj.nbytes, "planned_projection_bytes": plan.shard_bytes(blocks, setting.bits, n)[rank],
+        "coords": plan.ranges[rank][1] - plan.ranges[rank][0], "padded_length": padded_length(plan.ranges),
+        "projection_bytes": twa.projection.nbytes,
+        "planned_projection_bytes": plan.shard_bytes(blocks, setting.bits, n)[rank],
         "build_s": build_s, "step_s": statistics.median(step_s), "twa_update_s": statistics.median(update_s),
         "payload_per_step": ours["payload"] / setting.steps, "wire_per_step": ours["wire"] / setting.steps,
         "payload_by_op_per_step": {op: b / setting.steps for op, b in ours["by_op"].items()},
@@ -287,14 +286,11 @@ def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
         ref_model = setting.build().train()
         ref_model.load_state_dict(model.state_dict())
         rows = list(range(rank, n, k))
-        center = torch.cat([
-            _candidate_columns(base, numels, t, t + 1, list(range(n)), n).mean(dim=0) for t in range(len(numels))
-        ])
         mine = _candidate_columns(base, numels, 0, len(numels), rows, n)
         ref_proj = build_projection(mine, blocks.sizes, "normalized", setting.bits, center=center.clone())
         del mine
         ref_proj.center = torch.zeros_like(center)  # reconstruct -> this rank's part sum_i X_i Q_i
-        ref_comm = CountingCollectives(TorchCollectives(plan.ranges, rank, k))
+        ref_comm = CountingCollectives(ShardedExchange(plan.ranges, rank, k))  # its all-reduces only
         xr = torch.zeros(len(rows), len(blocks), requires_grad=True)
         opt = torch.optim.SGD([xr], lr=setting.lr, momentum=0.9)
         grad_buf = torch.empty(layout.num_params)
@@ -336,21 +332,22 @@ def _worker(rank: int, k: int, setting: Setting, out_dir: str) -> None:
 
 
 def _fsdp_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
-    """The fsdp mode as the runtime runs it (``fsdp_wrap`` + ``build_fsdp_twa``), every
+    """The fsdp mode as the runtime runs it (``FSDPMode``: ``wrap``, then ``build_twa``), every
     collective of its steps counted through ``torch.distributed`` (``DistCounter``)."""
     from twa_ray.core.params import ParamLayout
-    from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
-    from twa_ray.distributed.twa_fsdp import build_fsdp_twa
+    from twa_ray.parallel.sharding import sharding_mode
+    from twa_ray.parallel.sharding.fsdp_tensors import local_param_bytes
     from twa_ray.store import CandidateStore, fsdp_padded_numel
 
     torch.set_num_threads(setting.threads)
     torch.manual_seed(0)
+    mode = sharding_mode("fsdp")
     model = setting.build().train()
     layout = ParamLayout.from_model(model)
-    model = fsdp_wrap(model, k, torch.device("cpu"))
+    model = mode.wrap(model, k, torch.device("cpu"))
     store = CandidateStore.open(store_uri)
     started = time.perf_counter()
-    setup = build_fsdp_twa(model, store, store.candidate_indices(), setting.twa_config("fsdp"),
+    setup = mode.build_twa(model, store, store.candidate_indices(), setting.twa_config("fsdp"),
                            setting.warmup_steps + setting.steps, rank, k)
     build_s = time.perf_counter() - started
     twa = setup.twa
@@ -386,7 +383,7 @@ def _fsdp_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: s
 def _spawn(fn: Callable, k: int, *args, backend: str = "gloo") -> list[dict]:
     """``fn(rank, k, *args, out_dir)`` as k ranks of one group (``spawn_ranks``); the JSON each
     wrote, by rank."""
-    from twa_ray.distributed.local_ranks import spawn_ranks
+    from twa_ray.parallel.local_ranks import spawn_ranks
 
     with tempfile.TemporaryDirectory() as out:
         spawn_ranks(fn, k, *args, out, backend=backend)
@@ -410,13 +407,12 @@ def write_candidate_store(setting: ModelSetting, path: str | Path) -> str:
 
 
 def run_workers(setting: Setting, k: int, sharding: str = "blocks") -> list[dict]:
-    """Spawn k gloo workers on this machine running TWA with ``sharding`` (blocks: our
-    column shards, with the paper's scheme when ``setting.reference``; fsdp: FSDP2's row
-    shards, from a candidate store of the same candidates); their result dicts, by rank."""
-    if sharding == "blocks":
-        return _spawn(_worker, k, setting)
+    """Spawn k gloo workers on this machine running TWA with ``sharding`` on the candidates of
+    ``write_candidate_store`` (blocks: our column shards, with the paper's scheme when
+    ``setting.reference``; fsdp: FSDP2's row shards); their result dicts, by rank."""
     with tempfile.TemporaryDirectory() as tmp:
-        return _spawn(_fsdp_worker, k, setting, write_candidate_store(setting, Path(tmp, "store")))
+        store_uri = write_candidate_store(setting, Path(tmp, "store"))
+        return _spawn(_worker if sharding == "blocks" else _fsdp_worker, k, setting, store_uri)
 
 
 def setting_dict(setting: Setting) -> dict:
@@ -427,24 +423,24 @@ def setting_dict(setting: Setting) -> dict:
 
 
 def _speed_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
-    """Both modes on this rank, built by the runtime's builders from one store; whole steps
-    timed in alternation (which mode goes first alternates by round)."""
-    from twa_ray.distributed.fsdp import fsdp_wrap, local_param_bytes
-    from twa_ray.distributed.twa_fsdp import build_fsdp_twa
-    from twa_ray.distributed.twa_shard import build_shard_twa
+    """Both modes on this rank, built by the runtime's builders (``sharding_mode``) from one
+    store; whole steps timed in alternation (which mode goes first alternates by round)."""
+    from twa_ray.parallel.sharding import sharding_mode
+    from twa_ray.parallel.sharding.fsdp_tensors import local_param_bytes
     from twa_ray.store import CandidateStore
 
     torch.set_num_threads(setting.threads)
     store = CandidateStore.open(store_uri)
     chosen, total = store.candidate_indices(), setting.warmup_steps + setting.steps
-    models, twas, build_s = {}, {}, {}
-    for sharding, build in zip(SHARDINGS, (build_shard_twa, build_fsdp_twa)):
+    models, setups, build_s = {}, {}, {}
+    for sharding in SHARDINGS:
+        mode = sharding_mode(sharding)
         torch.manual_seed(0)
-        model = setting.build().train()
-        models[sharding] = fsdp_wrap(model, k, torch.device("cpu")) if sharding == "fsdp" else model
+        models[sharding] = mode.wrap(setting.build().train(), k, torch.device("cpu"))
         started = time.perf_counter()
-        twas[sharding] = build(models[sharding], store, chosen, setting.twa_config(sharding), total, rank, k).twa
+        setups[sharding] = mode.build_twa(models[sharding], store, chosen, setting.twa_config(sharding), total, rank, k)
         build_s[sharding] = time.perf_counter() - started
+    twas = {sharding: setup.twa for sharding, setup in setups.items()}
     x, y, share = _batch(setting, rank, k)
     start = twas["blocks"].weights().clone()  # (D,) the candidates' mean, where both start (a reused buffer)
     step_s: dict[str, list[float]] = {s: [] for s in SHARDINGS}
@@ -464,7 +460,7 @@ def _speed_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: 
         "rank": rank, "world_size": k, "num_params": start.numel(), "step_s": step_s, "twa_update_s": update_s,
         "build_s": build_s, "first_step_weight_diff": first_diff, "first_step_weight_change": first_change,
         "param_bytes": {s: local_param_bytes(m) for s, m in models.items()},
-        "exchange": twas["blocks"].comm.exchange,  # twa.exchange: auto, as the runtime resolves it
+        "exchange": setups["blocks"].exchange,  # twa.exchange: auto, as the runtime resolves it
         "projection_bytes": {s: t.projection.nbytes for s, t in twas.items()},
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -555,7 +551,7 @@ def _bucket_views(t: torch.Tensor, mb: float) -> list[torch.Tensor]:
 def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> None:
     from twa_ray.core.blocks import make_blocks, plan_shards
     from twa_ray.core.params import ParamLayout
-    from twa_ray.distributed.collectives import TorchCollectives
+    from twa_ray.parallel.exchanges import EXCHANGES
     from twa_ray.planner.fsdp import ROOT_UNIT
 
     torch.set_num_threads(timing.threads)
@@ -566,7 +562,7 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
     with_blocks, with_fsdp = timing.sharding in ("blocks", "both"), timing.sharding in ("fsdp", "both")
     plan = plan_shards(blocks, timing.bits, k) if with_blocks else None
     d, (start, end) = sum(numels), plan.ranges[rank] if with_blocks else (0, 0)
-    comm = TorchCollectives(plan.ranges, rank, k) if with_blocks else None
+    comm = EXCHANGES["sharded"](plan.ranges, rank, k) if with_blocks else None
     gen = torch.Generator().manual_seed(timing.seed + rank)
     grad = torch.randn(d, generator=gen).to(device)  # the model's gradient (reduce-scatter reads it)
     grad_ar = torch.zeros(d, device=device)  # all-reduced in place: zeros never overflow
@@ -577,8 +573,8 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
     buckets = {mb: _bucket_views(flat, mb) for mb in timing.bucket_mb}
 
     # twa.exchange: all_reduce, as the library makes it (grad_ar is zeros: summing in place keeps it so)
-    comm_ar = TorchCollectives(plan.ranges, rank, k, exchange="all_reduce") if with_blocks else None
-    comm_ring = TorchCollectives(plan.ranges, rank, k, exchange="ring") if with_blocks else None
+    comm_ar = EXCHANGES["all_reduce"](plan.ranges, rank, k) if with_blocks else None
+    comm_ring = EXCHANGES["ring"](plan.ranges, rank, k) if with_blocks else None
 
     def all_reduce_slice() -> torch.Tensor:
         return comm_ar.reduce_scatter_sum(grad_ar)
@@ -613,7 +609,7 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
 
     fns: dict[str, Callable[[], object]] = {
         "all_reduce_D": lambda: dist.all_reduce(flat),
-        "all_reduce_coef": lambda: dist.all_reduce(coef),  # TorchCollectives.all_reduce_sum's call, both modes
+        "all_reduce_coef": lambda: dist.all_reduce(coef),  # Exchange.all_reduce_sum's call, both modes
     }
     if with_blocks:
         fns.update({

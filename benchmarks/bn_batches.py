@@ -42,8 +42,8 @@ from twa_ray.config import Config, load_config  # noqa: E402
 from twa_ray.core.baselines import recalibrate_bn  # noqa: E402
 from twa_ray.data import calibration_loader  # noqa: E402
 from twa_ray.data.from_config import splits_from_config  # noqa: E402
-from twa_ray.distributed.evaluate import evaluate  # noqa: E402
 from twa_ray.models.from_config import model_from_config  # noqa: E402
+from twa_ray.parallel.evaluate import evaluate  # noqa: E402
 from twa_ray.pipelines.finetune import train_plain  # noqa: E402
 
 ALL = "all"

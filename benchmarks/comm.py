@@ -6,8 +6,9 @@
 Both TWA modes (``twa.sharding``; ``--sharding``, default both), each JSON line with its
 ``sharding``.
 
-blocks: two gloo processes on 127.0.0.1 (torch.multiprocessing; no Ray) run sharded TWA with
-the library's ``TorchCollectives``, wrapped to count every call, and then the paper's
+blocks: two gloo processes on 127.0.0.1 (torch.multiprocessing; no Ray) run sharded TWA as the
+runtime builds it (``BlocksMode``, over the library's ``sharded`` exchange), every collective
+counted by wrapping ``torch.distributed``'s functions (``_dist.DistCounter``), and then the paper's
 scheme on the same candidates (rows of Q sharded; a data-parallel gradient all-reduce
 of D floats plus an all-reduce of the full parameter vector, implemented here as the
 reference). Both reach the same weights: after the first step they agree to float
@@ -15,7 +16,7 @@ rounding (``first_step_weight_diff`` next to the step's largest change); after m
 steps the rounding differences grow with the training dynamics (``max_weight_diff``).
 
 Traffic is counted two ways, per step and worker:
-- payload: bytes handed to the collectives (``TorchCollectives.bytes_sent``); one
+- payload: bytes handed to the collectives (an exchange's ``bytes_sent``); one
   all-reduce of D float32 values is 4*D bytes of payload;
 - wire: bytes each worker sends with ring algorithms (reduce-scatter and all-gather of an
   N-byte vector send (k-1)/k*N, an all-reduce 2(k-1)/k*N); one all-reduce of D floats
@@ -24,9 +25,8 @@ Target: traffic <= 1.05 x one all-reduce of D. The planner's prediction
 (``twa_ray.planner``) is printed next to the measurement.
 
 fsdp: the same model and candidates (in a candidate store) under ``twa.sharding: fsdp`` as the
-runtime builds it (``fsdp_wrap``, ``build_fsdp_twa``); FSDP2 issues its collectives itself, so
-every ``torch.distributed`` collective of a step is counted by wrapping those functions
-(``_dist.DistCounter``): per FSDP unit an all-gather of its padded shards in the forward pass
+runtime builds it (``FSDPMode``: ``fsdp_wrap``, ``build_fsdp_twa``); FSDP2 issues its collectives
+itself, counted the same way: per FSDP unit an all-gather of its padded shards in the forward pass
 and again in the backward pass (FSDP2 reshards every unit but the root after forward) and a
 reduce-scatter of its gradient, then TWA's all-reduce of the n x L coefficient gradient (+ 8
 bytes for the gradient norm with --grad-clip). Predicted from the planner's FSDP2 plan
@@ -41,7 +41,7 @@ the gradient norm in both modes (and the paper's scheme in blocks, so the weight
                                      [--sharding blocks|fsdp|both]
 
 --time measures time instead of bytes: k processes (``_dist.time_collectives``) call, with
-blocks, the collectives of one TWA step through the library's ``TorchCollectives`` (reduce-scatter of
+blocks, the collectives of one TWA step through the library's exchanges (``parallel.exchanges``; reduce-scatter of
 the gradient, all-reduce of the n x L coefficient gradient, all-gather of the weights, with
 the shapes of the model's shard plan) and, in the same interleaved rounds on the same
 backend, one all-reduce of D floats and the alternatives:
@@ -81,8 +81,8 @@ from _dist import (
     setting_dict, slowest_rank_times, time_collectives, variant_sharding,
 )
 
+from twa_ray.parallel.exchanges import resolve_exchange  # noqa: E402
 from twa_ray.planner import plan_capacity, plan_fsdp, planned_fsdp_traffic, wire_factor  # noqa: E402
-from twa_ray.distributed.collectives import resolve_exchange  # noqa: E402
 
 TARGET_RATIO = 1.05
 TARGET_TIME_RATIO = 1.1  # collective time of a TWA step / one all-reduce of D

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 PARTS = ("tests", "quickstart", "projection", "step")
 SMOKE_PARTS = ("tests", "projection", "step")
-GPU_LOG_MARK = "+ 1 GPU"  # twa_ray/distributed/base_train.py logs it when base training takes a GPU
+GPU_LOG_MARK = "+ 1 GPU"  # twa_ray/runtime/trainer.py words it, base training logs it when it takes a GPU
 TARGET_COPY_RATIO = 0.7  # projection kernels at 4 bits, of the device's copy bandwidth (issue 16)
 PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b")
 PYTEST_SKIP = re.compile(r"^SKIPPED \[(\d+)\] ([^:]+(?::\d+)?): (.*)$")  # pytest -rs: "SKIPPED [2] file:152: reason"

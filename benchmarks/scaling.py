@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--quick | --smoke] [--model NAME ...] [--threads T]
 
-Workers are local gloo processes (torch.multiprocessing, the library's TorchCollectives;
+Workers are local gloo processes (torch.multiprocessing, the library's exchanges;
 no Ray start-up in the timings), each with T torch threads (default 1, so k = 2 uses
 both cores of this machine), a fixed global batch split across them, and its column
 shard of the projection built the way the runtime builds it. One JSON line per (model,

@@ -5,9 +5,9 @@
 
 Two gloo processes on 127.0.0.1 (torch.multiprocessing; no Ray start-up in the timings), each
 with T torch threads (default 1: k = 2 uses both cores of a 2-core machine). Each builds TWA
-in both modes on the same candidates (one candidate store), with the runtime's builders:
-``build_shard_twa`` on a full model replica (blocks) and ``build_fsdp_twa`` on the model
-wrapped by ``fsdp_wrap`` (fsdp). A step is forward + backward + ``twa.step()``, with every
+in both modes on the same candidates (one candidate store), with the runtime's builders (the
+mode objects of ``twa_ray.parallel.sharding``: ``wrap``, then ``build_twa``): a full model
+replica (blocks) and the model wrapped by FSDP2 (fsdp). A step is forward + backward + ``twa.step()``, with every
 collective of the mode (blocks: TWA's gradient and weight exchange as ``twa.exchange: auto``
 picks it for the backend, and the n x L all-reduce; fsdp: FSDP2's per-unit all-gathers and
 reduce-scatters and the n x L all-reduce), on a fixed global

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from twa_ray.distributed.local_ranks import free_port  # noqa: E402,F401  (tests import it from here)
+from twa_ray.parallel.local_ranks import free_port  # noqa: E402,F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: jobs/, configs/, twa_ray/
 
@@ -55,13 +55,13 @@ class UnevenNet(nn.Module):
 def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "sharded", **twa_kwargs):
     """Rank ``rank`` of ``world`` (a process group is up) as a blocks-mode worker: the
     planner's small CNN (Fashion-MNIST shapes, seed 0), 4 candidates around it, this rank's
-    tensor blocks at ``bits``, over ``TorchCollectives``. Returns (net, twa, comm)."""
+    tensor blocks at ``bits``, over the ``exchange`` (``parallel.exchanges``). Returns (net, twa, comm)."""
     from twa_ray.core import TWA, flatten_params
     from twa_ray.core.blocks import make_blocks, plan_shards
     from twa_ray.core.params import ParamLayout
     from twa_ray.core.projection import build_projection
-    from twa_ray.distributed.collectives import TorchCollectives
     from twa_ray.models import build_model
+    from twa_ray.parallel.exchanges import EXCHANGES
 
     torch.manual_seed(0)
     net = build_model("small_cnn", 10, 1, 28)
@@ -71,7 +71,7 @@ def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "shard
     shards = plan_shards(blocks, bits, world)
     (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
     proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", bits)
-    comm = TorchCollectives(shards.ranges, rank, world, exchange=exchange)
+    comm = EXCHANGES[exchange](shards.ranges, rank, world)
     return net, TWA(net, proj, len(blocks), (l0, l1), collectives=comm, **twa_kwargs), comm
 
 
@@ -165,7 +165,7 @@ def perturbed_store(cfg, uri: str, n: int = 5) -> str:
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray on 127.0.0.1 with 2 CPUs for one test module, shut down afterwards."""
-    from twa_ray.distributed.ray_env import init_ray
+    from twa_ray.runtime.ray_env import init_ray
 
     import ray
 

@@ -6,8 +6,9 @@
 Folders in the order the data flows (config -> base training -> candidate store ->
 sharded TWA -> evaluation -> run folder): ``config`` (module), ``data`` and ``models``
 (each with ``from_config``), ``core`` (TWA in plain PyTorch), ``store`` (the candidate
-store), ``distributed`` (everything on Ray), ``tune``, ``pipelines`` (each job's stages),
-``output`` (the run folder), ``planner``, ``cli`` (the ``twa-ray`` command).
+store), ``parallel`` (plain torch.distributed: exchanges, sharding modes), ``runtime``
+(everything on Ray), ``tune``, ``pipelines`` (each job's stages), ``output`` (the run folder),
+``planner``, ``cli`` (the ``twa-ray`` command).
 """
 
 __all__ = ["load_model"]

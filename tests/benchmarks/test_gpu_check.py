@@ -78,7 +78,10 @@ def test_the_summary_names_each_check_its_numbers_and_the_failures():
 
 
 def test_the_quickstart_check_looks_for_what_base_training_logs():
-    assert gpu_check.GPU_LOG_MARK in (ROOT / "twa_ray" / "distributed" / "base_train.py").read_text()
+    from twa_ray.runtime.trainer import WorkerGroup
+
+    assert gpu_check.GPU_LOG_MARK in WorkerGroup(1, 1.0, True).describe()  # as base training logs its workers
+    assert gpu_check.GPU_LOG_MARK not in WorkerGroup(1, 1.0, False).describe()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

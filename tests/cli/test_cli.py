@@ -135,7 +135,7 @@ def ray_calls(monkeypatch):
     environment switches that ``init_ray`` sets are undone after the test."""
     import ray
 
-    from twa_ray.distributed import ray_env
+    from twa_ray.runtime import ray_env
 
     for key in ("RAY_ADDRESS", "TWA_RAY_VERBOSE", "RAY_API_SERVER_ADDRESS", *ray_env.LOCAL_ENV,
                 *ray_env.QUIET_DRIVER_ENV, *ray_env.QUIET_WORKER_ENV):
@@ -261,7 +261,7 @@ def test_train_candidates_with_other_settings_is_refused_before_ray_starts(tmp_p
     import json
 
     from twa_ray.config import config_to_dict, load_config
-    from twa_ray.distributed import base_train
+    from twa_ray.runtime import base_train
     from twa_ray.store import CandidateStore
 
     monkeypatch.setattr(base_train, "run_base_training", _stop)

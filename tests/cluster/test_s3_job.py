@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, S3_ENV, ray_subprocess_env, s3_bucket
 from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
-from twa_ray.distributed.evaluate import evaluate
 from twa_ray.output.export import load_model
+from twa_ray.parallel.evaluate import evaluate
 from twa_ray.store import CandidateStore
 from twa_ray.store import fs as store_fs
 

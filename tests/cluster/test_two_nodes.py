@@ -124,8 +124,8 @@ def test_two_workers_on_two_nodes_equal_a_one_node_run(s3_uri, tmp_path, monkeyp
     import ray
     import ray._private.state
 
-    from twa_ray.distributed.ray_env import init_ray
-    from twa_ray.distributed.twa_train import run_twa
+    from twa_ray.runtime.ray_env import init_ray
+    from twa_ray.runtime.twa_train import run_twa
 
     assert not ray.is_initialized()
     port = free_port()

@@ -17,8 +17,8 @@ from twa_ray.core.blocks import make_blocks, plan_shards
 from twa_ray.core.collectives import LocalCollectives
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.projection import KERNELS, build_projection, resolve_kernel
-from twa_ray.distributed.collectives import TorchCollectives
-from twa_ray.distributed.local_ranks import spawn_ranks
+from twa_ray.parallel.exchanges import ShardedExchange
+from twa_ray.parallel.local_ranks import spawn_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -102,7 +102,7 @@ def test_twa_steps_on_cuda_match_the_cpu(basis):
 
 
 def test_one_rank_collectives_keep_cuda_tensors_on_the_gpu():
-    for comm in (LocalCollectives(10), TorchCollectives([(0, 10)], 0, 1)):
+    for comm in (LocalCollectives(10), ShardedExchange([(0, 10)], 0, 1)):
         g = torch.arange(10.0, device="cuda")
         own = comm.reduce_scatter_sum(g)
         assert own.is_cuda and torch.equal(own, g)
@@ -126,7 +126,7 @@ def sharded_run(rank: int, world: int, basis: str, bits: int, device: torch.devi
     blocks = make_blocks(layout.numels, "tensor")
     plan = plan_shards(blocks, bits, world)
     (start, end), (l0, l1) = plan.ranges[rank], plan.block_runs[rank]
-    comm = LocalCollectives(layout.num_params) if world == 1 else TorchCollectives(plan.ranges, rank, world)
+    comm = LocalCollectives(layout.num_params) if world == 1 else ShardedExchange(plan.ranges, rank, world)
     proj = build_projection(candidates[:, start:end].to(device), blocks.sizes[l0:l1], basis, bits,
                             all_reduce=comm.all_reduce_sum)
     model.to(device)

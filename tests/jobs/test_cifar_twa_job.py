@@ -13,8 +13,8 @@ from conftest import ROOT, ray_subprocess_env
 from readme_commands import quickstart_command
 from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
-from twa_ray.distributed.evaluate import evaluate
 from twa_ray.models.from_config import model_from_config
+from twa_ray.parallel.evaluate import evaluate
 
 pytestmark = pytest.mark.ray
 
@@ -129,7 +129,7 @@ def test_model_pt_reproduces_the_reported_accuracy(finished):
 def test_parallel_evaluation_equals_one_process(finished):
     """The job evaluated its models in parallel Ray tasks; here the same models, in one
     process, in another order, give the same numbers (BatchNorm recalibrated alike)."""
-    from twa_ray.distributed.evaluate import evaluate_sources
+    from twa_ray.runtime.evaluation import evaluate_sources
 
     cfg, run, _ = finished
     summary = json.loads((run / "summary.json").read_text())

@@ -17,7 +17,7 @@ from conftest import ROOT, free_port, ray_subprocess_env
 from readme_commands import readme_block_with
 from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
-from twa_ray.distributed.base_train import candidate_steps, epoch_steps
+from twa_ray.runtime.base_loop import candidate_steps, epoch_steps
 from twa_ray.store import CandidateStore
 
 pytestmark = pytest.mark.ray

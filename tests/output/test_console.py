@@ -46,11 +46,11 @@ def records():
 
 def test_setup_logging_one_format_and_one_handler(records):
     setup_logging(stream=records)  # again: replaces, never duplicates
-    logging.getLogger("twa_ray.distributed.twa_train").info("epoch %d", 3)
+    logging.getLogger("twa_ray.runtime.twa_loop").info("epoch %d", 3)
     logging.getLogger("twa_ray.x").debug("hidden at the default verbosity")
     lines = records.getvalue().splitlines()
     assert len(lines) == 1
-    assert re.fullmatch(r"\d\d:\d\d:\d\d twa_ray\.distributed\.twa_train: epoch 3", lines[0])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d twa_ray\.runtime\.twa_loop: epoch 3", lines[0])
     assert not logging.getLogger("twa_ray").propagate
 
 

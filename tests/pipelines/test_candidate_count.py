@@ -4,8 +4,8 @@ import pytest
 
 from twa_ray.cli import run as run_cli
 from twa_ray.config import ConfigError, TrainConfig, config_from_dict
-from twa_ray.distributed.base_train import candidate_steps, epoch_steps
 from twa_ray.pipelines.main import check_candidate_count
+from twa_ray.runtime.base_loop import candidate_steps, epoch_steps
 
 
 def test_candidate_steps_follow_base_trainings_saving_rule():

@@ -10,10 +10,10 @@ from twa_ray.config import config_from_dict
 from twa_ray.core.baselines import swa_vector
 from twa_ray.core.params import ParamLayout, flatten_params, flatten_state
 from twa_ray.data.from_config import splits_from_config
-from twa_ray.distributed.base_train import BaseTrainResult
-from twa_ray.distributed.evaluate import EvaluationRun, evaluate_sources
 from twa_ray.models.from_config import model_from_config
 from twa_ray.pipelines import main
+from twa_ray.runtime.base_train import BaseTrainResult
+from twa_ray.runtime.evaluation import EvaluationRun, evaluate_sources
 from twa_ray.store import CandidateStore
 
 VAL_ACC = {1: 60.0, 2: 75.0, 3: 70.0}  # per epoch candidate

@@ -58,7 +58,7 @@ def test_planned_shards_equal_real_fsdp2_shards(world):
     local shards', to the element; its units are the planner's."""
     from torch.distributed.fsdp import FSDPModule
 
-    from twa_ray.distributed.fsdp import fsdp_wrap
+    from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap
 
     full = build_model("small_cnn", 10, 1, 28)
     names, shapes = model_shapes("small_cnn", "fashion_mnist")
@@ -200,7 +200,7 @@ class _Attention(nn.Module):
 def test_multihead_attention_is_one_unit_with_its_out_proj(world):
     from torch.distributed.fsdp import FSDPModule
 
-    from twa_ray.distributed.fsdp import fsdp_wrap
+    from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap
 
     full = _Attention()
     names = [n for n, _ in full.named_parameters()]

@@ -12,11 +12,11 @@ from conftest import ROOT, small_cnn_shard_twa
 from twa_ray.__main__ import main as cli
 from twa_ray.core import flatten_params
 from twa_ray.core.blocks import make_blocks, plan_shards
+from twa_ray.core.collectives import padded_length
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.projection import build_projection
-from twa_ray.distributed.local_ranks import spawn_ranks
-from twa_ray.core.collectives import padded_length
 from twa_ray.models import build_model
+from twa_ray.parallel.local_ranks import spawn_ranks
 from twa_ray.planner import model_numels, plan_capacity, plan_for_model
 
 
@@ -70,7 +70,7 @@ def test_traffic_from_padded_shards():
 
 
 def _traffic_worker(rank, world, grad_clip, out_dir):
-    """One rank of a real sharded TWA step (TorchCollectives on gloo): bytes_sent of the step."""
+    """One rank of a real sharded TWA step (the sharded exchange on gloo): bytes_sent of the step."""
     torch.set_num_threads(1)
     net, twa, comm = small_cnn_shard_twa(rank, world, 4, grad_clip=1.0 if grad_clip else None)
     before = comm.bytes_sent

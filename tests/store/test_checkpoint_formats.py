@@ -320,7 +320,7 @@ def _fsdp2_save(rank: int, world: int, out: str) -> None:
 
 
 def test_an_fsdp2_checkpoint_of_two_ranks_is_consolidated(tmp_path):
-    from twa_ray.distributed.local_ranks import spawn_ranks
+    from twa_ray.parallel.local_ranks import spawn_ranks
 
     spawn_ranks(_fsdp2_save, 2, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "ckpt")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]

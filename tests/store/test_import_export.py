@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from twa_ray.core.params import ParamLayout, flatten_state
-from twa_ray.distributed.checkpoints import save_checkpoint
+from twa_ray.parallel.checkpoint_files import save_checkpoint
 from twa_ray.store import (
     CandidateStore,
     CheckpointError,

@@ -145,7 +145,7 @@ def _gloo_rank(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    from twa_ray.distributed.fsdp import fsdp_wrap
+    from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap
 
     mesh = init_device_mesh("cpu", (2,))
     explicit = _Shapes([shape for shape, _ in _GLOO_CASES])
@@ -171,7 +171,7 @@ def test_rule_equals_two_gloo_ranks_fully_shard(tmp_path):
     """Two gloo processes: the DTensor local shards (values, shapes, padded storage, gradients) of
     fully_shard with explicit Shard(d) placements equal fsdp_shard(shape, rank, 2, dim=d)'s, and
     fsdp_wrap places every parameter on fsdp_shard_dim; FSDP2 refuses uneven dims > 0."""
-    from twa_ray.distributed.local_ranks import spawn_ranks
+    from twa_ray.parallel.local_ranks import spawn_ranks
 
     spawn_ranks(_gloo_rank, 2, str(tmp_path))
     fulls = list(_Shapes([shape for shape, _ in _GLOO_CASES]).parameters())
@@ -209,7 +209,7 @@ def test_fsdp_wrap_shards_equal_the_rule(world):
     each parameter's local shard is ``local_rows`` of the full tensor, its storage fsdp_padded_numel,
     and the ranks' shards of the position embedding are even (no padding)."""
 
-    from twa_ray.distributed.fsdp import fsdp_wrap, local_rows
+    from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap, local_rows
 
     torch.manual_seed(0)
     full = _ViTStem()

@@ -49,7 +49,7 @@ def ray_folders(ray_local, tmp_path_factory):
         import ray.train
         import torch
 
-        from twa_ray.distributed.checkpoints import ray_checkpoint
+        from twa_ray.runtime.checkpoints import ray_checkpoint
 
         for step, acc in enumerate(config["acc"], start=1):
             state = {"model": {k: torch.full(s, float(step)) for k, s in config["shapes"].items()}}
@@ -67,7 +67,7 @@ def ray_folders(ray_local, tmp_path_factory):
         import ray.tune
         import torch
 
-        from twa_ray.distributed.checkpoints import save_checkpoint
+        from twa_ray.parallel.checkpoint_files import save_checkpoint
 
         for step, acc in enumerate(ACC, start=1):
             if config["shift"] < 0 and step == 2:

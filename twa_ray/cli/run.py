@@ -51,7 +51,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
-    from ..distributed.ray_env import init_ray
+    from ..runtime.ray_env import init_ray
     from ..pipelines import main as pipeline
 
     init_ray(verbose=verbose)

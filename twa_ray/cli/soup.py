@@ -74,7 +74,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
-    from ..distributed.ray_env import quiet_ray
+    from ..runtime.ray_env import quiet_ray
     from ..pipelines import soups
 
     quiet_ray(verbose)  # Ray starts inside the stages, only once needed: as loud as asked

@@ -49,8 +49,8 @@ def command(args: argparse.Namespace) -> int:
 
 
 def run(cfg: Config, verbose: bool = False) -> int:
-    from ..distributed.base_train import run_base_training, run_full_budget_training
-    from ..distributed.ray_env import init_ray
+    from ..runtime.base_train import run_base_training, run_full_budget_training
+    from ..runtime.ray_env import init_ray
 
     # setup
     init_ray(verbose=verbose)

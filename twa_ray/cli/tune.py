@@ -56,7 +56,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
-    from ..distributed.ray_env import init_ray
+    from ..runtime.ray_env import init_ray
     from ..pipelines.main import ensure_candidates
     from ..pipelines.runs import record_config
     from ..pipelines.sweep import evaluate_best_trial

@@ -1,8 +1,8 @@
 """The three collectives a TWA step needs, and the single-process version.
 
 Coordinates are split into contiguous per-rank ranges ``ranges[r] = (start, end)``
-(rank r owns whole blocks). A distributed implementation over torch.distributed lives
-in ``twa_ray.distributed.collectives``; this module stays free of process groups.
+(rank r owns whole blocks). The implementations over torch.distributed, one per
+``twa.exchange``, live in ``twa_ray.parallel.exchanges``; this module stays free of process groups.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Protocol, Sequence
 import torch
 
 
-# twa.exchange: how a sharded step moves its gradient and weights (twa_ray.distributed.collectives)
+# twa.exchange's values as the config validates them (the config imports no parallel code):
+# "auto" and the keys of twa_ray.parallel.exchanges.EXCHANGES, the registry of their classes
+# (tests/parallel/test_exchange.py checks that the two agree)
 EXCHANGES = ("auto", "sharded", "all_reduce", "ring")
 
 

@@ -31,7 +31,7 @@ Which coordinates a rank owns, and how steps 1-2 and 5 reach the model, is the `
 business (``ParamShard``): by default every rank holds the whole model and owns a range of
 whole blocks (``ReplicatedShard``: steps 2 and 5 are the collectives above). Under FSDP2 a
 rank holds its dim-0 rows of every tensor, and FSDP's own reduce-scatter and all-gather
-are steps 2 and 5 (``twa_ray.distributed.twa_fsdp``).
+are steps 2 and 5 (``twa_ray.parallel.sharding.fsdp_rows``).
 """
 from __future__ import annotations
 

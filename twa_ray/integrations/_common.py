@@ -8,8 +8,8 @@ A callback's life in one fit, whatever the trainer:
    the trainable parameters as a candidate when the cadence says so;
 3. fit ends (``average``): the raw weights are kept (``raw_state_dict``, and the last
    candidate of the store), the candidates of this fit are projected, sharded across the
-   trainer's own ranks exactly as the Ray job shards them (``twa_shard.build_shard_twa``
-   over ``TorchCollectives``), the coefficients are trained on the trainer's data and loss,
+   trainer's own ranks exactly as the Ray job shards them (``parallel.sharding.blocks.BlocksMode``,
+   over the ``twa.exchange``), the coefficients are trained on the trainer's data and loss,
    the model is left at w(X) and BatchNorm is recalibrated.
 
 The framework modules give ``average`` a :class:`FitData`: the batches of an epoch and the
@@ -36,7 +36,7 @@ from torch import nn
 from ..config import ConfigError, TWAConfig, check_twa_start, config_from_dict
 from ..core.baselines import has_batchnorm, recalibrate_bn
 from ..core.params import flatten_params
-from ..distributed.twa_shard import build_shard_twa
+from ..parallel.sharding.blocks import BlocksMode
 from ..store import CandidateStore
 
 log = logging.getLogger("twa_ray.integrations")
@@ -377,8 +377,8 @@ class TWACallbackBase:
         if steps < 1:
             raise ValueError(f"{owner}: the train dataloader has no batch on some rank; TWA needs at least one")
         was_training = model.training
-        setup = build_shard_twa(model, store, self.candidate_indices, self.settings, steps * self.settings.epochs,
-                                ranks.rank, ranks.world)
+        setup = BlocksMode().build_twa(model, store, self.candidate_indices, self.settings,
+                                       steps * self.settings.epochs, ranks.rank, ranks.world)
         twa = setup.twa
         model.train()
         with torch.enable_grad():

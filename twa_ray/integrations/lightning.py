@@ -37,7 +37,7 @@ class TWACallback(TWACallbackBase, Callback):
     holds the TWA weights as ``state_dict`` and the raw ones as ``twa_raw_state_dict``.
 
     Under DDP (``strategy="ddp"``) the projection is sharded across the trainer's ranks as in
-    the Ray job (``twa_ray.distributed.twa_shard``): each rank holds the packed directions of
+    the Ray job (``twa_ray.parallel.sharding.blocks``): each rank holds the packed directions of
     its run of blocks, computes the loss of its own data shard, and every rank ends with the
     same weights and BatchNorm statistics (averaged over the ranks). The store must be a
     location every rank can read (default: ``<trainer.log_dir>/twa_candidates``).

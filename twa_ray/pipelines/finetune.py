@@ -1,7 +1,7 @@
 """Fine-tuned models for a soup (the soup job's first stage): pretrain once, then fine-tune
 ``finetune.num_models`` copies with varied settings.
 
-Each model is a plain PyTorch loop in a one-shot Ray task (``distributed.tasks``) on one
+Each model is a plain PyTorch loop in a one-shot Ray task (``runtime.tasks``) on one
 CPU or one GPU, as many at a time as the cluster fits (``finetune.max_concurrent`` caps
 it): a fine-tuned model needs one worker and no collectives, so a TorchTrainer and its
 worker-group start-up per model would buy nothing. Checkpoints land in
@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..config import Config, TrainConfig, config_to_dict, recorded_config, without_locations
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
 from ..data.from_config import splits_from_config
-from ..distributed.evaluate import evaluate
-from ..distributed.tasks import run_task, task_device, task_slots
+from ..parallel.evaluate import evaluate
+from ..runtime.tasks import run_task, task_device, task_slots
 from ..models.from_config import model_from_config
 from ..output.atomic import read_json, write_json, write_torch
 from .runs import require_same_settings

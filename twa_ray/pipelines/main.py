@@ -6,7 +6,7 @@
     evaluate_run       test accuracy of last, SWA, EMA, best-k, TWA (and the full budget), in parallel tasks
     write_run          the run folder (``output.run_folder``), then config.json: the run is complete
 
-Ray must be running (``distributed.ray_env.init_ray``) before the first stage. Before it,
+Ray must be running (``runtime.ray_env.init_ray``) before the first stage. Before it,
 ``check_candidate_count`` checks in the driver that ``twa.candidates`` will select at least two
 of the candidates base training is about to save.
 
@@ -27,7 +27,7 @@ from ..config import Config, check_twa_start, config_to_dict, recorded_config, s
 from ..core.baselines import INITIAL_KIND
 from ..core.params import ParamLayout
 from ..data.from_config import splits_from_config
-from ..distributed.evaluate import Evaluated, EvaluationRun, evaluate_parallel
+from ..runtime.evaluation import Evaluated, EvaluationRun, evaluate_parallel
 from ..models.from_config import model_spec
 from ..output.methods import MAIN, job_methods
 from ..output.mixing import run_mixing
@@ -60,7 +60,7 @@ def check_candidate_count(cfg: Config, num_train: int) -> list[int]:
     ``num_train`` training examples) that ``twa.candidates`` selects. Raises ValueError
     naming twa.candidates and the count when fewer than two remain (TWA would fail only
     after base training), ConfigError when twa.start is out of their range."""
-    from ..distributed.base_train import candidate_steps, epoch_steps
+    from ..runtime.base_loop import candidate_steps, epoch_steps
 
     tc = cfg.train
     steps_per_epoch = epoch_steps(num_train, cfg.data.batch_size, tc.workers)
@@ -100,7 +100,7 @@ def ensure_candidates(cfg: Config):
     complete for the same settings (its last checkpoint found through the store's record of
     the run), else (re)made by base training on Ray Train (which resumes a partial run). A
     store made with different settings is an error naming the section."""
-    from ..distributed.base_train import BaseTrainResult, checkpoint_info, latest_checkpoint, run_base_training
+    from ..runtime.base_train import BaseTrainResult, checkpoint_info, latest_checkpoint, run_base_training
 
     store = check_store_settings(cfg)
     if store is None:
@@ -122,7 +122,7 @@ def ensure_candidates(cfg: Config):
 
 def train_twa(cfg: Config, base):
     """Stage 2: TWA on ``cfg.twa.workers`` Ray Train workers, each with a column shard of the projection."""
-    from ..distributed.twa_train import run_twa
+    from ..runtime.twa_train import run_twa
 
     return run_twa(cfg, base.store_uri)
 
@@ -132,7 +132,7 @@ def train_full_budget(cfg: Config, base):
     checkpoint to the end of its schedule (no candidates kept); else None."""
     if not cfg.compare_full_budget:
         return None
-    from ..distributed.base_train import run_full_budget_training
+    from ..runtime.base_train import run_full_budget_training
 
     return run_full_budget_training(cfg, base)
 
@@ -156,7 +156,7 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     full budget, each once, in parallel Ray tasks; with ``eval.candidates`` every stored
     candidate too ("cand:<index>", and a method of one candidate, "last", is its result). A baseline
     with nothing to average (no val accuracies for best-k, no EMA) is left out."""
-    from ..distributed.base_train import read_final
+    from ..runtime.base_train import read_final
 
     store = CandidateStore.open(base.store_uri)
     infos = {c.index: c.info for c in store.list_candidates()}

@@ -22,9 +22,10 @@ from ..config import Config, config_to_dict
 from ..core.soups import Soup, individual_scores, weights_scorer
 from ..data import calibration_loader
 from ..data.from_config import splits_from_config
-from ..distributed.evaluate import Evaluated, evaluate, evaluate_on_ray
-from ..distributed.ray_env import init_ray
-from ..distributed.tasks import run_task, task_device, task_slots
+from ..parallel.evaluate import evaluate
+from ..runtime.evaluation import Evaluated, evaluate_on_ray
+from ..runtime.ray_env import init_ray
+from ..runtime.tasks import run_task, task_device, task_slots
 from ..models.from_config import model_from_config, model_spec
 from ..output.methods import SOUP, job_methods, method
 from ..output.mixing import run_mixing
@@ -81,7 +82,7 @@ def select_soups_and_train_twa(cfg: Config, store_uri: str, times: dict):
     init_ray()  # joins or starts Ray once
     import ray
 
-    from ..distributed.twa_train import run_twa
+    from ..runtime.twa_train import run_twa
 
     selecting = start_soup_selection(cfg, store_uri)
     twa = run_twa(cfg, store_uri)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from ..config import Config, config_to_dict
-from ..distributed.evaluate import Evaluated, evaluate_on_ray
-from ..distributed.tasks import wait_for_slot
+from ..runtime.evaluation import Evaluated, evaluate_on_ray
+from ..runtime.tasks import wait_for_slot
 from ..tune.search_space import apply_params
 
 

@@ -10,8 +10,8 @@ its imbalance is printed for k = 2, 4 and 8 too).
 
 Numbers come from the model's real parameter shapes (built on the meta device: no
 memory, no weights; or read from a JSON file ``{name: shape}``) and the functions the runtime uses: ``make_blocks`` and
-``plan_shards(...).shard_bytes`` for the projection, the padded ranges of
-``TorchCollectives`` for traffic. ``tests/planner/test_planner.py`` checks both against a run.
+``plan_shards(...).shard_bytes`` for the projection, the padded ranges of the exchanges
+(``parallel.exchanges``) for traffic. ``tests/planner/test_planner.py`` checks both against a run.
 
 Memory per worker (bytes):
 - projection: n x sum over its blocks of ceil(m_l * b / 8) (b-bit codes, truly packed);
@@ -22,7 +22,7 @@ Memory per worker (bytes):
 - building the shard reads its columns of the candidates once: n x |S_r| x 4 (transient).
 
 Traffic per step and worker, two ways:
-- payload: bytes handed to collectives (what ``TorchCollectives.bytes_sent`` counts):
+- payload: bytes handed to collectives (what an exchange's ``bytes_sent`` counts, ``sharded``):
   reduce-scatter of the padded gradient k x pad x 4, all-reduce of the n x L coefficient
   gradient, all-gather of the padded own slice pad x 4 (pad = the longest range);
 - wire: bytes each worker sends with bandwidth-optimal (ring) algorithms: reduce-scatter

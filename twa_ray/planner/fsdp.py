@@ -2,8 +2,8 @@
 collective traffic per step, :func:`planned_fsdp_traffic`).
 
 Every rank's TWA shard is its FSDP2 shard of every parameter (:func:`twa_ray.store.rows.fsdp_shard`,
-as ``distributed.fsdp.fsdp_wrap`` places it): indices of dim 0, or of the first dim k divides
-when k does not divide dim 0 (no padding), else dim 0. With k ranks, per worker r (bytes, float32):
+as ``parallel.sharding.fsdp_tensors.fsdp_wrap`` places it): indices of dim 0, or of the first dim
+k divides when k does not divide dim 0 (no padding), else dim 0. With k ranks, per worker r (bytes, float32):
 
 - parameters and gradients: FSDP2 allocates the *padded* shard ``ceil(S_t/k) x numel_t / S_t``
   of every tensor t on every rank (S_t = the size of its shard dim; its sharded storage; the
@@ -21,7 +21,7 @@ when k does not divide dim 0 (no padding), else dim 0. With k ranks, per worker 
   input while it prefetches the next unit's weights: the peak is bounded by 4 x that
   all-gather on top of the persistent bytes (activations not counted).
 
-Units (:func:`fsdp_units`), as ``distributed.fsdp.fsdp_wrap`` wraps them: one
+Units (:func:`fsdp_units`), as ``parallel.sharding.fsdp_tensors.fsdp_wrap`` wraps them: one
 ``fully_shard`` per module that holds parameters of its own, then the root. The even share
 is total/k, total = the same state on one worker (k = 1: no padding, nothing replicated).
 """
@@ -48,7 +48,7 @@ def fsdp_units(names: Sequence[str]) -> dict[str, list[int]]:
     ``attn.out_proj.weight`` -> ``attn`` when ``attn`` holds ``attn.in_proj_weight`` (as
     nn.MultiheadAttention does); a parameter of the root module itself -> ``""``.
     ``fully_shard(model.get_submodule(key))`` for every other key, then ``fully_shard(model)``,
-    builds these units (``distributed.fsdp.fsdp_wrap``).
+    builds these units (``parallel.sharding.fsdp_tensors.fsdp_wrap``).
     """
     holders = {name.rsplit(".", 1)[0] for name in names if "." in name}
 
@@ -65,7 +65,7 @@ def fsdp_units(names: Sequence[str]) -> dict[str, list[int]]:
 
 
 def fsdp_unit_sizes(names: Sequence[str], shapes: Sequence[Sequence[int]], k: int) -> dict[str, int]:
-    """FSDP2's units as ``distributed.fsdp.fsdp_wrap`` makes them (:func:`fsdp_units`, in
+    """FSDP2's units as ``parallel.sharding.fsdp_tensors.fsdp_wrap`` makes them (:func:`fsdp_units`, in
     forward order; ``""`` = the root), each with the elements of its padded shard on every
     rank: sum over its tensors of ceil(R_t/k) C_t (its all-gather input, 1/k of its reduce-scatter input)."""
     return {key: sum(fsdp_padded_numel(shapes[t], k) for t in ts) for key, ts in fsdp_units(names).items()}

@@ -753,7 +753,7 @@ class CandidateStore:
 
     def fsdp_ranges(self, rank: int, world: int) -> list[list[tuple[int, int]]]:
         """Per tensor (store order), the flat element ranges ``[start, end)`` of the part
-        ``distributed.fsdp.fsdp_wrap`` gives ``rank`` of ``world`` ranks
+        ``parallel.sharding.fsdp_tensors.fsdp_wrap`` gives ``rank`` of ``world`` ranks
         (:func:`twa_ray.store.rows.fsdp_element_ranges`): one range for a tensor cut on dim 0,
         one per outer index for one cut on a dim d > 0, none where the rank holds nothing."""
         return fsdp_element_ranges(self._shapes, rank, world)

@@ -30,7 +30,7 @@ per outer index (:meth:`FsdpShard.ranges`; a single run for d = 0): the order of
 ``param.to_local().reshape(-1)``.
 
 Writers that fill one candidate file with their rows check what arrived with
-:func:`rows_checksum` (``distributed.base_fsdp``).
+:func:`rows_checksum` (``parallel.sharding.fsdp_candidates``).
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def twa_trial(params: dict, *, base: dict, store_uri: str, train_storage: str, e
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..distributed.twa_train import run_twa
+    from ..runtime.twa_train import run_twa
 
     trial_id = tune.get_context().get_trial_id()
     record = read_trial_record(records, trial_id)
@@ -196,7 +196,7 @@ def run_sweep(cfg: Config, store_uri: str, verbose: bool = False) -> SweepResult
 
 def best_weights(best: dict) -> torch.Tensor:
     """The best trial's final weights (D,), from its last Ray Train checkpoint."""
-    from ..distributed.twa_train import FINAL_FILE
+    from ..runtime.twa_loop import FINAL_FILE
 
     path = best.get("checkpoint_path")
     if not path or not (Path(path) / FINAL_FILE).exists():

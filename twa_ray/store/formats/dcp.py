@@ -15,7 +15,7 @@ names. Only the model's keys are read (an optimizer's state, a data loader's are
 whole, in one process, without a process group. Keys the model lacks are ignored.
 
 ``.metadata`` is read by the project's restricted reader
-(:mod:`twa_ray.distributed.checkpoints`): it builds DCP's metadata classes only, checks that
+(:mod:`twa_ray.parallel.checkpoint_files`): it builds DCP's metadata classes only, checks that
 every entry stays inside the folder, and a non-tensor value is refused; DCP's own reader would
 unpickle it with plain ``pickle``. That module is imported on first use only.
 """
@@ -45,7 +45,7 @@ def read_dcp(folder: Path, keys: ModelKeys) -> dict[str, torch.Tensor]:
     prefix that the model has, in the checkpoint's dtypes, on CPU."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from ...distributed.checkpoints import _dcp_io, load_sharded
+    from ...parallel.checkpoint_files import _dcp_io, load_sharded
 
     try:
         stored = _dcp_io()[0](folder).read_metadata().state_dict_metadata

@@ -1,1 +1,0 @@
-"""Ray Train layers: base training (data parallel) and sharded TWA (column shards)."""
