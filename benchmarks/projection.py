@@ -1,6 +1,6 @@
 """Throughput of the projection kernels against the machine's memcpy, and projection bytes.
 
-    python benchmarks/projection.py [--quick | --smoke] [--kernel all | K ...] [--compare-before]
+    python benchmarks/projection.py [--quick | --smoke] [--kernel all | K ...]
                                     [--threads T] [--bits B ...] [--clock wall|cpu] [--native-isa I]
 
 For bits b in {1, 2, 4, 8, 32}, n in {10, 50} candidates and D in {1e6, 1e7} coordinates
@@ -9,8 +9,7 @@ kernel (coef_grad, reconstruct). ``--kernel`` takes one or more of the projectio
 kernels (auto, eager, native, triton), timed in the same rounds; ``all`` (default): every
 kernel that runs on the device (eager and native on CPU, eager and triton on CUDA).
 ``ran`` in the JSON is the kernel that actually ran (``auto`` resolved; eager where a
-kernel fell back). ``--compare-before`` adds the kernels as they were before the fused
-ones (kernel "before", benchmarks/_before_kernels.py). Per line:
+kernel fell back). Per line:
 
 - ``gbps``: projection bytes streamed per second (the packed Q; median of the repeats;
   ``--clock cpu``: per second of this thread's CPU time, for a machine shared with other jobs),
@@ -99,8 +98,6 @@ def main(argv=None) -> int:
     common_args(parser)
     parser.add_argument("--kernel", nargs="+", default=["all"], choices=[*KERNELS, "all"],
                         help="kernels to time in the same rounds (default: all that run on the device)")
-    parser.add_argument("--compare-before", action="store_true",
-                        help="also time the kernels as they were before the fused ones, in the same rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--bits", type=int, nargs="*", default=None, help="bit widths (default: all; --smoke: 1 4 32)")
@@ -152,19 +149,12 @@ def main(argv=None) -> int:
             for kernel in kernels:  # every kernel in the same interleaved rounds as memcpy
                 fns[(kernel, "coef_grad")] = with_kernel(kernel, lambda: proj.coef_grad(g))
                 fns[(kernel, "reconstruct")] = with_kernel(kernel, lambda: proj.reconstruct(x, out))
-            if args.compare_before:
-                from _before_kernels import BeforeProjection
-
-                before = BeforeProjection(proj)
-                fns[("before", "coef_grad")] = lambda: before.coef_grad(g)
-                fns[("before", "reconstruct")] = lambda: before.reconstruct(x, out)
             times = paired_times(fns, repeats, args.device, clock=clock)
             ideal = n * d * bits / 8
             paper = n * d * (4 if bits == 32 else 1)
             memcpy_gbps = nbytes / median(times["memcpy"]) / 1e9
             info = machine()
-            ran = {k: "before" if k == "before" else resolve_kernel(k, args.device, bits)
-                   for k in kernels + (["before"] if args.compare_before else [])}
+            ran = {k: resolve_kernel(k, args.device, bits) for k in kernels}
             for kernel in ran:
                 for name in ("coef_grad", "reconstruct"):
                     t = times[(kernel, name)]

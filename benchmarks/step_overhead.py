@@ -1,7 +1,7 @@
 """A TWA step against a plain SGD step of the same model and batch (one worker).
 
     python benchmarks/step_overhead.py [--setting resnet18|head_stage] [--quick | --smoke] [--threads T]
-                                       [--kernel auto|eager|native|triton] [--compare-before]
+                                       [--kernel auto|eager|native|triton]
 
 --setting resnet18 (default): CIFAR ResNet-18 (twa_ray.models, ~11.2M parameters), a batch of
 64 random 32x32 images, n = 20 candidates, 4 bits, one block per tensor; target <= 1.05.
@@ -12,8 +12,6 @@ update: ``optimizer.step()`` (SGD, momentum 0.9) for SGD; ``twa.step()`` (coeffi
 gradient, coefficient update, reconstruction of the weights) for TWA. The two are timed
 in alternation; the JSON line carries the median step times and the median of the
 paired ratios, plus the median time of the TWA-only part.
-``--compare-before`` adds, in the same rounds, a TWA step with the projection kernels as
-they were before the fused ones (``before_*`` in the JSON).
 
 --quick: 3 timed rounds (7 in the full run) and a batch of 32 (``batch`` in the JSON).
 --smoke: a small CNN on 8x8 inputs, batch 16, 2 rounds, the head_stage target (for the tests).
@@ -69,8 +67,6 @@ def main(argv=None) -> int:
                         help="projection kernel: auto, eager, native or triton (default: the library's, auto)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compare-before", action="store_true",
-                        help="also time a TWA step with the kernels as they were before the fused ones")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -105,12 +101,6 @@ def main(argv=None) -> int:
     note(f"{model_name}: D={base.numel()}, projection {twa.projection.nbytes / 1e6:.1f} MB, built in {build_s:.1f} s")
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
     steppers = {"sgd": None, "twa": (twa_model, twa)}
-    if args.compare_before:
-        from _before_kernels import with_before_kernels
-
-        before_model = build()
-        before_model.load_state_dict(sgd_model.state_dict())
-        steppers["before"] = (before_model, TWA(before_model, with_before_kernels(twa.projection), twa.num_blocks, lr=0.1))
 
     update: dict[str, list[float]] = {k: [] for k in steppers}
 
@@ -164,8 +154,6 @@ def main(argv=None) -> int:
         "sgd_step_s": median(sgd_times), "twa_step_s": median(twa_times),
         "twa_update_s": median(update["twa"]),  # twa.step() alone: projection kernels, coefficient update, copies
         "ratio_twa_to_sgd": ratio, "target_ratio": target, "meets_target": ratio <= target,
-        **({"before_twa_step_s": median(times["before"]), "before_twa_update_s": median(update["before"]),
-            "before_ratio_twa_to_sgd": paired_ratio(times["before"], sgd_times)} if "before" in times else {}),
         "build_s": build_s, "machine": machine(),
     })
     return 0
