@@ -107,12 +107,13 @@ class ShardingMode:
                   total_steps: int, rank: int = 0, world_size: int = 1,
                   center: torch.Tensor | None = None) -> ShardSetup:
         """This rank's TWA of ``candidate_indices`` for the ``model`` that :meth:`wrap` made;
-        ``center``: the origin (X = 0) as :meth:`round_center` keeps it (a later round), else
-        the candidates' mean. A collective."""
+        ``center``: the origin (X = 0) as :meth:`round_center` keeps it (blocks (D,), fsdp this
+        rank's rows (numel(rank),); a later round), else the candidates' mean. A collective."""
         raise NotImplementedError
 
     def round_center(self, model: nn.Module, twa: TWA) -> torch.Tensor:
-        """The end of a round: w(X), the next round's origin, as this rank keeps it (on CPU, a copy)."""
+        """The end of a round: w(X), the next round's origin, as this rank keeps it (a copy):
+        blocks (D,) on CPU, fsdp this rank's rows (numel(rank),) on its device."""
         raise NotImplementedError
 
     def state_center(self, center: torch.Tensor | None) -> torch.Tensor | None:
@@ -130,8 +131,8 @@ class ShardingMode:
         raise NotImplementedError
 
     def gather_result(self, model: nn.Module, center: torch.Tensor, rank: int, world: int) -> torch.Tensor | None:
-        """The final weights (D,) from every rank's ``center``, on rank 0 (None on the others
-        where they are not whole). A collective."""
+        """The final weights (D,), float32 on CPU, from every rank's ``center``, on rank 0 (None
+        on the others where they are not whole). A collective."""
         raise NotImplementedError
 
 
