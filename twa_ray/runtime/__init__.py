@@ -3,6 +3,7 @@ tasks and checkpoints. What the loops do with ``torch.distributed`` is ``twa_ray
 
     ray_env.py          start or join Ray, quietly; cluster resources
     trainer.py          torch_trainer: the one TorchTrainer builder of every stage
+    trainer_trace.py    the workers' start-up trace (benchmarks/startup.py; off by default)
     base_train.py       base training's driver (run_base_training, the full budget, read_final)
     base_loop.py        base training's Ray Train worker loop
     twa_train.py        TWA's driver (run_twa)

@@ -14,8 +14,6 @@ import logging
 import math
 import os
 
-from ..parallel.local_ranks import free_port
-
 log = logging.getLogger(__name__)
 
 LOCAL_ENV = {
@@ -26,6 +24,9 @@ LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # Token auth guards a cluster others can reach; a loopback-only local Ray is ours.
     "RAY_AUTH_MODE": "disabled",
+    # Train's controller polls its workers this often (2 s by default): each stage's fit()
+    # returned up to that long after its loop had ended (benchmarks/startup.py).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
@@ -73,6 +74,14 @@ def quiet_ray(verbose: bool = False) -> dict:
         import os
 
         import ray
+
+        trace = os.environ.get("TWA_RAY_STARTUP_TRACE")  # benchmarks/startup.py: runtime.trainer_trace
+        if trace:
+            import json
+            import time
+
+            with open(trace, "a") as f:
+                f.write(json.dumps({"event": "process_start", "t": time.time(), "pid": os.getpid()}) + "\n")
 
         # Ray Train's placement-group cleaner asks the State API with no address; with more
         # than one Ray on the machine (two jobs, or a test's cluster) that lookup raises
@@ -148,6 +157,8 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, object_store_
         # an early-stopped Tune trial) find the State API through this variable; without
         # it they guess, and fail when another Ray runs on the same machine. Set, not
         # defaulted: a value left from an earlier local Ray names a dashboard that is gone.
+        from ..parallel.local_ranks import free_port  # here: importing parallel loads torch
+
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .checkpoints import CHECKPOINTS_TO_KEEP
 from .ray_env import cluster_has_gpus, default_cpus_per_worker, train_logging_config, worker_runtime_env
+from .trainer_trace import traced
 
 DEFAULT_PLACEMENT = "PACK"  # Ray's own default: fill a node first
 
@@ -56,13 +57,14 @@ def torch_trainer(loop: Callable[[dict], None], loop_config: dict, workers: Work
     ``checkpoints.CHECKPOINTS_TO_KEEP`` checkpoints kept; the run name ``name`` under
     ``storage_path`` (the same name resumes the run); the workers' runtime env
     (``ray_env.worker_runtime_env``) and Train's logging (``ray_env.train_logging_config``);
-    ``callbacks`` (Tune's report callback) in the RunConfig.
+    ``callbacks`` (Tune's report callback) in the RunConfig. With ``TWA_RAY_STARTUP_TRACE`` set
+    (``benchmarks/startup.py``), ``loop`` runs behind ``trainer_trace.traced_loop``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
-        loop,
+        traced(loop),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=workers.workers, use_gpu=workers.use_gpu,

@@ -3,8 +3,9 @@
 ``load()`` compiles the C++ source with ``torch.utils.cpp_extension.load`` the first time
 a process asks for it and returns the module; the build is cached under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), in a folder named after
-the source's hash, so later processes only load it, and an edited source never meets an
-older build. cpp_extension holds a file lock while it builds: processes that start at
+the hash of the source, the flags and torch's version, so later processes only load it (the
+finished build directly, without ninja, whose path and mtime checks rebuilt it for every other
+checkout), and an edited source never meets an older build. cpp_extension holds a file lock while it builds: processes that start at
 once (Ray workers) build once, the others wait for that build. The binary is compiled
 without ``-march`` flags and picks its AVX-512, AVX2 or portable code at run time, so a
 cache shared between machines is safe. Where no compiler exists or the build fails, ``load()`` logs one
@@ -76,14 +77,45 @@ def _build():
     missing = missing_tools()
     if missing:
         return None, f"missing {', '.join(missing)}"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()  # the .so links libtorch
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    name = f"twa_ray_projection_{digest}"
+    module = _load_built(name)
+    if module is not None:
+        return module, None
     try:
-        module = _cpp_extension().load(name=f"twa_ray_projection_{digest}", sources=[str(SOURCE)],
-                                    extra_cflags=CFLAGS, verbose=False)
+        module = _cpp_extension().load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure: the eager kernels remain
         text = str(exc).strip()
         return None, f"build of {SOURCE.name} failed ({type(exc).__name__}): {text[-2000:]}"
     return module, None
+
+
+def _load_built(name: str):
+    """The module a finished earlier build left in the cache, loaded without asking ninja (None:
+    build it). Its name holds the hash of the source, the flags and torch's version, so it is
+    this source's build; ninja would rebuild it whenever the source's path or mtime differs from
+    the last build's (another checkout, a git checkout): a stage then spent up to a minute
+    compiling at start-up. Loaded under cpp_extension's lock: a build in progress ends first."""
+    import importlib.util
+
+    try:
+        folder = Path(_cpp_extension()._get_build_directory(name, verbose=False))
+    except Exception:  # noqa: BLE001 - a private helper of cpp_extension: build the usual way
+        return None
+    library = folder / f"{name}.so"
+    if not library.is_file():
+        return None
+    from filelock import FileLock  # cpp_extension's own lock (torch needs filelock): a build in progress ends first
+
+    try:
+        with FileLock(str(folder / "lock")):
+            spec = importlib.util.spec_from_file_location(name, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - a broken file: let cpp_extension rebuild it
+        return None
+    return module
 
 
 def _cpp_extension():
