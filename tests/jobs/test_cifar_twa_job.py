@@ -87,15 +87,16 @@ def test_job_writes_every_file(finished):
                 "test_acc", "time_s", "projection_bytes_per_worker"]:
         assert key in summary, key
     assert summary["num_candidates"] == 3 and summary["bits"] == 4 and summary["twa_data"] == "train"
-    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "twa"]
+    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute", "twa"]
     assert all(0 <= summary["test_acc"][k] <= 100 for k in summary["test_acc"])  # every baseline ran
     assert set(summary["test_loss"]) == set(summary["test_acc"])
     # SWA: the two epoch candidates, never the random initial weights; TWA took all three
     assert summary["swa_candidates"] == 2 and summary["twa_includes_initial"] is True
     assert summary["best_k_candidates"] == [1, 2] and summary["selected_on"] == {"best_k": "val"}
     assert set(summary["trained_on"]) == set(summary["test_acc"]) and summary["trained_on"]["twa"] == "train"
-    assert summary["epochs"] == {"base": 2, "twa": 2, "full_budget": 4} and summary["full_budget_continued"] is True
-    assert set(summary["time_s"]) == {"base_train", "twa", "full_budget", "evaluation"}
+    assert summary["epochs"] == {"base": 2, "twa": 2, "full_budget": 4, "sgd_same_compute": 4}
+    assert summary["full_budget_continued"] is True
+    assert set(summary["time_s"]) == {"base_train", "twa", "full_budget", "sgd_same_compute", "evaluation"}
     t = summary["time_s"]
     assert all(set(t[k]) == {"startup", "compute"} and t[k]["compute"] > 0 and t[k]["startup"] >= 0 for k in t)
     # the full budget continued base training: it costs base training plus its own two epochs
@@ -107,9 +108,13 @@ def test_job_writes_every_file(finished):
     assert summary["twa_epoch_vs_sgd_epoch"] > 0
     assert len(summary["projection_bytes_per_worker"]) == 1 and summary["projection_bytes_per_worker"][0] > 0
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()
-    assert {m["stage"] for m in metrics} == {"base_train", "twa", "full_budget"}
+    assert {m["stage"] for m in metrics} == {"base_train", "twa", "full_budget", "sgd_same_compute"}
     assert len([m for m in metrics if m["stage"] == "twa"]) == 2
     assert [m["epoch"] for m in metrics if m["stage"] == "full_budget"] == [3, 4]  # only the epochs it added
+    # SGD at equal compute: base training continued for TWA's 2 epochs (cosine annealed to 0 over them)
+    same = [m for m in metrics if m["stage"] == "sgd_same_compute"]
+    assert [m["epoch"] for m in same] == [3, 4] and same[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert "SGD, same compute" in proc.stdout and "SGD, same compute" in (run / "report.html").read_text()
     assert not (run / "full_budget_candidates").exists()  # and no second candidate store
     coefs = pq.read_table(run / "coefficients.parquet").to_pylist()
     assert [c["candidate"] for c in coefs] == [0, 1, 2]

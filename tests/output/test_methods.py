@@ -41,9 +41,11 @@ def legend_texts(monkeypatch, draw):
 
 
 def test_each_job_lists_its_methods_in_summary_order():
-    assert [m.name for m in job_methods(MAIN)] == ["last", "swa", "ema", "best_k", "full_budget", "twa"]
+    assert [m.name for m in job_methods(MAIN)] == ["last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute",
+                                                   "twa"]
     assert [m.name for m in job_methods(SOUP)] == ["best_individual", "uniform_soup", "greedy_soup", "twa"]
-    assert legend_order([m.name for m in job_methods(MAIN)]) == ["last", "swa", "ema", "best_k", "twa", "full_budget"]
+    assert legend_order([m.name for m in job_methods(MAIN)]) == ["last", "swa", "ema", "best_k", "twa",
+                                                                 "sgd_same_compute", "full_budget"]
     assert [m.name for m in job_methods(MAIN) if m.members] == ["last", "swa", "best_k"]
     assert [m.name for m in job_methods(SOUP) if m.soup] == ["best_individual", "uniform_soup", "greedy_soup"]
     assert {m.name: m.label for m in methods.METHODS.values()} == {
@@ -101,10 +103,10 @@ def test_soups_plot_draws_each_method_from_its_entry(median, monkeypatch, tmp_pa
     assert legend == ["greedy soup 72.00%", "TWA 73.00%", "median candidate 71.50%", "fine-tuned models"]
 
 
-def test_sgd_same_compute_is_registered_but_not_yet_produced():
+def test_sgd_same_compute_is_produced_by_the_main_job():
     entry = method("sgd_same_compute")
-    assert not entry.produced and entry.jobs == (MAIN,)
-    assert "sgd_same_compute" not in [m.name for m in job_methods(MAIN)]  # summary.json keeps its keys
+    assert entry.produced and entry.jobs == (MAIN,) and entry.members is None  # its weights come from a stage
+    assert "sgd_same_compute" in [m.name for m in job_methods(MAIN)]  # summary.json lists it
     # a summary that has it: base training plus TWA's epochs, base training's compute plus its own stage's
     summary = {**SUMMARY, "epochs": {"base": 4, "twa": 2, "full_budget": 8},
                "test_acc": {**SUMMARY["test_acc"], "sgd_same_compute": 83.5},

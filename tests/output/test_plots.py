@@ -120,6 +120,24 @@ def test_full_budget_trained_from_the_start_has_its_own_clock():
     assert (mark.epoch, mark.seconds) == (8.0, 5.0)  # its own compute only (summary.json's 5 s)
 
 
+def test_sgd_at_equal_compute_continues_base_training_and_is_marked_after_twas_epochs():
+    same = [{"stage": "sgd_same_compute", "epoch": 5, "val_acc": 83.0, "time": 1.5, "epoch_time_s": None}]
+    summary = {**SUMMARY, "epochs": {"base": 4, "twa": 1, "full_budget": 8, "sgd_same_compute": 5},
+               "test_acc": {**SUMMARY["test_acc"], "sgd_same_compute": 83.5},
+               "time_s": {**SUMMARY["time_s"], "sgd_same_compute": {"startup": 7.0, "compute": 1.5}}}
+    data = accuracy_plot(summary, METRICS + same)
+    curves = curves_by_label(data)
+    assert list(curves) == ["base training (val)", "full budget (val)", "SGD, same compute (val)"]
+    curve = curves["SGD, same compute (val)"]
+    assert (curve.epochs, curve.acc) == ([4.0, 5.0], [78.0, 83.0])  # from base training's last point
+    assert curve.seconds == pytest.approx([6.0, 7.5])
+    assert curve.color == "tab:pink"
+    marks = {m.method: m for m in data.marks}
+    assert list(marks) == ["last", "swa", "ema", "best_k", "twa", "sgd_same_compute", "full_budget"]
+    # base training's 4 epochs + TWA's 1; base training's 6 s + its own 1.5 s
+    assert (marks["sgd_same_compute"].epoch, marks["sgd_same_compute"].seconds) == (5.0, 7.5)
+
+
 def test_no_val_split_and_no_results():
     data = accuracy_plot({}, [{"stage": "base_train", "epoch": 1, "time": 1.0}])
     assert data.curves == [] and data.marks == [] and data.ylim == (0.0, 100.0) and data.epoch_ticks == []

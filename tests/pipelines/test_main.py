@@ -93,13 +93,14 @@ def test_summary_and_run_folder(run):
     evaluation = main.evaluate_run(cfg, base, twa)
     summary = main.write_run(cfg, main.Path(cfg.run_dir), base, twa, None, evaluation)
     assert json.loads((main.Path(cfg.run_dir) / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "twa"]
+    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute", "twa"]
     assert summary["test_acc"]["ema"] is None and summary["test_acc"]["full_budget"] is None
+    assert summary["test_acc"]["sgd_same_compute"] is None and summary["time_s"]["sgd_same_compute"] is None
     assert summary["test_loss"]["swa"] == evaluation.results["swa"].loss
     assert summary["swa_candidates"] == 3 and summary["best_k_candidates"] == [2, 3]
     assert summary["twa_includes_initial"] is True  # twa.candidates "all" takes candidate 0
     assert summary["trained_on"]["twa"] == "train" and summary["selected_on"] == {"best_k": "val"}
-    assert summary["epochs"] == {"base": 3, "twa": 2, "full_budget": None}
+    assert summary["epochs"] == {"base": 3, "twa": 2, "full_budget": None, "sgd_same_compute": None}
     assert summary["time_s"]["base_train"] == {"startup": 4.0, "compute": 6.0}  # 10 s wall, 3 epochs of 2 s
     assert summary["time_s"]["twa"] == {"startup": 2.5, "compute": 1.5}
     assert summary["time_s"]["full_budget"] is None and summary["cost_ratio"] is None and summary["wall_ratio"] is None
@@ -170,7 +171,8 @@ def test_a_registered_baseline_is_averaged_evaluated_and_summarised_without_othe
     assert sources["median"] == 2 and sources["first_two"] == [0, 1]  # one candidate is that candidate
     assert evaluation.members["median"] == [2]
     summary = main.twa_summary(cfg, base, twa, None, evaluation)
-    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "twa", "median", "first_two"]
+    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute", "twa",
+                                         "median", "first_two"]
     assert summary["test_acc"]["median"] == evaluation.results["median"].accuracy
     assert summary["trained_on"]["median"] == "train" and summary["selected_on"] == {"best_k": "val"}
     # with every candidate evaluated, a one-candidate method is that candidate's result, evaluated once
@@ -179,3 +181,51 @@ def test_a_registered_baseline_is_averaged_evaluated_and_summarised_without_othe
     evaluation = main.evaluate_run(cfg, base, twa)
     (sources,) = calls
     assert "median" not in sources and evaluation.results["median"] is evaluation.results["cand:2"]
+
+
+def test_sgd_at_equal_compute_is_evaluated_summarised_and_shown(run, monkeypatch):
+    """With the full budget: the full budget's and SGD at equal compute's final weights
+    (their stages' checkpoints) evaluated, summary.json's keys in the registry's order, the
+    console's table, accuracy.png and report.html list SGD at equal compute."""
+    import pyarrow.parquet as pq
+
+    from twa_ray.output.console import method_rows, results_table, row_cells
+    from twa_ray.output.report import render_report
+    from twa_ray.runtime import base_train
+
+    cfg, store, base, twa, calls = run
+    cfg.compare_full_budget = True
+    finals = {"full": store.read(candidates=[3])[0] * 1.01, "same": store.read(candidates=[3])[0] * 0.99}
+    monkeypatch.setattr(base_train, "read_final", lambda path, layout: (finals[path], None))
+    base.checkpoint_path = "base"
+    finals["base"] = store.read(candidates=[3])[0]
+    full = BaseTrainResult(None, 0, [{"epoch": e, "val_acc": 80.0, "time": 2.5} for e in (4, 5, 6)], 9.0,
+                           checkpoint_path="full")
+    same = BaseTrainResult(None, 0, [{"epoch": e, "val_acc": 79.0, "time": 2.5} for e in (4, 5)], 8.0,
+                           checkpoint_path="same")
+    evaluation = main.evaluate_run(cfg, base, twa, full, same)
+    (sources,) = calls
+    assert torch.equal(sources["sgd_same_compute"], finals["same"])
+    assert torch.equal(sources["full_budget"], finals["full"])
+    summary = main.write_run(cfg, main.Path(cfg.run_dir), base, twa, full, evaluation, same)
+    assert list(summary["test_acc"]) == ["last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute", "twa"]
+    assert list(summary["test_loss"]) == list(summary["test_acc"])
+    result = evaluation.results["sgd_same_compute"]
+    assert (summary["test_acc"]["sgd_same_compute"], summary["test_loss"]["sgd_same_compute"]) == (
+        result.accuracy, result.loss)
+    assert summary["epochs"] == {"base": 3, "twa": 2, "full_budget": 6, "sgd_same_compute": 5}  # base + TWA's
+    assert summary["time_s"]["sgd_same_compute"] == {"startup": 3.0, "compute": 5.0}  # 8 s wall, 2 epochs of 2.5 s
+    assert list(summary["time_s"]) == ["base_train", "twa", "full_budget", "sgd_same_compute", "evaluation"]
+    written = json.loads((main.Path(cfg.run_dir) / "summary.json").read_text())
+    assert written["test_acc"]["sgd_same_compute"] == result.accuracy
+    # the results table: base training's 3 epochs + TWA's 2, base training's 6 s + its own 5 s
+    cells = {r["key"]: row_cells(r) for r in method_rows(summary)}["sgd_same_compute"]
+    assert cells == ["SGD, same compute", f"{result.accuracy:.2f}", f"{result.loss:.4f}", "5", "11.0",
+                     "synthetic train"]
+    table = results_table(summary)
+    assert any(line.split("  ")[0] == "SGD, same compute" for line in table.splitlines())
+    assert table.index("full budget") < table.index("SGD, same compute") < table.index("TWA")
+    stages = pq.read_table(main.Path(cfg.run_dir) / "metrics.parquet").column("stage").to_pylist()
+    assert stages.count("sgd_same_compute") == 2  # its epochs, for accuracy.png's curve
+    html = render_report(cfg.run_dir)
+    assert "SGD, same compute" in html and f"{result.accuracy:.2f}" in html

@@ -10,10 +10,10 @@ import yaml
 
 from twa_ray.config import config_from_dict
 from twa_ray.core.params import ParamLayout
-from twa_ray.core.schedules import ScheduleSpec, lr_factor
+from twa_ray.core.schedules import ScheduleSpec, compressed_factor, lr_factor
 from twa_ray.parallel.checkpoint_files import load_checkpoint, load_checkpoint_info, save_checkpoint
 from twa_ray.runtime.base_loop import _drop_last
-from twa_ray.runtime.base_train import checkpoint_info, read_final
+from twa_ray.runtime.base_train import BaseTrainResult, checkpoint_info, read_final
 from twa_ray.store import CandidateStore
 
 pytestmark = pytest.mark.ray
@@ -188,6 +188,49 @@ def test_full_budget_continues_base_training_exactly(ray_local, two_workers, tmp
     assert (continued - in_one_go).abs().max() <= 1e-6
     assert [m["train_loss"] for m in full.metrics] == pytest.approx([m["train_loss"] for m in straight.metrics[2:]],
                                                                     abs=1e-6)
+
+
+def test_sgd_same_compute_continues_base_training_for_twas_epochs_with_the_schedule_compressed(two_workers):
+    """Base training's 2 epochs of a 4-epoch linear schedule continued for 3 epochs (TWA's,
+    more than the budget's 2 left): epochs 3-5 run, from the checkpoint, with the rest of the
+    schedule annealed to its end over their 12 steps."""
+    from twa_ray.runtime.base_train import run_sgd_same_compute_training
+
+    cfg, base = two_workers
+    same = run_sgd_same_compute_training(cfg, base, 3)
+    assert same.store_uri is None and [m["epoch"] for m in same.metrics] == [3, 4, 5]  # TWA's 3 epochs, no more
+    assert len(CandidateStore.open(base.store_uri)) == 3  # it keeps no candidates
+    info = checkpoint_info(same.checkpoint_path)
+    assert info["history"][:2] == base.metrics  # epochs 1-2 were not run again
+    assert info["step"] == 5 * STEPS_PER_EPOCH and same.run_name == "tiny-sgd-same-compute-3"
+    spec, start, steps = ScheduleSpec("linear", 4 * STEPS_PER_EPOCH), 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH
+    # each epoch's lr is its last step's: continuation steps 3, 7 and 11
+    expected = [0.1 * compressed_factor(j, spec, start, steps) for j in (3, 7, 11)]
+    assert [m["lr"] for m in same.metrics] == pytest.approx(expected, abs=1e-9)
+    # the budget's 8 steps left spread over 12: slower down, to the same end
+    assert expected[0] > 0.1 * lr_factor(start + 3, spec) and expected[-1] == 0.0
+    assert run_sgd_same_compute_training(cfg, BaseTrainResult(None, 0), 3) is None  # nothing to continue from
+
+
+def test_sgd_same_compute_over_the_budgets_epochs_left_is_the_full_budget(ray_local, tmp_path):
+    """A step schedule continued for exactly the epochs its budget has left decays at the same
+    steps: the continuation equals training the whole budget in one go (the checkpoint's
+    weights, momentum and step are where it starts; base training's epochs are not repeated)."""
+    from twa_ray.runtime.base_train import run_base_training, run_sgd_same_compute_training
+
+    raw = tiny_raw(tmp_path / "step", schedule="step", workers=1)
+    base = run_base_training(config_from_dict(raw))
+    same = run_sgd_same_compute_training(config_from_dict(raw), base, 2)
+    assert [m["epoch"] for m in same.metrics] == [3, 4]
+    straight = run_base_training(config_from_dict(tiny_raw(tmp_path / "straight", schedule="step", workers=1,
+                                                           epochs=4)))
+    store = CandidateStore.open(base.store_uri)
+    continued, _ = final(same, store)
+    in_one_go, _ = final(straight, store)
+    assert (continued - in_one_go).abs().max() <= 1e-6
+    assert [m["train_loss"] for m in same.metrics] == pytest.approx([m["train_loss"] for m in straight.metrics[2:]],
+                                                                    abs=1e-6)
+    assert [m["lr"] for m in same.metrics] == pytest.approx([m["lr"] for m in straight.metrics[2:]])
 
 
 def test_a_reused_store_finds_base_trainings_last_checkpoint(two_workers):

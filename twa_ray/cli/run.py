@@ -65,12 +65,14 @@ def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
 
     # 3. optional: base training continued to the end of its schedule (None unless compare_full_budget)
     full = pipeline.train_full_budget(cfg, base)
+    # ... and with it SGD at equal compute: base training continued for TWA's epochs, schedule compressed
+    same = pipeline.train_sgd_same_compute(cfg, base, twa)
 
-    # 4. test-split evaluation in parallel tasks: last, SWA, EMA, best-k, TWA (+ full budget)
-    results = pipeline.evaluate_run(cfg, base, twa, full)
+    # 4. test-split evaluation in parallel tasks: last, SWA, EMA, best-k, TWA (+ full budget, SGD same compute)
+    results = pipeline.evaluate_run(cfg, base, twa, full, same)
 
     # 5. the run folder, then config.json: marks the run complete for this config
-    summary = pipeline.write_run(cfg, run_dir, base, twa, full, results)
+    summary = pipeline.write_run(cfg, run_dir, base, twa, full, results, same)
     finish(run_dir, summary, cfg.report.tensorboard)
     return 0
 

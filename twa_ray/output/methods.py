@@ -233,9 +233,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # base training continued from its last checkpoint to the end of its schedule: its own stage
     Method("full_budget", "full budget", style=Style("tab:red", "X", 6), cost=to_budget_end),
     # base training continued from its last checkpoint for TWA's epochs, the rest of its schedule
-    # compressed into them (core.schedules.compressed_factor); no pipeline trains it yet
-    Method("sgd_same_compute", "SGD, same compute", style=Style("tab:pink", "h", 5), cost=same_compute_as_twa,
-           produced=False),
+    # compressed into them (core.schedules.compressed_factor): its own stage, in every run with the full budget
+    Method("sgd_same_compute", "SGD, same compute", style=Style("tab:pink", "h", 5), cost=same_compute_as_twa),
     Method("best_individual", "best individual", jobs=(SOUP,), style=Style("tab:blue", line=":"),
            cost=soup_selection, soup=best_individual_soup),
     Method("uniform_soup", "uniform soup", jobs=(SOUP,), style=Style("tab:orange", line="--"),

@@ -195,14 +195,15 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
     """accuracy.png's series from a main-job run folder: ``summary`` (summary.json) and
     ``metrics`` (metrics.parquet's rows: ``stage``, ``epoch``, ``val_acc``, ``time``...).
 
-    Curves: the val accuracy by epoch of base training and of the full-budget run (a
-    continuation starts at base training's last point); with ``test_curve`` (epochs, test
-    accuracies of the evaluated candidates) that too. Marks: the test accuracy of each
-    method whose registry entry (``output.methods``) has a marker, at the epochs and compute
-    seconds of the results table (``console.method_rows``), in the entries' legend order:
-    last, SWA, EMA, best-k at base training's end, TWA after its epochs, the full budget at
-    the budget's end. Compute seconds count the training loops only (the epochs' ``time``);
-    a curve or mark without them has no point on the seconds panel. Whatever the run
+    Curves: the val accuracy by epoch of base training, of the full-budget run and of SGD at
+    equal compute (a continuation starts at base training's last point); with ``test_curve``
+    (epochs, test accuracies of the evaluated candidates) that too. Marks: the test accuracy
+    of each method whose registry entry (``output.methods``) has a marker, at the epochs and
+    compute seconds of the results table (``console.method_rows``), in the entries' legend
+    order: last, SWA, EMA, best-k at base training's end, TWA and SGD at equal compute after
+    TWA's epochs, the full budget at the budget's end. Compute seconds count the training
+    loops only (the epochs' ``time``); a curve or mark without them has no point on the
+    seconds panel. Whatever the run
     lacks (no full budget, no EMA, no val split) is left out.
     """
     base_rows, full_rows = _stage(metrics, "base_train"), _stage(metrics, "full_budget")
@@ -215,21 +216,11 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
     if test_curve is not None and len(test_curve[0]):
         epochs = [float(e) for e in test_curve[0]]
         curves.append(Curve("candidates (test)", epochs, list(test_curve[1]), _at(base_clock, epochs), "--"))
-    epochs, acc = val_curve(full_rows)
-    if epochs:
-        continued = summary.get("full_budget_continued")
-        if continued is None:
-            continued = epochs[0] > 1
-        start_epoch, start_s = 0.0, 0.0
-        if continued:
-            start_epoch = epochs[0] - 1
-            start_s = base_clock[1][-1] if base_clock is not None and base_clock[0][-1] == start_epoch else None
-        seconds = _at(_clock(full_rows, start_epoch, start_s), epochs) if start_s is not None else None
-        if continued and base is not None and base.epochs[-1] == start_epoch:  # join base training's last point
-            epochs, acc = [start_epoch] + epochs, [base.acc[-1]] + acc
-            seconds = None if seconds is None or base.seconds is None else [base.seconds[-1]] + seconds
-        full = method("full_budget")
-        curves.append(Curve(f"{full.label} (val)", epochs, acc, seconds, color=full.style.color))
+    for name, continued in (("full_budget", summary.get("full_budget_continued")), ("sgd_same_compute", True)):
+        curve = _continuation(name, full_rows if name == "full_budget" else _stage(metrics, name), continued, base,
+                              base_clock)
+        if curve is not None:
+            curves.append(curve)
     marks = {r["key"]: Mark(r["key"], r["method"], float(r["epochs"]), r["test_acc"], r["compute_s"])
              for r in method_rows(summary) if method(r["key"]).style.marker and r["epochs"] is not None}
     marks = [marks[name] for name in legend_order(list(marks))]
@@ -238,12 +229,34 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
     return AccuracyPlot(curves, marks, y_limits(curves, marks), ticks)
 
 
+def _continuation(name: str, rows: Sequence[Mapping], continued: bool | None, base: Curve | None,
+                  base_clock: tuple[list[float], list[float]] | None) -> Curve | None:
+    """The val curve of the stage ``name`` that trains on from base training (the full budget,
+    SGD at equal compute): a continuation (``continued``; None: when its first epoch is past 1)
+    starts at base training's last point. None when the stage has no val accuracies."""
+    epochs, acc = val_curve(rows)
+    if not epochs:
+        return None
+    if continued is None:
+        continued = epochs[0] > 1
+    start_epoch, start_s = 0.0, 0.0
+    if continued:
+        start_epoch = epochs[0] - 1
+        start_s = base_clock[1][-1] if base_clock is not None and base_clock[0][-1] == start_epoch else None
+    seconds = _at(_clock(rows, start_epoch, start_s), epochs) if start_s is not None else None
+    if continued and base is not None and base.epochs[-1] == start_epoch:  # join base training's last point
+        epochs, acc = [start_epoch] + epochs, [base.acc[-1]] + acc
+        seconds = None if seconds is None or base.seconds is None else [base.seconds[-1]] + seconds
+    entry = method(name)
+    return Curve(f"{entry.label} (val)", epochs, acc, seconds, color=entry.style.color)
+
+
 def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping],
                   test_curve: tuple[Sequence[float], Sequence[float]] | None = None) -> AccuracyPlot:
     """Draw accuracy.png (``accuracy_plot``'s series): accuracy against epochs and, where
     the run measured its epochs' times, against compute seconds. Returns the series."""
     data = accuracy_plot(summary, metrics, test_curve)
-    panels = [("epoch", "epochs of training (base, then TWA or the full budget)")]
+    panels = [("epoch", "epochs of training (base, then TWA, SGD or the full budget)")]
     if data.has_seconds:
         panels.append(("seconds", "compute seconds (training loops, start-up excluded)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.0), squeeze=False, sharey=True)

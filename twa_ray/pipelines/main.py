@@ -3,7 +3,10 @@
     ensure_candidates  base training on Ray Train -> the candidate store (or the store it already filled)
     train_twa          sharded TWA on Ray Train over the stored candidates
     train_full_budget  optional: base training continued to the end of its schedule (the full budget)
-    evaluate_run       test accuracy of last, SWA, EMA, best-k, TWA (and the full budget), in parallel tasks
+    train_sgd_same_compute  with the full budget: base training continued for TWA's epochs, the
+                       rest of the schedule compressed into them (SGD at equal compute)
+    evaluate_run       test accuracy of last, SWA, EMA, best-k, TWA (the full budget, SGD at equal
+                       compute), in parallel tasks
     write_run          the run folder (``output.run_folder``), then config.json: the run is complete
 
 Ray must be running (``runtime.ray_env.init_ray``) before the first stage. Before it,
@@ -14,7 +17,7 @@ Every model gets the same BatchNorm recalibration (``twa.bn_batches`` shuffled t
 batches). The methods compared, their order in summary.json and the candidates each
 baseline averages (its members rule) come from the registry ``output.methods``
 (``job_methods("main")``); the stages here make the weights no rule picks (EMA, the full
-budget, TWA).
+budget, SGD at equal compute, TWA).
 """
 from __future__ import annotations
 
@@ -137,6 +140,22 @@ def train_full_budget(cfg: Config, base):
     return run_full_budget_training(cfg, base)
 
 
+def twa_total_epochs(cfg: Config, twa) -> int:
+    """TWA's epochs over all its rounds (summary.json's ``epochs.twa``)."""
+    return cfg.twa.epochs * len(twa.rounds)
+
+
+def train_sgd_same_compute(cfg: Config, base, twa):
+    """Stage 3b: with ``compare_full_budget``, SGD at equal compute: base training continued
+    from ``base``'s last checkpoint for TWA's epochs (all rounds), the rest of the schedule
+    compressed into them (no candidates kept); else None (and None without that checkpoint)."""
+    if not cfg.compare_full_budget:
+        return None
+    from ..runtime.base_train import run_sgd_same_compute_training
+
+    return run_sgd_same_compute_training(cfg, base, twa_total_epochs(cfg, twa))
+
+
 @dataclass
 class RunEvaluation:
     """What stage 4 measured: ``run.results`` per method (and "cand:<index>" with
@@ -151,11 +170,12 @@ class RunEvaluation:
         return self.run.results
 
 
-def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
-    """Stage 4: test accuracy of last, SWA, EMA, best-k, TWA (with its state_dict) and the
-    full budget, each once, in parallel Ray tasks; with ``eval.candidates`` every stored
-    candidate too ("cand:<index>", and a method of one candidate, "last", is its result). A baseline
-    with nothing to average (no val accuracies for best-k, no EMA) is left out."""
+def evaluate_run(cfg: Config, base, twa, full=None, same=None) -> RunEvaluation:
+    """Stage 4: test accuracy of last, SWA, EMA, best-k, TWA (with its state_dict), the
+    full budget and SGD at equal compute (``same``), each once, in parallel Ray tasks; with
+    ``eval.candidates`` every stored candidate too ("cand:<index>", and a method of one
+    candidate, "last", is its result). A baseline with nothing to average (no val accuracies
+    for best-k, no EMA) or not trained (no full budget) is left out."""
     from ..runtime.base_train import read_final
 
     store = CandidateStore.open(base.store_uri)
@@ -182,6 +202,8 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
             sources["ema"] = ema
     if full is not None:
         sources["full_budget"] = read_final(full.checkpoint_path, layout)[0]
+    if same is not None:
+        sources["sgd_same_compute"] = read_final(same.checkpoint_path, layout)[0]
     sources["twa"] = twa.weights
     run = evaluate_parallel(cfg, sources, base.store_uri, os.getcwd(), keep_state=("twa",),
                             max_tasks=cfg.eval.workers)
@@ -190,15 +212,17 @@ def evaluate_run(cfg: Config, base, twa, full=None) -> RunEvaluation:
     return RunEvaluation(run, members, initial)
 
 
-def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvaluation) -> dict:
+def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvaluation, same=None) -> dict:
     """Stage 5: the run folder (summary.json, metrics, coefficients, model.pt, plots), then
     config.json, which with summary.json marks the run complete (both removed before the
     first file is written: ``runs.write_complete_run``). Returns the summary."""
-    summary = twa_summary(cfg, base, twa, full, evaluation)
+    summary = twa_summary(cfg, base, twa, full, evaluation, same)
     summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
     metrics = stage_rows("base_train", base.metrics) + stage_rows("twa", twa.history)
     if full is not None:
         metrics += stage_rows("full_budget", full.metrics)
+    if same is not None:
+        metrics += stage_rows("sgd_same_compute", same.metrics)
     test_curve = candidate_curve(base.store_uri, evaluation.results) if cfg.eval.candidates else None
     mixing = run_mixing(base.store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
     write_complete_run(cfg, run_dir, lambda: write_run_folder(
@@ -263,7 +287,7 @@ def _epoch_examples(cfg: Config) -> tuple[int, int]:
     return len(splits.train), len(twa_datasets(cfg, splits)[0])
 
 
-def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict:
+def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=None) -> dict:
     """summary.json of the main job (README "What a run leaves behind" explains each key)."""
     results, members = evaluation.results, evaluation.members
     continued = full is not None and not any(m.get("epoch") == 1 for m in full.metrics)
@@ -271,6 +295,7 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict
         "base_train": stage_time(base.wall_time_s, base.compute_s),
         "twa": stage_time(twa.wall_time_s, sum(h.get("epoch_time_s", 0.0) for h in twa.history)),
         "full_budget": None if full is None else stage_time(full.wall_time_s, full.compute_s),
+        "sgd_same_compute": None if same is None else stage_time(same.wall_time_s, same.compute_s),
         "evaluation": stage_time(evaluation.run.wall_s, evaluation.run.compute_s),
     }
     cost, wall = cost_ratios(times, continued)
@@ -290,8 +315,9 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation) -> dict
         "base_epochs": cfg.train.epochs,
         "budget_epochs": cfg.train.schedule_epochs,
         "twa_epochs": cfg.twa.epochs,
-        "epochs": {"base": cfg.train.epochs, "twa": cfg.twa.epochs * len(twa.rounds),
-                   "full_budget": cfg.train.schedule_epochs if full is not None else None},
+        "epochs": {"base": cfg.train.epochs, "twa": twa_total_epochs(cfg, twa),
+                   "full_budget": cfg.train.schedule_epochs if full is not None else None,
+                   "sgd_same_compute": cfg.train.epochs + twa_total_epochs(cfg, twa) if same is not None else None},
         "test_acc": {m.name: results[m.name].accuracy if m.name in results else None for m in methods},
         "test_loss": {m.name: results[m.name].loss if m.name in results else None for m in methods},
         "trained_on": {m.name: m.trained_on(cfg) for m in methods},

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import Config, TrainConfig, config_from_dict
 from ..core.baselines import ema_decay, ema_update_
 from ..core.params import trainable_parameters
-from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
+from ..core.schedules import ScheduleSpec, make_compressed_scheduler, make_optimizer, make_scheduler
 from ..data import DataSplits
 from ..data.from_config import splits_from_config
 from ..models.from_config import model_from_config
@@ -65,9 +65,10 @@ def train_loop_per_worker(config: dict) -> None:
     tc = t.cfg.train
     if t.writer is not None and tc.save_initial and t.start_epoch == 1:  # a resumed run has no initial weights
         t.writer.save(t.net, kind="initial", step=0, lr=t.optimizer.param_groups[0]["lr"], metrics={})
-    progress = Progress("base training", total=tc.epochs, steps_per_unit=t.steps_per_epoch, start=t.start_epoch - 1,
+    last = _last_epoch(config, tc)
+    progress = Progress("base training", total=last, steps_per_unit=t.steps_per_epoch, start=t.start_epoch - 1,
                         logger=log)
-    for epoch in range(t.start_epoch, tc.epochs + 1):
+    for epoch in range(t.start_epoch, last + 1):
         inject_fault("base", "epoch", epoch, t.rank, t.world, config["run_storage"], fail_at=t.cfg.debug.fail_at_epoch)
         metrics = _train_epoch(t, epoch, progress)
         t.history.append(metrics)
@@ -120,14 +121,22 @@ def _setup(config: dict) -> _Trainer:
         mode.check_checkpoint(state, checkpoint.path)
     net, model = mode.wrap_for_training(net, world, device, ray.train.torch.prepare_model, state)
     optimizer = make_optimizer(net.parameters(), tc.optimizer, tc.lr, tc.momentum, tc.weight_decay, tc.nesterov)
-    scheduler = make_scheduler(optimizer, ScheduleSpec(
+    spec = ScheduleSpec(
         kind=tc.schedule, total_steps=tc.schedule_epochs * steps_per_epoch, warmup_frac=tc.warmup,
         milestones=tc.milestones, gamma=tc.gamma, final_factor=tc.final_lr_factor, swa_start=tc.swa_start,
         epochs=tc.schedule_epochs,
-    ))
+    )
+    compress = config.get("compress")  # SGD at equal compute: {"start_step", "epochs"} of its continuation
+    scheduler = (make_scheduler(optimizer, spec) if not compress else make_compressed_scheduler(
+        optimizer, spec, int(compress["start_step"]), int(compress["epochs"]) * steps_per_epoch))
     load = functools.partial(load_shards, checkpoint) if checkpoint is not None else None
     ema = mode.load_training(net, optimizer, state, rank, load)
-    if state is not None:
+    if state is not None and compress and ray.train.get_checkpoint() is None:
+        # the continuation starts from base training's checkpoint: its own schedule, from its first lr
+        # (loading base training's optimizer brought back base training's last one)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    elif state is not None:
         scheduler.load_state_dict(state["scheduler"])
     writer = None
     if config.get("write_candidates", True):  # rank 0's decides what is saved; the mode's writes it
@@ -137,9 +146,15 @@ def _setup(config: dict) -> _Trainer:
     start_epoch = int(info.get("epoch", 0)) + 1
     if rank == 0:
         log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
-                 world, device, num_train, steps_per_epoch, start_epoch, tc.epochs, tc.schedule_epochs)
+                 world, device, num_train, steps_per_epoch, start_epoch, _last_epoch(config, tc), tc.schedule_epochs)
     return _Trainer(cfg, rank, world, device, splits, mode, net, model, optimizer, scheduler, drop_last,
                     steps_per_epoch, writer, start_epoch, int(info.get("step", 0)), list(info.get("history", [])), ema)
+
+
+def _last_epoch(config: dict, tc: TrainConfig) -> int:
+    """The last epoch to run: ``train.epochs``, or SGD at equal compute's own (``compress``)."""
+    compress = config.get("compress")
+    return tc.epochs if not compress else int(compress["from_epoch"]) + int(compress["epochs"])
 
 
 def _load_splits(cfg: Config, local_rank: int, world: int, device: torch.device) -> DataSplits:

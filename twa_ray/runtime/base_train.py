@@ -32,7 +32,9 @@ whose workers run ``base_loop.train_loop_per_worker``:
   candidates already in the store (same global step) are not written twice.
 - The full-budget comparison (:func:`run_full_budget_training`) continues from base
   training's last checkpoint to the end of the schedule and writes no candidates: its
-  first epochs are base training's by construction.
+  first epochs are base training's by construction. SGD at equal compute
+  (:func:`run_sgd_same_compute_training`) continues it for TWA's epochs instead, the rest of
+  the schedule compressed into them (``core.schedules.make_compressed_scheduler``).
 
 Base training reads ``splits.train`` only. ``splits.val`` is evaluated each epoch for
 monitoring (val_acc, val_loss); it trains nothing here. The test split is never read.
@@ -103,6 +105,7 @@ def run_base_training(
     cpus_per_worker: float | None = None,
     init_checkpoint: str | None = None,
     write_candidates: bool = True,
+    compress: dict | None = None,
 ) -> BaseTrainResult:
     """Train ``cfg.model`` on ``cfg.data``'s train split with Ray Train and fill the candidate store.
 
@@ -119,6 +122,10 @@ def run_base_training(
         init_checkpoint: a base-training checkpoint (path or URI) to continue from when the
             run has none of its own yet.
         write_candidates: False: save no candidates (the full-budget continuation).
+        compress: {"from_epoch", "start_step", "epochs"}: run epochs ``from_epoch`` + 1 ..
+            ``from_epoch + epochs`` from ``init_checkpoint`` (taken after ``start_step`` steps) with
+            the schedule's rest compressed into them (``core.schedules.make_compressed_scheduler``):
+            SGD at equal compute, :func:`run_sgd_same_compute_training`.
 
     Ray must be initialised (``twa_ray.runtime.ray_env.init_ray``). Raises ``ConfigError`` for an
     invalid config and Ray's ``TrainingFailedError`` when the workers fail more than
@@ -140,11 +147,12 @@ def run_base_training(
     trainer = torch_trainer(
         train_loop_per_worker,
         {"config": raw, "run_storage": store_fs.join(storage, name), "init_checkpoint": init_checkpoint,
-         "write_candidates": write_candidates},
+         "write_candidates": write_candidates, "compress": compress},
         workers, name=name, storage_path=storage, max_failures=cfg.train.max_failures,
     )
     log.info("base training %s: %s, %d epochs of a %d-epoch schedule, store %s", name, workers.describe(),
-             raw["train"]["epochs"], cfg.train.schedule_epochs, raw["store"])
+             raw["train"]["epochs"] if compress is None else compress["from_epoch"] + compress["epochs"],
+             cfg.train.schedule_epochs, raw["store"])
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
@@ -189,6 +197,31 @@ def run_full_budget_training(cfg: Config, base: BaseTrainResult | None = None, *
                              **kwargs)
     full.metrics = [m for m in full.metrics if m.get("epoch", 0) > continued_from]
     return full
+
+
+def run_sgd_same_compute_training(cfg: Config, base: BaseTrainResult | None, epochs: int,
+                                  **kwargs: Any) -> BaseTrainResult | None:
+    """SGD at equal compute: base training continued from ``base``'s last checkpoint (model,
+    optimizer, EMA, step) for ``epochs`` epochs (TWA's, over its rounds), the rest of the
+    budget's schedule compressed into them (``core.schedules.make_compressed_scheduler``:
+    step decays at the same fractions of the continuation, cosine and linear annealed to
+    their final value). Base training's epochs are not run again; no candidates are written;
+    the final weights are in the result's ``checkpoint_path``, its ``metrics`` are the
+    epochs it ran itself. None (a warning says why) without base training's checkpoint.
+    Run ``<name>-sgd-same-compute-<epochs>``; ``kwargs`` go to :func:`run_base_training`.
+    """
+    start = base.checkpoint_path if base is not None else None
+    if start is None or epochs < 1:
+        log.warning("SGD at equal compute: %s; left out", "no base-training checkpoint to continue from"
+                    if start is None else f"TWA trained {epochs} epochs")
+        return None
+    info = checkpoint_info(start)
+    continued_from = int(info.get("epoch", 0))
+    kwargs.setdefault("run_name", f"{cfg.name}-sgd-same-compute-{epochs}")
+    compress = {"from_epoch": continued_from, "start_step": int(info.get("step", 0)), "epochs": epochs}
+    result = run_base_training(cfg, init_checkpoint=start, write_candidates=False, compress=compress, **kwargs)
+    result.metrics = [m for m in result.metrics if m.get("epoch", 0) > continued_from]
+    return result
 
 
 def checkpoint_info(path: str) -> dict:
