@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, config_from_dict, config_to_dict
+from ..config import Config, config_from_dict, config_to_dict, settle_locations
 from ..core.params import ParamLayout, flatten_state
 from ..store import CandidateStore
 from ..store import fs as store_fs
@@ -131,18 +131,16 @@ def run_base_training(
     invalid config and Ray's ``TrainingFailedError`` when the workers fail more than
     ``train.max_failures`` times.
     """
+    cfg = settle_locations(cfg)  # a job's config is settled already; workers run in another cwd
     raw = config_to_dict(cfg)
-    run_dir = store_fs.absolute(cfg.run_dir)
-    raw["output_dir"] = run_dir
-    raw["store"] = store_fs.absolute(store_uri or cfg.store_uri)
-    raw["data"]["root"] = store_fs.absolute(cfg.data.root)  # workers run in another cwd
+    raw["store"] = store_uri or cfg.store_uri
     if epochs is not None:
         raw["train"]["epochs"] = epochs
         raw["train"]["budget_epochs"] = cfg.train.schedule_epochs
     config_from_dict(raw, where="run_base_training")  # fail here, not in every worker
 
     name = run_name or f"{cfg.name}-base"
-    storage = store_fs.absolute(storage_path or store_fs.join(run_dir, "ray"))
+    storage = storage_path or cfg.ray_storage
     workers = WorkerGroup.of(cfg.train, cpus_per_worker)
     trainer = torch_trainer(
         train_loop_per_worker,

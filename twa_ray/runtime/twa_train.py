@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, check_twa_start, config_to_dict, select_candidates, settings_fingerprint, sharding_problems
+from ..config import (Config, check_twa_start, config_to_dict, select_candidates, settings_fingerprint, settle_locations,
+                      sharding_problems, without_locations)
 from ..core.blocks import make_blocks
 from ..parallel.sharding import sharding_mode
 from ..store import CandidateStore
@@ -60,7 +61,7 @@ def chosen_candidates(cfg: Config, store: CandidateStore) -> list[int]:
 def twa_run_name(cfg: Config, store_uri: str, candidates: list[int]) -> str:
     """Deterministic per (TWA settings, data, model, candidates): a re-run resumes, a change starts afresh."""
     raw = config_to_dict(cfg)
-    key = {"twa": raw["twa"], "data": raw["data"], "model": raw["model"], "seed": cfg.seed, "store": store_uri,
+    key = {"twa": raw["twa"], "data": without_locations(raw)["data"], "model": raw["model"], "seed": cfg.seed, "store": store_uri,
            "candidates": candidates, "debug": raw["debug"]}
     return f"{cfg.name}-twa-{settings_fingerprint(key)}"
 
@@ -74,8 +75,8 @@ def run_twa(
     callbacks: list | None = None,
 ) -> TWAResult:
     """Run sharded TWA on ``cfg.twa.workers`` Ray Train workers and return the result."""
+    cfg = settle_locations(cfg)  # a job's config is settled already; workers run in another cwd
     store_uri = store_uri or cfg.store_uri
-    store_uri = store_fs.absolute(store_uri)
     store = CandidateStore.open(store_uri)
     candidates = chosen_candidates(cfg, store)
     num_blocks = len(make_blocks(store.numels, cfg.twa.granularity))
@@ -87,8 +88,8 @@ def run_twa(
     if batch_size < cfg.twa.workers:
         raise ValueError(f"a global batch of {batch_size} (twa.batch_size or data.batch_size) leaves some of the "
                          f"twa.workers={cfg.twa.workers} workers without an example")
-    run_dir = store_fs.absolute(cfg.run_dir)
-    storage = storage_path or store_fs.join(run_dir, "ray")
+    run_dir = cfg.run_dir
+    storage = storage_path or cfg.ray_storage
     trainer = torch_trainer(
         twa_train_loop,
         {"cfg": config_to_dict(cfg), "store_uri": store_uri, "candidates": candidates, "cwd": os.getcwd(),
