@@ -31,7 +31,7 @@ STORAGE_ROOT_ENV = "TWA_RAY_STORAGE_ROOT"
 
 def on_cluster(environ: Mapping[str, str] | None = None) -> bool:
     """True when the job joins a Ray cluster: ``RAY_ADDRESS`` is set (``ray job submit`` sets
-    it for every driver it starts, and ``distributed.ray_env.init_ray`` then joins it)."""
+    it for every driver it starts, and ``runtime.ray_env.init_ray`` then joins it)."""
     return bool((os.environ if environ is None else environ).get("RAY_ADDRESS"))
 
 

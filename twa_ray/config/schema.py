@@ -148,11 +148,11 @@ class TWAConfig(OptimConfig, WorkersConfig):
     bn_batches: int | None = 50
     max_chunk_bytes: int = 8 << 20  # temporary memory of the projection kernels
     # projection kernels: auto (native C++ on CPU where it builds, else eager), eager, native
-    # or triton (CUDA; opt-in until measured on a GPU); twa_ray.core.projection says more
+    # or triton (CUDA; opt-in until measured on a GPU); twa_ray.core.kernels says more
     kernel: str = "auto"
     # how twa.sharding: blocks exchanges the gradient and the weights each step: auto (ring on
     # gloo, sharded elsewhere), sharded (reduce-scatter + all-gather), all_reduce or ring;
-    # twa_ray.distributed.collectives says why
+    # twa_ray.parallel.exchanges says why
     exchange: str = "auto"
     checkpoint_every_steps: int | None = None  # besides each epoch
     # how Ray places the workers (its placement group strategy): PACK fills a node first;

@@ -33,7 +33,6 @@ import torch
 
 from .kernels import AUTO, Kernel, kernel_names, make_kernel, resolve_kernel
 from .kernels.chunks import SUM_PIECE
-from .kernels.chunks import plan_chunks as _plan_chunks  # noqa: F401 - benchmarks/_before_kernels.py imports it here
 from .quant import check_bits, dequantize, pack_bits, packed_bytes, quantize, unpack_bits
 from .subspace import RAW_BASES, block_coords, build_basis, check_start, start_point
 
