@@ -101,7 +101,8 @@ def test_the_yaml_keys_of_train_and_twa_are_unchanged():
     assert sorted(raw["train"]) == sorted([
         "epochs", "budget_epochs", "workers", "sharding", "cpus_per_worker", "max_failures", "use_gpu", "optimizer",
         "lr", "momentum", "weight_decay", "nesterov", "schedule", "warmup", "milestones", "gamma", "final_lr_factor",
-        "swa_start", "label_smoothing", "grad_clip", "save_initial", "save_every_steps", "save_from_epoch"])
+        "swa_start", "label_smoothing", "grad_clip", "save_initial", "save_every_steps", "save_from_epoch",
+        "placement_strategy"])  # the one key added: train's workers are placed as twa's are
     assert sorted(raw["twa"]) == sorted([
         "workers", "sharding", "use_gpu", "bits", "granularity", "basis", "start", "data", "select_ratio",
         "select_eval", "epochs", "lr", "optimizer", "momentum", "weight_decay", "nesterov", "schedule", "warmup",
@@ -120,3 +121,15 @@ def test_the_shared_fields_are_checked_in_both_stages_naming_the_stage(override,
     with pytest.raises(twa_ray.config.ConfigError) as err:
         config_from_dict({}, "cfg", [override])
     assert f"cfg: {message}" in str(err.value)
+
+
+def test_the_placement_strategy_is_a_worker_setting_of_both_stages():
+    """train.placement_strategy joined twa's (a WorkersConfig field): checked in both, naming the stage."""
+    from twa_ray.config import ConfigError, WorkersConfig
+
+    assert "placement_strategy" in {f.name for f in dataclasses.fields(WorkersConfig)}
+    cfg = config_from_dict({"train": {"placement_strategy": "SPREAD"}})
+    assert (cfg.train.placement_strategy, cfg.twa.placement_strategy) == ("SPREAD", "PACK")
+    for stage in ("train", "twa"):
+        with pytest.raises(ConfigError, match=rf"{stage}.placement_strategy: 'EVERYWHERE' is not one of"):
+            config_from_dict({stage: {"placement_strategy": "EVERYWHERE"}})

@@ -65,6 +65,9 @@ class WorkersConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: a single node's CPUs shared by the workers
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    # how Ray places the workers (its placement group strategy): PACK fills a node first;
+    # STRICT_SPREAD puts each worker on a different node, SPREAD does so where it can
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -155,9 +158,6 @@ class TWAConfig(OptimConfig, WorkersConfig):
     # twa_ray.parallel.exchanges says why
     exchange: str = "auto"
     checkpoint_every_steps: int | None = None  # besides each epoch
-    # how Ray places the workers (its placement group strategy): PACK fills a node first;
-    # STRICT_SPREAD puts each worker on a different node, SPREAD does so where it can
-    placement_strategy: str = "PACK"
 
 
 @dataclass

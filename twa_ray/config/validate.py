@@ -76,6 +76,8 @@ def _stage_problems(section: str, stage: TrainConfig | TWAConfig, min_epochs: in
         (stage.epochs >= min_epochs, "epochs", f"{stage.epochs} is too small"),
         (stage.lr > 0, "lr", f"{stage.lr} is not > 0"),
         (0.0 <= stage.warmup < 1.0, "warmup", f"{stage.warmup} is not in [0, 1)"),
+        (stage.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+         f"{stage.placement_strategy!r} is not one of {list(PLACEMENT_STRATEGIES)}"),
     ]
     return [(f"{section}.{key}", message) for ok, key, message in checks if not ok]
 
@@ -130,8 +132,6 @@ def config_problems(cfg: Config, where: str) -> list[str]:
     check(0.0 <= cfg.baselines.ema_decay < 1.0, "baselines.ema_decay", f"{cfg.baselines.ema_decay} is not in [0, 1)")
     check(cfg.baselines.best_k >= 1, "baselines.best_k", f"{cfg.baselines.best_k} is not >= 1")
     check(cfg.eval.workers is None or cfg.eval.workers >= 1, "eval.workers", f"{cfg.eval.workers} is not >= 1")
-    check(cfg.twa.placement_strategy in PLACEMENT_STRATEGIES, "twa.placement_strategy",
-          f"{cfg.twa.placement_strategy!r} is not one of {list(PLACEMENT_STRATEGIES)}")
     check(cfg.storage_root is None or is_absolute_location(cfg.storage_root), "storage_root",
           f"{cfg.storage_root!r} is not an absolute path or a URI (e.g. /shared/twa or s3://bucket/prefix)")
     return errors

@@ -33,14 +33,13 @@ class WorkerGroup:
         """The group a config section asks for (``train`` or ``twa``: ``workers``, ``use_gpu``,
         ``cpus_per_worker``, ``placement_strategy``), resolved against the cluster: GPUs when
         ``use_gpu`` is None and the cluster has them; ``cpus_per_worker`` (this argument, else
-        the section's) None: ``ray_env.default_cpus_per_worker``. A section without
-        ``placement_strategy`` (``train``) gets Ray's default. Ray must be initialised."""
+        the section's) None: ``ray_env.default_cpus_per_worker``. Ray must be initialised."""
         cpus = cpus_per_worker if cpus_per_worker is not None else section.cpus_per_worker
         return cls(
             workers=section.workers,
             cpus_per_worker=cpus if cpus is not None else default_cpus_per_worker(section.workers),
             use_gpu=section.use_gpu if section.use_gpu is not None else cluster_has_gpus(),
-            placement_strategy=getattr(section, "placement_strategy", DEFAULT_PLACEMENT),
+            placement_strategy=section.placement_strategy,
         )
 
     def describe(self) -> str:
