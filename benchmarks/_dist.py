@@ -334,10 +334,11 @@ def _worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -
 def _fsdp_worker(rank: int, k: int, setting: Setting, store_uri: str, out_dir: str) -> None:
     """The fsdp mode as the runtime runs it (``FSDPMode``: ``wrap``, then ``build_twa``), every
     collective of its steps counted through ``torch.distributed`` (``DistCounter``)."""
+    from twa_ray.core.fsdp_rows import fsdp_padded_numel
     from twa_ray.core.params import ParamLayout
     from twa_ray.parallel.sharding import sharding_mode
     from twa_ray.parallel.sharding.fsdp_tensors import local_param_bytes
-    from twa_ray.store import CandidateStore, fsdp_padded_numel
+    from twa_ray.store import CandidateStore
 
     torch.set_num_threads(setting.threads)
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def _small_cnn_layout():
 
 
 def test_comm():
-    from twa_ray.store import fsdp_padded_numel
+    from twa_ray.core.fsdp_rows import fsdp_padded_numel
 
     # with gradient clipping: its norm is one more all-reduce (of a float64) in both modes
     records = run_benchmark("comm", "--smoke", "--grad-clip", "0.5")

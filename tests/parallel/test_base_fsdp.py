@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import UnevenNet
 from twa_ray.config import ConfigError, config_from_dict
+from twa_ray.core.fsdp_rows import fsdp_element_ranges
 from twa_ray.core.params import ParamLayout
 from twa_ray.parallel.checkpoint_files import load_sharded, read_sharded, save_sharded
 from twa_ray.parallel.local_ranks import spawn_ranks
@@ -156,7 +157,7 @@ def test_two_gloo_ranks_checkpoint_their_shards_and_write_their_rows(tmp_path):
     assert len(store) == 2 and not [f for f in os.listdir(tmp_path / "store" / "candidates") if ".tmp-" in f]
     torch.testing.assert_close(store.read_flat(0), flat, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(store.read_flat(1), flat, rtol=1e-5, atol=1e-6)  # gathered, appended whole
-    values = [4 * sum(b - a for spans in store.fsdp_ranges(r, WORLD) for a, b in spans) for r in range(WORLD)]
+    values = [4 * sum(b - a for spans in fsdp_element_ranges(store.shapes, r, WORLD) for a, b in spans) for r in range(WORLD)]
     assert values[0] != values[1] and sum(values) == 4 * store.num_params  # uneven rows
     written = ranks[0]["bytes"]
     assert written == ranks[1]["bytes"]  # every rank got the counts
@@ -169,10 +170,10 @@ def _lossy_rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     file (as a FUSE mount of an object store does to all writers but the last to close it)."""
     import logging
 
-    import twa_ray.store.candidate_store as candidate_store
+    import twa_ray.store.write as store_write
 
     if rank == 1:  # the row writer reports its bytes and writes nothing
-        candidate_store.write_value_ranges = lambda path, numels, ranges, values: 4 * values.size
+        store_write.write_value_ranges = lambda path, numels, ranges, values: 4 * values.size
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = warnings.append
@@ -288,7 +289,7 @@ def test_each_rank_wrote_only_its_rows(runs):
     result, store = runs["fsdp"]
     written = checkpoint_info(result.checkpoint_path)["candidate_bytes_written"]
     n = len(store)
-    values = [4 * n * sum(b - a for spans in store.fsdp_ranges(r, WORLD) for a, b in spans) for r in range(WORLD)]
+    values = [4 * n * sum(b - a for spans in fsdp_element_ranges(store.shapes, r, WORLD) for a, b in spans) for r in range(WORLD)]
     assert values[0] != values[1] and sum(values) == 4 * n * store.num_params  # uneven: 8 + 7 and 3 + 2 rows
     assert written[1] == values[1]  # exactly its rows of every candidate
     # rank 0: its rows plus each file's layout (headers and footer), none of rank 1's values

@@ -25,7 +25,7 @@ from twa_ray.parallel.sharding.fsdp import checkpoint_shards, load_checkpoint_sh
 from twa_ray.parallel.sharding.fsdp_rows import RowLayout, center_shards, gather_rows, own_rows
 from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap, local_shard
 from twa_ray.store import fs as store_fs
-from twa_ray.store import fsdp_shard
+from twa_ray.core.fsdp_rows import fsdp_shard
 
 SAVED_BY, RESUMED_BY = 2, 3
 FSDP = sharding_mode("fsdp")

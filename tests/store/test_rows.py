@@ -15,9 +15,14 @@ from torch import nn
 
 from conftest import fake_process_group
 from twa_ray.models import build_model
-from twa_ray.store import (CandidateStore, fsdp_element_ranges, fsdp_padded_numel, fsdp_row_range, fsdp_shard,
-                           fsdp_shard_dim)
+from twa_ray.core.fsdp_rows import fsdp_element_ranges, fsdp_padded_numel, fsdp_row_range, fsdp_shard, fsdp_shard_dim
+from twa_ray.store import CandidateStore
 from twa_ray.store.candidate_file import locate_values
+
+
+def read_fsdp_shard(store: CandidateStore, rank: int, world: int, candidates=None) -> torch.Tensor:
+    """``rank``'s FSDP2 shard of the candidates: its element ranges of every tensor."""
+    return store.read_ranges(fsdp_element_ranges(store.shapes, rank, world), candidates)
 
 # ----------------------------------------------------------------------------- the rule
 
@@ -318,13 +323,13 @@ def test_read_fsdp_shard_equals_the_rows_of_full_reads(tmp_path, where):
     offsets = store.offsets
     cut_on_dim = set()
     for world in (1, 2, 3, 4, 8):
-        parts = [store.read_fsdp_shard(rank, world) for rank in range(world)]
+        parts = [read_fsdp_shard(store, rank, world) for rank in range(world)]
         for t, shape in enumerate(store.shapes):
             pieces = []
             at = [sum(fsdp_shard(s, r, world).numel for s in store.shapes[:t]) for r in range(world)]
             for rank in range(world):
                 part = fsdp_shard(shape, rank, world)
-                assert store.fsdp_ranges(rank, world)[t] == part.ranges()
+                assert fsdp_element_ranges(store.shapes, rank, world)[t] == part.ranges()
                 cut_on_dim.add(part.dim)
                 piece = parts[rank][:, at[rank]:at[rank] + part.numel]
                 pieces.append(piece.reshape(len(flats), *part.local_shape))  # as to_local() holds it
@@ -332,8 +337,8 @@ def test_read_fsdp_shard_equals_the_rows_of_full_reads(tmp_path, where):
             torch.testing.assert_close(torch.cat(pieces, 1 + part.dim).reshape(len(flats), -1),
                                        flats[:, offsets[t]:offsets[t + 1]], rtol=0, atol=0)
     assert cut_on_dim == {0, 1}  # e.g. 'emb' (7, 3) on dim 1 at k = 3, 'conv' (3, 2, 2, 2) at k = 2
-    one = store.read_fsdp_shard(1, 2, candidates=[2, 0])  # candidate subset, in the order given
-    torch.testing.assert_close(one, store.read_fsdp_shard(1, 2)[[2, 0]], rtol=0, atol=0)
+    one = read_fsdp_shard(store, 1, 2, candidates=[2, 0])  # candidate subset, in the order given
+    torch.testing.assert_close(one, read_fsdp_shard(store, 1, 2)[[2, 0]], rtol=0, atol=0)
     out = store.read_ranges([(1, 4), (0, 0), (5, 5), (0, 4), (1, 2)])  # arbitrary ranges, some empty
     torch.testing.assert_close(
         out, torch.cat([flats[:, 1:4], flats[:, offsets[3]:offsets[3] + 4], flats[:, offsets[4] + 1:offsets[4] + 2]], 1),
@@ -369,15 +374,15 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="'bias' of 5 elements"):
         store.read_ranges([(0, 0), (0, 0), (2, 6), (0, 0), (0, 0)])
     with pytest.raises(IndexError, match="no candidate 7"):
-        store.read_fsdp_shard(0, 2, candidates=[7])
+        read_fsdp_shard(store, 0, 2, candidates=[7])
     path = store.list_candidates()[1].path
     data = open(path, "rb").read()
     open(path, "wb").write(data[:40])  # truncated inside the record batch's metadata
     with pytest.raises(ValueError, match="cand-000001"):
-        store.read_fsdp_shard(0, 2, candidates=[1])
+        read_fsdp_shard(store, 0, 2, candidates=[1])
     open(path, "wb").write(b"PARQUET" + data[7:])
     with pytest.raises(ValueError, match="magic"):
-        store.read_fsdp_shard(0, 2, candidates=[1])
+        read_fsdp_shard(store, 0, 2, candidates=[1])
 
 
 @pytest.mark.parametrize("model, world", [("small_cnn", 2), ("small_cnn", 4), ("small_cnn", 8), ("vit_small", 8)])
@@ -405,11 +410,11 @@ def test_bytes_read_per_rank_are_its_share(tmp_path, model, world):
     payload, read = [], []
     for rank in range(world):
         handler.counter[0], store.bytes_read = 0, 0
-        shard = store.read_fsdp_shard(rank, world, candidates=indices)
+        shard = read_fsdp_shard(store, rank, world, candidates=indices)
         read.append(handler.counter[0])
         payload.append(store.bytes_read)
-        assert store.bytes_read == 4 * shard.numel() == 4 * n * sum(b - a for runs in store.fsdp_ranges(rank, world)
-                                                                     for a, b in runs)
+        own = fsdp_element_ranges(store.shapes, rank, world)
+        assert store.bytes_read == 4 * shard.numel() == 4 * n * sum(b - a for runs in own for a, b in runs)
         headers = read[-1] - payload[-1]
         assert 0 < headers <= n * (24 + 100 + 80 * len(store.names))  # magic, prefixes, batch metadata
     assert sum(payload) == 4 * n * store.num_params  # every value read once, by one rank

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-import twa_ray.store.candidate_store as cs_module
+import twa_ray.store.write as cs_module
 from conftest import ROOT
 from twa_ray.store import CandidateStore, candidate_file_name, parameter_mismatch
 from twa_ray.store.fs import absolute

@@ -1,7 +1,7 @@
 """The FSDP2 mode (``twa.sharding: fsdp``) in the capacity planner: memory per worker (and
 collective traffic per step, :func:`planned_fsdp_traffic`).
 
-Every rank's TWA shard is its FSDP2 shard of every parameter (:func:`twa_ray.store.rows.fsdp_shard`,
+Every rank's TWA shard is its FSDP2 shard of every parameter (:func:`twa_ray.core.fsdp_rows.fsdp_shard`,
 as ``parallel.sharding.fsdp_tensors.fsdp_wrap`` places it): indices of dim 0, or of the first dim
 k divides when k does not divide dim 0 (no padding), else dim 0. With k ranks, per worker r (bytes, float32):
 
@@ -33,7 +33,7 @@ from typing import Sequence
 
 from ..core.blocks import make_blocks
 from ..core.quant import packed_bytes
-from ..store.rows import fsdp_padded_numel, fsdp_shard
+from ..core.fsdp_rows import fsdp_padded_numel, fsdp_shard
 
 FLOAT = 4  # bytes of a float32
 TRANSIENT_UNITS = 4  # all-gathered weights + unsharded gradients + reduce-scatter input + the prefetched next unit

@@ -5,8 +5,8 @@
 
 :func:`find_checkpoints` tells what the folder is and lists its candidates, in this order:
 
-- a ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``, as FSDP2 and
-  torchtitan write them): one candidate (:mod:`.formats.dcp`);
+- a ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``, as sharded
+  trainers such as torchtitan write them): one candidate (:mod:`.formats.dcp`);
 - a Hugging Face ``save_pretrained`` / Trainer ``checkpoint-<step>/`` folder
   (``model.safetensors``, ``pytorch_model.bin`` or their sharded ``*.index.json``): one
   candidate (:mod:`.formats.hf`);

@@ -1,6 +1,6 @@
 """``sharding: fsdp``: the workers shard the model with FSDP2 (``fsdp_tensors.fsdp_wrap``).
 
-Rank r holds its part ``store.fsdp_shard(shape, r, k)`` of every parameter (its "rows":
+Rank r holds its part ``core.fsdp_rows.fsdp_shard(shape, r, k)`` of every parameter (its "rows":
 indices of dim 0, or of a dim k divides), of its gradient and, in base training, of its
 optimizer state and EMA. Against the ``blocks`` mode (DDP replicas):
 

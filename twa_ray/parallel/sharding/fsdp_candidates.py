@@ -8,7 +8,7 @@ the next index. No reader sees a pending file, and the committed one holds the f
 ``blocks`` run would write. Each checkpoint's info records the bytes every rank has written
 (``candidate_bytes_written``, by rank, since the worker group started). Before the commit each
 rank reads back the next rank's rows and compares them with the checksum that rank computed of
-what it wrote (``store.rows.rows_checksum``): a path every node sees may be a filesystem that
+what it wrote (``store.rows_checksum``): a path every node sees may be a filesystem that
 keeps one writer's copy of a file (a FUSE mount of an object store, such as gcsfuse or s3fs,
 uploads the whole file on close: the last to close wins, the others' rows stay zeros). Then
 that candidate, and every later one, is gathered on rank 0 and appended whole, with one
@@ -22,9 +22,9 @@ import logging
 import torch
 from torch import nn
 
+from ...core.fsdp_rows import fsdp_element_ranges
 from ...core.params import trainable_parameters
-from ...store import CandidateStore
-from ...store.rows import rows_checksum
+from ...store import CandidateStore, rows_checksum
 from ..process_group import all_reduce_sum, broadcast_object
 from .candidates import CandidateWriter
 from .fsdp_tensors import gather_on_rank0, local_shard
@@ -80,7 +80,7 @@ class RowCandidateWriter:
         sums = torch.zeros(1 + self.world, dtype=torch.float64)  # ranks that failed, then each rank's checksum
         try:
             own = torch.cat([local_shard(p).detach().reshape(-1) for p in params])  # this rank's rows, store order
-            self.store.write_rows(pending, self.store.fsdp_ranges(self.rank, self.world), own)
+            self.store.write_rows(pending, fsdp_element_ranges(self.store.shapes, self.rank, self.world), own)
             sums[1 + self.rank] = rows_checksum(own)
         except (ValueError, OSError) as exc:
             log.error("rank %d could not write its rows of the candidate at step %d: %s", self.rank, step, exc)
@@ -97,7 +97,7 @@ class RowCandidateWriter:
         peer = (self.rank + 1) % self.world  # no rank checks its own rows: it may see its own copy of the file
         lost = torch.zeros(self.world, dtype=torch.float64)
         try:
-            back = self.store.read_rows(pending, self.store.fsdp_ranges(peer, self.world))
+            back = self.store.read_rows(pending, fsdp_element_ranges(self.store.shapes, peer, self.world))
             lost[peer] = float(rows_checksum(back) != int(sums[1 + peer]))
         except (ValueError, OSError) as exc:
             log.debug("rank %d could not read back rank %d's rows of %s: %s", self.rank, peer, pending, exc)

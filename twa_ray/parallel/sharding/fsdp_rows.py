@@ -1,7 +1,7 @@
 """TWA on an FSDP2-sharded model (``twa.sharding: fsdp``): the rows each rank owns.
 
 The workers wrap the model with ``torch.distributed.fsdp.fully_shard``
-(``fsdp_tensors.fsdp_wrap``): rank r keeps its part ``store.fsdp_shard(shape, r, k)`` of every
+(``fsdp_tensors.fsdp_wrap``): rank r keeps its part ``core.fsdp_rows.fsdp_shard(shape, r, k)`` of every
 parameter (indices of dim 0, or of the first dim k divides when it does not divide dim 0;
 "rows" below), and of its gradient. Its TWA shard is exactly those rows: it reads them from
 the candidate store and builds its packed Q and center for them (``core.row_shards``:
@@ -36,9 +36,10 @@ from torch import nn
 
 from ...config import TWAConfig, sharding_problems
 from ...core.blocks import make_blocks
+from ...core.fsdp_rows import fsdp_element_ranges, fsdp_shard
 from ...core.params import ParamLayout, trainable_parameters
 from ...core.row_shards import build_row_projection, row_block_sizes
-from ...store import CandidateStore, fsdp_shard
+from ...store import CandidateStore
 from ..exchanges import Exchange
 from .fsdp_tensors import gather_on_rank0, local_shard, sharded_by_name
 from .mode import ShardSetup, check_store_matches, make_twa
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class RowLayout:
-    """Where each rank's part of every tensor (``store.fsdp_shard``) sits in the flat parameter
+    """Where each rank's part of every tensor (``core.fsdp_rows.fsdp_shard``) sits in the flat parameter
     vector (D,), tensor by tensor.
 
     A rank's own vector is its part of tensor 0 flattened (``to_local().reshape(-1)``), then of
@@ -199,7 +200,8 @@ def build_fsdp_twa(
     sizes = row_block_sizes(blocks, shard.numels)
     ends = torch.tensor([rows.numel(r) for r in range(world_size)]).cumsum(0).tolist()
     comm = RowCollectives(list(zip([0] + ends[:-1], ends)), rank, world_size)
-    w = store.read_fsdp_shard(rank, world_size, candidate_indices).to(device)  # (n, numel(rank)): only these rows
+    own = fsdp_element_ranges(store.shapes, rank, world_size)  # per tensor the rank's element ranges
+    w = store.read_ranges(own, candidate_indices).to(device)  # (n, numel(rank)): only these rows
     proj = build_row_projection(
         w, sizes, cfg.basis, cfg.bits, comm.all_reduce_sum, comm.all_reduce_max,
         center=None if center is None else center.to(device), max_chunk_bytes=cfg.max_chunk_bytes,

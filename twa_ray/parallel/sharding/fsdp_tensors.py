@@ -2,8 +2,8 @@
 (base training's and TWA's ``sharding: fsdp``).
 
 ``fsdp_wrap`` shards a model with ``torch.distributed.fsdp.fully_shard``: every trainable
-parameter becomes a DTensor of which rank r holds its part ``store.fsdp_shard(shape, r, k)``
-(indices of one dim, ``Shard(store.fsdp_shard_dim(shape, k))``: dim 0 unless k does not
+parameter becomes a DTensor of which rank r holds its part ``core.fsdp_rows.fsdp_shard(shape, r, k)``
+(indices of one dim, ``Shard(core.fsdp_rows.fsdp_shard_dim(shape, k))``: dim 0 unless k does not
 divide it; its local shard, ``local_shard``). The rest moves state between that layout and
 full tensors: ``gather_on_rank0`` (the full weights where one rank writes them: candidates on
 object stores, TWA's result), ``local_rows``,
@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...core.fsdp_rows import fsdp_shard, fsdp_shard_dim
 from ...core.params import trainable_parameters
-from ...store import fsdp_shard, fsdp_shard_dim
 from ..process_group import is_distributed
 
 
@@ -28,7 +28,7 @@ def fsdp_wrap(model: nn.Module, world: int, device: torch.device) -> nn.Module:
     """``model`` (on ``device``) under FSDP2 over all ``world`` ranks: every outermost module
     that holds parameters of its own is an all-gather unit (with those of its submodules), then
     the root (``planner.fsdp_units``). Each parameter is sharded on
-    ``store.fsdp_shard_dim`` (dim 0, or a dim k divides when dim 0 would be padded). Gradients
+    ``core.fsdp_rows.fsdp_shard_dim`` (dim 0, or a dim k divides when dim 0 would be padded). Gradients
     are summed over ranks, not averaged (each rank's loss is already its share of the global
     batch mean). One rank and no process group: the model as it is."""
     if world == 1 and not is_distributed():
@@ -70,7 +70,7 @@ def local_param_bytes(model: nn.Module) -> int:
 
 
 def local_rows(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """``rank``'s part of ``full`` as ``fsdp_wrap`` shards it (``store.fsdp_shard``): a view of
+    """``rank``'s part of ``full`` as ``fsdp_wrap`` shards it (``core.fsdp_rows.fsdp_shard``): a view of
     shape ``local_shape``, not contiguous when cut on a dim > 0."""
     part = fsdp_shard(full.shape, rank, world)
     return full.narrow(part.dim, part.start, part.end - part.start)
@@ -95,7 +95,7 @@ def gather_on_rank0(parts: Sequence[torch.Tensor], shapes: Sequence[Sequence[int
 
     Args:
         parts: per tensor t, this rank's part of it as ``fsdp_wrap`` shards it
-            (``store.fsdp_shard(shapes[t], rank, world)``: its ``local_shape``, or those values
+            (``core.fsdp_rows.fsdp_shard(shapes[t], rank, world)``: its ``local_shape``, or those values
             flat), on this rank's device; e.g. ``local_shard(p)`` of every trainable parameter.
         shapes: per tensor, its full shape.
     Returns:

@@ -4,7 +4,7 @@
   files holding a state_dict; what every format shares (errors, matching keys to the model);
 - :mod:`.lightning`: Lightning ``.ckpt`` files;
 - :mod:`.hf`: Hugging Face ``save_pretrained`` folders and the Trainer's ``checkpoint-*/``;
-- :mod:`.dcp`: ``torch.distributed.checkpoint`` folders (FSDP2, torchtitan).
+- :mod:`.dcp`: ``torch.distributed.checkpoint`` folders (sharded trainers, torchtitan).
 
 Ray Train runs and Ray Tune experiments need Ray: :mod:`twa_ray.tune.ray_results`.
 None of these imports Lightning, transformers or Ray.

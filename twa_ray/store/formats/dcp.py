@@ -1,5 +1,5 @@
-"""``torch.distributed.checkpoint`` (DCP) folders, as ``dcp.save`` writes them (FSDP2,
-torchtitan, our ``sharding: fsdp`` checkpoints), consolidated to the model's full tensors.
+"""``torch.distributed.checkpoint`` (DCP) folders, as ``dcp.save`` writes them (sharded
+trainers, torchtitan, our sharded runs' checkpoints), consolidated to the model's full tensors.
 
 On disk, e.g. torchtitan's ``checkpoint/step-1000/``:
 

@@ -29,21 +29,17 @@ d is then, in the flat (row-major) tensor, one run of ``(end - start) * prod(inn
 per outer index (:meth:`FsdpShard.ranges`; a single run for d = 0): the order of
 ``param.to_local().reshape(-1)``.
 
-Writers that fill one candidate file with their rows check what arrived with
-:func:`rows_checksum` (``parallel.sharding.fsdp_candidates``).
+The candidate store knows only element ranges: a rank reads or writes its part of every
+tensor with :func:`fsdp_element_ranges` (``CandidateStore.read_ranges`` / ``write_rows``).
 """
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-import torch
-
 __all__ = ["FsdpShard", "fsdp_shard", "fsdp_shard_dim", "fsdp_row_range", "fsdp_element_ranges",
-           "fsdp_padded_numel", "rows_checksum"]
+           "fsdp_padded_numel"]
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -175,11 +171,3 @@ def fsdp_padded_numel(shape: Sequence[int], world: int) -> int:
     along the shard dim (``numel / world`` when ``world`` divides it)."""
     return fsdp_shard(shape, 0, world).padded_numel
 
-
-def rows_checksum(values: torch.Tensor) -> int:
-    """CRC-32 of ``values`` (any shape, floating dtype and device) as a candidate file stores
-    them: float32, little-endian, in flat order. Equal for a rank's rows as it wrote them
-    (``CandidateStore.write_rows``) and as read back (``CandidateStore.read_rows``); 0 for none.
-    Below 2**32, so exact in a float64 all-reduce."""
-    flat = values.detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
-    return zlib.crc32(np.ascontiguousarray(flat, dtype="<f4").view(np.uint8))
