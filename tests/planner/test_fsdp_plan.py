@@ -13,7 +13,7 @@ from twa_ray.planner import (fsdp_imbalance, fsdp_units, load_shapes, model_shap
                              plan_for_model)
 from twa_ray.planner import llama
 from twa_ray.planner.llama import llama_shapes
-from twa_ray.store import fsdp_padded_numel, fsdp_shard
+from twa_ray.core.fsdp_rows import fsdp_padded_numel, fsdp_shard
 
 
 def test_exact_bytes_of_a_tiny_model():
