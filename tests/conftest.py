@@ -55,11 +55,13 @@ class UnevenNet(nn.Module):
 def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "sharded", **twa_kwargs):
     """Rank ``rank`` of ``world`` (a process group is up) as a blocks-mode worker: the
     planner's small CNN (Fashion-MNIST shapes, seed 0), 4 candidates around it, this rank's
-    tensor blocks at ``bits``, over the ``exchange`` (``parallel.exchanges``). Returns (net, twa, comm)."""
+    balanced range (``plan_ranges``) at ``bits``, over the ``exchange`` (``parallel.exchanges``). Returns (net, twa, comm)."""
     from twa_ray.core import TWA, flatten_params
-    from twa_ray.core.blocks import make_blocks, plan_shards
+    import torch.distributed as dist
+
+    from twa_ray.core.blocks import make_blocks, plan_ranges
     from twa_ray.core.params import ParamLayout
-    from twa_ray.core.projection import build_projection
+    from twa_ray.core.row_shards import build_row_projection
     from twa_ray.models import build_model
     from twa_ray.parallel.exchanges import EXCHANGES
 
@@ -68,10 +70,18 @@ def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "shard
     layout = ParamLayout.from_model(net)
     cands = flatten_params(net) + 0.1 * torch.randn(4, layout.num_params)
     blocks = make_blocks(layout.numels, "tensor")
-    shards = plan_shards(blocks, bits, world)
+    shards = plan_ranges(blocks, bits, world)  # balanced ranges, cut through blocks, as the blocks mode's
     (l0, l1), (start, end) = shards.block_runs[rank], shards.ranges[rank]
-    proj = build_projection(cands[:, start:end].clone(), blocks.sizes[l0:l1], "normalized", bits)
+    sizes = [0] * len(blocks)
+    sizes[l0:l1] = shards.parts[rank]
     comm = EXCHANGES[exchange](shards.ranges, rank, world)
+
+    def all_reduce_max(t):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    proj = build_row_projection(cands[:, start:end].clone(), sizes, "normalized", bits,
+                                lambda t: dist.all_reduce(t) or t, all_reduce_max, block_range=(l0, l1))
     return net, TWA(net, proj, len(blocks), (l0, l1), collectives=comm, **twa_kwargs), comm
 
 

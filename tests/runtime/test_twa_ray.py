@@ -10,6 +10,7 @@ from twa_ray.core.quant import packed_bytes
 from twa_ray.data.from_config import splits_from_config
 from twa_ray.models.from_config import model_from_config
 from twa_ray.parallel.batches import ShardedBatchSampler, batches_per_epoch, loader_for
+from twa_ray.parallel.sharding import sharding_mode
 from twa_ray.runtime.twa_loop import candidate_rounds
 from twa_ray.runtime.twa_train import run_twa
 from twa_ray.store import CandidateStore
@@ -82,8 +83,9 @@ def test_two_workers_match_one_worker_and_the_core(ray_local, tmp_path, store_ur
     store = CandidateStore.open(store_uri)
     total = 5 * sum(packed_bytes(m, 4) for m in make_blocks(store.numels, "tensor").sizes)
     assert one.projection_bytes == [total]
-    assert sum(two.projection_bytes) == total
-    assert max(two.projection_bytes) <= 0.6 * total
+    # balanced ranges cut a block: its two parts may each round up to a byte per candidate
+    assert total <= sum(two.projection_bytes) <= total + 5
+    assert max(two.projection_bytes) <= total / 2 + 5
     assert [h["epoch"] for h in two.history] == [1, 2]
     assert all("select_acc" in h for h in two.history)  # scored on val only when asked
     assert not any("select_acc" in h for h in one.history)
@@ -97,8 +99,8 @@ def test_candidate_rounds():
 def test_too_few_candidates_and_too_many_workers(ray_local, tmp_path, store_uri):
     with pytest.raises(ValueError, match="at least two candidates"):
         run_twa(_cfg(tmp_path, candidates="last:1"), store_uri)
-    with pytest.raises(ValueError, match="twa.workers=2 is more than the 1 block"):
-        run_twa(_cfg(tmp_path, workers=2, granularity="model"), store_uri)
+    # two workers share one block (granularity model): ranges cut through blocks (issue 24)
+    sharding_mode("blocks").check_workers(2, 1, "model")
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(ray_local, tmp_path, store_uri):

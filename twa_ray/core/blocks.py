@@ -6,10 +6,15 @@ Granularity
 - ``size:N``: consecutive tensors grouped until a block holds at least N elements.
 
 Every block is a run of whole tensors, so a block is a contiguous range of the flat
-vector, and a shard (a run of whole blocks) is contiguous too.
+vector. Shards of k workers (``plan_ranges``, what ``twa.sharding: blocks`` uses) are
+balanced contiguous ranges of the flat vector that cut through blocks: rank r owns
+[r*D//k, (r+1)*D//k) and a part of each block it touches (``ShardPlan.parts``); the
+per-block maths of a cut block is reduced across ranks (``core.row_shards``).
+``plan_shards`` keeps the older shards of whole blocks, balanced by bytes.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,6 +44,7 @@ class Blocks:
     tensor_ranges: tuple[tuple[int, int], ...]
     starts: tuple[int, ...]
     ends: tuple[int, ...]
+    tensor_offsets: tuple[int, ...] = ()  # where each tensor starts in the flat vector, then D
 
     @property
     def sizes(self) -> list[int]:
@@ -74,6 +80,7 @@ def make_blocks(numels: Sequence[int], granularity: str) -> Blocks:
         tensor_ranges=tuple(groups),
         starts=tuple(offsets[a] for a, _ in groups),
         ends=tuple(offsets[b] for _, b in groups),
+        tensor_offsets=tuple(offsets),
     )
 
 
@@ -125,19 +132,65 @@ class ShardPlan:
 
     block_runs: tuple[tuple[int, int], ...]  # (l0, l1) per rank
     ranges: tuple[tuple[int, int], ...]  # coordinates [start, end) per rank
-    tensor_runs: tuple[tuple[int, int], ...]  # parameter tensors [t0, t1) per rank
+    tensor_runs: tuple[tuple[int, int], ...]  # parameter tensors [t0, t1) per rank (whole or in part)
+    # per rank, its elements of each block l0..l1-1 (the whole blocks' sizes for ``plan_shards``)
+    parts: tuple[tuple[int, ...], ...] = ()
 
     def shard_bytes(self, blocks: Blocks, bits: int, num_candidates: int) -> list[int]:
-        """Projection bytes each rank holds: n x sum of its blocks' ceil(m*b/8)."""
-        sizes = blocks.sizes
-        return [num_candidates * sum(packed_bytes(m, bits) for m in sizes[a:b]) for a, b in self.block_runs]
+        """Projection bytes each rank holds: n x sum over its (parts of) blocks of ceil(m*b/8)."""
+        return [num_candidates * sum(packed_bytes(m, bits) for m in part) for part in self.parts]
+
+    def leads(self, blocks: Blocks, rank: int) -> list[bool]:
+        """Per block l0..l1-1 of ``rank``: whether its first element is this rank's (one rank
+        of those that share a block leads it)."""
+        (l0, l1), (start, _) = self.block_runs[rank], self.ranges[rank]
+        return [blocks.starts[l] >= start for l in range(l0, l1)]
+
+    def tensor_element_ranges(self, blocks: Blocks, rank: int) -> list[tuple[int, int]]:
+        """Per parameter tensor, the element range [a, b) within it that ``rank`` owns
+        ((0, 0) for a tensor it holds nothing of): what it reads of the candidate store."""
+        start, end = self.ranges[rank]
+        offsets = blocks.tensor_offsets
+        return [(min(max(start - o, 0), e - o), min(max(end - o, 0), e - o)) for o, e in zip(offsets, offsets[1:])]
 
 
 def plan_shards(blocks: Blocks, bits: int, world_size: int) -> ShardPlan:
     """Column shards for ``world_size`` workers: consecutive whole blocks balanced by bytes."""
     runs = shard_blocks(blocks.sizes, bits, world_size)
+    sizes = blocks.sizes
     return ShardPlan(
         block_runs=tuple(runs),
         ranges=tuple((blocks.starts[a], blocks.ends[b - 1]) for a, b in runs),
         tensor_runs=tuple((blocks.tensor_ranges[a][0], blocks.tensor_ranges[b - 1][1]) for a, b in runs),
+        parts=tuple(tuple(sizes[a:b]) for a, b in runs),
     )
+
+
+def balanced_ranges(total: int, world_size: int) -> list[tuple[int, int]]:
+    """[r*total//k, (r+1)*total//k) per rank r of k = ``world_size``: lengths differ by at most 1."""
+    return [(r * total // world_size, (r + 1) * total // world_size) for r in range(world_size)]
+
+
+def plan_ranges(blocks: Blocks, bits: int, world_size: int) -> ShardPlan:
+    """Shards for ``world_size`` workers as balanced contiguous ranges of the flat vector
+    (``balanced_ranges``), cut through blocks and tensors where they fall (``bits``: unused,
+    kept for ``plan_shards``' signature: elements balance the packed bytes to a byte per
+    cut block and candidate). Raises ValueError when there are fewer coordinates than workers."""
+    if world_size < 1:
+        raise ValueError(f"world_size (the number of workers) must be >= 1, got {world_size}")
+    total = blocks.ends[-1] if len(blocks) else 0
+    if total < world_size:
+        raise ValueError(f"{total} coordinate(s) cannot be shared by {world_size} workers: use fewer workers")
+    offsets = blocks.tensor_offsets
+    runs, tensors, parts = [], [], []
+    ranges = balanced_ranges(total, world_size)
+    for start, end in ranges:
+        l0 = bisect.bisect_right(blocks.ends, start)  # the first block ending after start
+        l1 = bisect.bisect_left(blocks.starts, end)  # the blocks starting before end
+        runs.append((l0, l1))
+        parts.append(tuple(min(end, blocks.ends[l]) - max(start, blocks.starts[l]) for l in range(l0, l1)))
+        if offsets:
+            tensors.append((bisect.bisect_right(offsets, start) - 1, bisect.bisect_left(offsets, end)))
+        else:
+            tensors.append((blocks.tensor_ranges[l0][0], blocks.tensor_ranges[l1 - 1][1]))
+    return ShardPlan(block_runs=tuple(runs), ranges=tuple(ranges), tensor_runs=tuple(tensors), parts=tuple(parts))

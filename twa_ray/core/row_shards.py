@@ -16,8 +16,15 @@ is a sum or a maximum over ranks:
 
 So a rank's rows of Q are the same rows of the one-process Q (the norms differ only in
 the float64 order of their sums), and summing the ranks' partial coefficient gradients
-gives the one-process gradient, as with whole-block shards. ``checkpoints`` (ICLR'23) is
-not built this way: its start point's coordinates would need the same treatment.
+gives the one-process gradient, as with whole-block shards.
+
+The same holds for a contiguous range of the flat vector that cuts through blocks
+(``twa.sharding: blocks``, ``core.blocks.plan_ranges``): its part of block l is a run of
+``ShardPlan.parts`` elements, zero outside its blocks l0..l1-1, and ``block_range`` keeps
+only those in the projection. There ``checkpoints`` (ICLR'23) is built too: the start
+point's coordinates X0 (n, L) are sums of every rank's part of each block (all-reduced in
+float64), and each block's X0 is counted by one rank, the one that ``leads`` it, since TWA
+sums the ranks' ``Projection.start``.
 """
 from __future__ import annotations
 
@@ -27,8 +34,8 @@ import torch
 
 from .blocks import Blocks
 from .projection import DEFAULT_CHUNK_BYTES, Projection
-from .subspace import (AllReduce, _segments, center_and_directions, normalize_blocks, orthonormalise_blocks,
-                       orthonormalise_whole)
+from .subspace import (RAW_BASES, AllReduce, _segments, block_coords, center_and_directions, check_start,
+                       normalize_blocks, orthonormalise_blocks, orthonormalise_whole, start_point)
 
 ROW_BASES = ("normalized", "orthonormal", "orthonormal-global")
 
@@ -75,6 +82,9 @@ def build_row_projection(
     center: torch.Tensor | None = None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     kernel: str | None = None,
+    block_range: tuple[int, int] | None = None,
+    start: str | int = "mean",
+    leads: Sequence[bool] | None = None,
 ) -> Projection:
     """This rank's rows of the candidates (n, m) -> its Projection (``candidates`` is overwritten).
 
@@ -82,13 +92,27 @@ def build_row_projection(
     ``all_reduce_sum`` / ``all_reduce_max``: elementwise sum / max over ranks (every rank calls
     them in the same order; float64 and float32 tensors on the candidates' device).
     ``center`` (m,): this rank's part of the origin (X = 0) when given, else the mean.
-    The projection covers all L blocks: the coefficient gradients of the ranks add up.
+    The projection covers all L blocks (the coefficient gradients of the ranks add up), or
+    the blocks ``block_range`` (l0, l1) when given (``sizes`` are zero outside them).
+
+    ``checkpoints`` (ICLR'23; ranges only): ``start`` as ``build_projection``'s (``center``
+    replaces it when given), ``leads`` (L,): the blocks whose start coordinates this rank counts.
     """
-    if basis not in ROW_BASES:
+    raw = basis in RAW_BASES
+    if basis not in ROW_BASES and not (raw and leads is not None):
         raise ValueError(f"basis {basis!r} cannot be built on row shards; use one of {list(ROW_BASES)}")
+    if not raw and start != "mean":
+        raise ValueError(f"start {start!r}: the {basis!r} basis (the journal algorithm) starts at the mean (X = 0); "
+                         "other start points need basis 'checkpoints'")
     if sum(sizes) != candidates.shape[1]:
         raise ValueError(f"block sizes sum to {sum(sizes)}, candidates have {candidates.shape[1]} columns")
+    l0, l1 = block_range or (0, len(sizes))
+    if any(sizes[:l0]) or any(sizes[l1:]):
+        raise ValueError(f"block_range {(l0, l1)}: this rank holds elements of blocks outside it")
     w = candidates
+    if raw:
+        return _raw_range_projection(w, sizes, bits, all_reduce_sum, all_reduce_max, center, start, leads,
+                                     (l0, l1), max_chunk_bytes, kernel)
     center = center_and_directions(w, center)
     # squared norms of the center (row 0) and of the directions, summed over ranks
     squares = all_reduce_sum(torch.cat([block_square_sums(center[None], sizes), block_square_sums(w, sizes)]))
@@ -101,4 +125,31 @@ def build_row_projection(
     else:
         orthonormalise_whole(w, float(refs.square().sum().sqrt()), all_reduce_sum)
     bounds = block_bounds(w, sizes, all_reduce_max) if bits < 32 else None
-    return Projection.from_basis(center, w, sizes, bits, max_chunk_bytes, kernel, bounds=bounds, basis_name=basis)
+    if bounds is not None:
+        bounds = (bounds[0][:, l0:l1], bounds[1][:, l0:l1])
+    return Projection.from_basis(center, w, list(sizes[l0:l1]), bits, max_chunk_bytes, kernel, bounds=bounds,
+                                 basis_name=basis)
+
+
+def _raw_range_projection(w: torch.Tensor, sizes: Sequence[int], bits: int, all_reduce_sum: AllReduce,
+                          all_reduce_max: AllReduce, center: torch.Tensor | None, start: str | int,
+                          leads: Sequence[bool], block_range: tuple[int, int], max_chunk_bytes: int,
+                          kernel: str | None) -> Projection:
+    """``checkpoints`` on a rank's part of every block, as ``projection.build_projection`` builds
+    it on whole blocks: an orthonormal basis of the raw candidates (Grams summed over ranks),
+    X0 = U s per block (summed over ranks), the stored center s - Q^T X0."""
+    l0, l1 = block_range
+    check_start(start, w.shape[0])
+    s = start_point(w, start) if center is None else center.to(w.device, torch.float32).clone()
+    refs = all_reduce_sum(block_square_sums(w, sizes)).sqrt().amax(dim=0)  # max_i ||w_il|| (the center is 0)
+    orthonormalise_blocks(w, sizes, refs.tolist(), all_reduce_sum)
+    x0 = all_reduce_sum(block_coords(w, s, sizes)).float()[:, l0:l1]  # (n, l1 - l0), the whole blocks'
+    lead = torch.tensor([bool(x) for x in leads], dtype=torch.bool, device=w.device)[l0:l1]
+    bounds = block_bounds(w, sizes, all_reduce_max) if bits < 32 else None
+    if bounds is not None:
+        bounds = (bounds[0][:, l0:l1], bounds[1][:, l0:l1])
+    zero = torch.zeros(w.shape[1], device=w.device)
+    proj = Projection.from_basis(zero, w, list(sizes[l0:l1]), bits, max_chunk_bytes, kernel, bounds=bounds,
+                                 start=torch.where(lead[None, :], x0, torch.zeros_like(x0)), basis_name="checkpoints")
+    proj.center = s - proj.reconstruct(x0)  # reconstruct with a zero center: Q^T X0
+    return proj

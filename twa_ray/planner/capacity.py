@@ -3,19 +3,19 @@
     python -m twa_ray plan --model resnet18 --candidates 20 --bits 4 --workers 2
     python -m twa_ray plan --model shapes.json --candidates 50 --bits 2 --workers 64
 
-Two modes side by side: ``blocks`` (below: a full model replica per worker, whole blocks of
-the projection per worker) and ``fsdp`` (``twa_ray.planner.fsdp``: everything cut by FSDP2's
+Two modes side by side: ``blocks`` (below: a full model replica per worker, a balanced range
+of the flat vector per worker for the projection, cut through blocks) and ``fsdp`` (``twa_ray.planner.fsdp``: everything cut by FSDP2's
 shards of every tensor, about total/k per worker plus FSDP's transient all-gather of one unit;
 its imbalance is printed for k = 2, 4 and 8 too).
 
 Numbers come from the model's real parameter shapes (built on the meta device: no
 memory, no weights; or read from a JSON file ``{name: shape}``) and the functions the runtime uses: ``make_blocks`` and
-``plan_shards(...).shard_bytes`` for the projection, the padded ranges of the exchanges
+``plan_ranges(...).shard_bytes`` for the projection, the padded ranges of the exchanges
 (``parallel.exchanges``) for traffic. ``tests/planner/test_planner.py`` checks both against a run.
 
 Memory per worker (bytes):
-- projection: n x sum over its blocks of ceil(m_l * b / 8) (b-bit codes, truly packed);
-- scale/offset of the codes: 2 x n x L_r float32 (b < 32);
+- projection: n x sum over its (parts of) blocks of ceil(m_l * b / 8) (b-bit codes, truly packed);
+- scale/offset of the codes: 2 x n x L_r float32 (b < 32), L_r the blocks it holds a part of;
 - center: its coordinates |S_r| x 4;
 - model: the full replica's parameters D x 4, their gradients D x 4, and TWA's flat
   gradient and weight vectors 2 x D x 4 (activations and BatchNorm buffers not counted);
@@ -37,8 +37,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from ..core.blocks import make_blocks, plan_shards
-from ..core.quant import check_bits
+from ..core.blocks import make_blocks, plan_ranges
+from ..core.quant import check_bits, packed_bytes
 from .fsdp import FsdpPlan, fsdp_imbalance, plan_fsdp, wire_factor
 from .shapes import is_shapes_file, load_shapes
 
@@ -255,7 +255,7 @@ def plan_capacity(
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     blocks = make_blocks(numels, granularity)
-    plan = plan_shards(blocks, bits, workers)  # raises ValueError naming the fix when k > L
+    plan = plan_ranges(blocks, bits, workers)  # raises ValueError naming the fix when k > D
     d, n, k, nblocks = sum(numels), candidates, workers, len(blocks)
     coords = [e - s for s, e in plan.ranges]
     proj = plan.shard_bytes(blocks, bits, n)
@@ -269,7 +269,10 @@ def plan_capacity(
              for p, q, c in zip(proj, quant, center)]
     total_proj = sum(proj)
     pad = max(coords)
-    single = total_proj + sum(quant) + sum(center) + model_bytes + gradient_bytes + twa_buffers + coefficient_bytes
+    # the same state on one worker: whole blocks (the ranges' cut blocks add a byte per cut and candidate)
+    single_proj = n * sum(packed_bytes(m, bits) for m in blocks.sizes)
+    single_quant = 0 if bits == 32 else 2 * FLOAT * n * nblocks
+    single = single_proj + single_quant + FLOAT * d + model_bytes + gradient_bytes + twa_buffers + coefficient_bytes
     fsdp, fsdp_unavailable, imbalance = None, None, {}
     if shapes is None:
         fsdp_unavailable = "needs the parameters' shapes"

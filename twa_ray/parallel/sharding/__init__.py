@@ -2,7 +2,7 @@
 ``twa.sharding``), one class per mode behind ``SHARDING_MODES``.
 
     mode.py         ShardingMode: the contract both Ray Train loops call; ShardSetup
-    blocks.py       BlocksMode: DDP replicas; TWA sharded by whole blocks over an exchange
+    blocks.py       BlocksMode: DDP replicas; TWA sharded by balanced ranges over an exchange
     fsdp.py         FSDPMode: FSDP2 row shards of everything; sharded checkpoints
     fsdp_tensors.py FSDP2 wrapping and the layout of its local shards
     fsdp_rows.py    TWA over a rank's rows (its projection, its shard of the center)

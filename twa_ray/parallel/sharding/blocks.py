@@ -3,8 +3,11 @@
 Base training: DDP replicas (the runtime's ``replicate``); rank 0 writes the candidates and
 the checkpoints, with full tensors, and keeps the EMA of the weights.
 
-TWA: each rank owns whole blocks (``core.blocks.plan_shards``, balanced by packed bytes): it
-reads its blocks' columns of the candidates, builds its packed Q shard, and its steps
+TWA: each rank owns a balanced contiguous range of the flat parameter vector
+(``core.blocks.plan_ranges``: [r*D//k, (r+1)*D//k), cut through blocks and tensors): it reads
+just that range of the candidates (``store.read_ranges``), builds its packed Q shard with the
+per-block norms, Grams and quantisation ranges of cut blocks reduced across ranks
+(``core.row_shards.build_row_projection``, as under FSDP), and its steps
 exchange the gradient and the weights through the ``twa.exchange`` (``parallel.exchanges``;
 one process: ``core.collectives.LocalCollectives``). The center (w(X) of a finished round)
 is a full (D,) vector in rank 0's state file.
@@ -20,9 +23,10 @@ from torch import nn
 
 from ...config import TWAConfig
 from ...core import TWA
-from ...core.blocks import make_blocks, plan_shards
+from ...core.blocks import make_blocks, plan_ranges
 from ...core.collectives import LocalCollectives
 from ...core.projection import build_projection
+from ...core.row_shards import build_row_projection
 from ...store import CandidateStore
 from ..exchanges import make_exchange
 from .mode import Load, Replicate, ShardingMode, ShardSetup, check_store_matches, initial_ema, make_twa
@@ -30,8 +34,14 @@ from .mode import Load, Replicate, ShardingMode, ShardSetup, check_store_matches
 log = logging.getLogger(__name__)
 
 
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over the ranks of the default group, in place."""
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 class BlocksMode(ShardingMode):
-    """Whole-model replicas; TWA's projection sharded by whole blocks."""
+    """Whole-model replicas; TWA's projection sharded by balanced ranges of the flat vector."""
 
     name = "blocks"
 
@@ -73,24 +83,19 @@ class BlocksMode(ShardingMode):
     # ------------------------------------------------------------ TWA
 
     def check_workers(self, workers: int, num_blocks: int, granularity: str) -> None:
-        if workers > num_blocks:
-            raise ValueError(
-                f"twa.workers={workers} is more than the {num_blocks} block(s) of granularity {granularity!r}: each "
-                "worker owns whole blocks; use a finer granularity or fewer workers"
-            )
+        pass  # ranges cut through blocks: any number of workers up to D shares them
 
     def build_twa(self, model: nn.Module, store: CandidateStore, candidate_indices: list[int], cfg: TWAConfig,
                   total_steps: int, rank: int = 0, world_size: int = 1,
                   center: torch.Tensor | None = None) -> ShardSetup:
-        """TWA for this rank: its blocks' columns of the chosen candidates -> packed Q shard.
+        """TWA for this rank: its range of the chosen candidates -> packed Q shard.
 
         ``center`` (D,) is the origin (X = 0) when given (a later round starts from the
         previous solution), else the candidates' mean. ``model`` sits on the device to use.
         """
         layout = check_store_matches(store, model)
         blocks = make_blocks(layout.numels, cfg.granularity)
-        plan = plan_shards(blocks, cfg.bits, world_size)
-        t0, t1 = plan.tensor_runs[rank]
+        plan = plan_ranges(blocks, cfg.bits, world_size)
         l0, l1 = plan.block_runs[rank]
         start, end = plan.ranges[rank]
         device = next(model.parameters()).device
@@ -99,12 +104,22 @@ class BlocksMode(ShardingMode):
         else:
             comm = make_exchange(cfg.exchange, plan.ranges, rank, world_size, backend=dist.get_backend())
             exchange = comm.name
-        w = store.read(columns=list(range(t0, t1)), candidates=candidate_indices).to(device)  # (n, end - start)
-        proj = build_projection(
-            w, blocks.sizes[l0:l1], cfg.basis, cfg.bits, all_reduce=comm.all_reduce_sum,
-            max_chunk_bytes=cfg.max_chunk_bytes, center=None if center is None else center[start:end],
-            start=cfg.start, kernel=cfg.kernel,
-        )
+        # (n, end - start): this rank's range of every candidate, nothing else
+        w = store.read_ranges(plan.tensor_element_ranges(blocks, rank), candidates=candidate_indices).to(device)
+        own_center = None if center is None else center[start:end]
+        if world_size == 1:
+            proj = build_projection(w, blocks.sizes, cfg.basis, cfg.bits, max_chunk_bytes=cfg.max_chunk_bytes,
+                                    center=own_center, start=cfg.start, kernel=cfg.kernel)
+        else:
+            sizes = [0] * len(blocks)
+            sizes[l0:l1] = plan.parts[rank]
+            leads = [False] * len(blocks)
+            leads[l0:l1] = plan.leads(blocks, rank)
+            proj = build_row_projection(
+                w, sizes, cfg.basis, cfg.bits, comm.all_reduce_sum, _all_reduce_max, center=own_center,
+                max_chunk_bytes=cfg.max_chunk_bytes, kernel=cfg.kernel, block_range=(l0, l1), start=cfg.start,
+                leads=leads,
+            )
         del w
         twa = make_twa(model, proj, len(blocks), (l0, l1), cfg, comm, total_steps)
         log.debug("rank %d: blocks %d-%d, %d coordinates, %d projection bytes, exchange %s", rank, l0, l1,
