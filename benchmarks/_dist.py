@@ -550,7 +550,7 @@ def _bucket_views(t: torch.Tensor, mb: float) -> list[torch.Tensor]:
 
 
 def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> None:
-    from twa_ray.core.blocks import make_blocks, plan_shards
+    from twa_ray.core.blocks import make_blocks, plan_ranges
     from twa_ray.core.params import ParamLayout
     from twa_ray.parallel.exchanges import EXCHANGES
     from twa_ray.planner.fsdp import ROOT_UNIT
@@ -561,7 +561,7 @@ def _time_worker(rank: int, k: int, timing: CollectiveTiming, out_dir: str) -> N
     numels = layout.numels
     blocks = make_blocks(numels, timing.granularity)
     with_blocks, with_fsdp = timing.sharding in ("blocks", "both"), timing.sharding in ("fsdp", "both")
-    plan = plan_shards(blocks, timing.bits, k) if with_blocks else None
+    plan = plan_ranges(blocks, timing.bits, k) if with_blocks else None  # as BlocksMode cuts them
     d, (start, end) = sum(numels), plan.ranges[rank] if with_blocks else (0, 0)
     comm = EXCHANGES["sharded"](plan.ranges, rank, k) if with_blocks else None
     gen = torch.Generator().manual_seed(timing.seed + rank)
