@@ -145,6 +145,39 @@ def mlp():
     return tiny_mlp()
 
 
+def twa_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of 16 for ``UnevenNet`` (x (16, 6), y (16,)), cycling over 48 examples."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    return [(x[16 * (s % 3) : 16 * (s % 3 + 1)], y[16 * (s % 3) : 16 * (s % 3 + 1)]) for s in range(steps)]
+
+
+def train_twa_steps(model: nn.Module, twa, steps: int, rank: int = 0, world: int = 1) -> None:
+    """``steps`` TWA steps on ``twa_batches``; each rank back-propagates its slice's share of the
+    global mean loss (so the ranks' gradients sum to the one-process gradient)."""
+    from twa_ray.parallel.batches import local_slice
+
+    for x, y in twa_batches(steps):
+        lo, hi = local_slice(len(x), rank, world)
+        for p in model.parameters():
+            p.grad = None
+        (nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") / len(x)).backward()
+        twa.step()
+
+
+class SavesEveryStep:
+    """Rank 0's candidate writer as base training has it, deciding to save every step once."""
+
+    def __init__(self, store):
+        self.store, self.saved_infos = store, []
+
+    def info_for(self, *, kind, step, lr, metrics):
+        return {"kind": kind, "step": step}
+
+    def saved(self, index, info):
+        self.saved_infos.append((index, info))
+
+
 def perturbed_candidates(model: nn.Module, n: int, seed: int = 1, spread: float = 0.3) -> torch.Tensor:
     """(n, D) candidates around the model's weights."""
     from twa_ray.core import flatten_params

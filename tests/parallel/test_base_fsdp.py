@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import UnevenNet
+from conftest import UnevenNet, SavesEveryStep
 from twa_ray.config import ConfigError, config_from_dict
 from twa_ray.core.fsdp_rows import fsdp_element_ranges
 from twa_ray.core.params import ParamLayout
@@ -92,19 +92,6 @@ def _steps(model, optimizer, rank=0, world=1, steps=3):
         optimizer.step()
 
 
-class _Decides:
-    """Rank 0's candidate writer as base training has it: saves every step once."""
-
-    def __init__(self, store):
-        self.store, self.saved_infos = store, []
-
-    def info_for(self, *, kind, step, lr, metrics):
-        return {"kind": kind, "step": step}
-
-    def saved(self, index, info):
-        self.saved_infos.append((index, info))
-
-
 def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     model = fsdp_wrap(UnevenNet(gain=False), world, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -117,12 +104,12 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     load_checkpoint_shards(functools.partial(load_sharded, f"{out}/checkpoint"), model, fresh, groups)
     momentum = [local_shard(fresh.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
     store = CandidateStore.open(store_uri)
-    writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
+    writer = RowCandidateWriter(SavesEveryStep(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
     writer.save(model, kind="epoch", step=3, lr=0.1, metrics={})
     # a store that cannot be written in pieces (not pyarrow's local filesystem): rank 0 gathers
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file")))
     remote = CandidateStore.open(store.path, filesystem=fs)
-    gathering = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_uri, rank, world,
+    gathering = RowCandidateWriter(SavesEveryStep(remote) if rank == 0 else None, store_uri, rank, world,
                                    torch.device("cpu"))
     gathering.save(model, kind="epoch", step=4, lr=0.1, metrics={})
     torch.save({"momentum": momentum, "bytes": writer.bytes_by_rank(),
@@ -180,7 +167,7 @@ def _lossy_rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     logging.getLogger("twa_ray.parallel.sharding.fsdp_candidates").addHandler(handler)
     model = fsdp_wrap(UnevenNet(gain=False), world, torch.device("cpu"))
     store = CandidateStore.open(store_uri)
-    writer = RowCandidateWriter(_Decides(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
+    writer = RowCandidateWriter(SavesEveryStep(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
     for step in (1, 2):
         _steps(model, torch.optim.SGD(model.parameters(), lr=0.1), rank, world, steps=1)
         writer.save(model, kind="step", step=step, lr=0.1, metrics={})

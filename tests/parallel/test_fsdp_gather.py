@@ -7,7 +7,7 @@ import pyarrow.fs as pafs
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import UnevenNet
+from conftest import UnevenNet, SavesEveryStep
 from twa_ray.core.params import ParamLayout
 from twa_ray.parallel.local_ranks import spawn_ranks
 from twa_ray.parallel.sharding.fsdp_candidates import RowCandidateWriter
@@ -37,24 +37,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-class _Decides:
-    """Rank 0's candidate writer as base training has it: saves every step once."""
-
-    def __init__(self, store):
-        self.store, self.saved_infos = store, []
-
-    def info_for(self, *, kind, step, lr, metrics):
-        return {"kind": kind, "step": step}
-
-    def saved(self, index, info):
-        self.saved_infos.append((index, info))
-
-
 def _rank_main(rank: int, world: int, out: str, store_path: str) -> None:
     model = fsdp_wrap(UnevenNet(), world, torch.device("cpu"))
     # a store that cannot be written in pieces (not pyarrow's local filesystem): rank 0 gathers
     remote = CandidateStore.open(store_path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file"))))
-    writer = RowCandidateWriter(_Decides(remote) if rank == 0 else None, store_path, rank, world, torch.device("cpu"))
+    writer = RowCandidateWriter(SavesEveryStep(remote) if rank == 0 else None, store_path, rank, world, torch.device("cpu"))
     writer.store = remote  # the other ranks' instance too (they open the store by URI otherwise)
     with LargestTensor() as candidate:
         writer.save(model, kind="epoch", step=1, lr=0.1, metrics={})

@@ -4,14 +4,12 @@ core's (bits 1/4/8/32; bases normalized, orthonormal, orthonormal-global, checkp
 granularities whose blocks the ranges cut), and each rank reads only its range of the store."""
 import pytest
 import torch
-from torch import nn
 
-from conftest import UnevenNet
+from conftest import UnevenNet, train_twa_steps
 from twa_ray.config import TWAConfig
 from twa_ray.core import TWA, ScheduleSpec, flatten_params
 from twa_ray.core.blocks import balanced_ranges, make_blocks, plan_ranges
 from twa_ray.core.params import ParamLayout
-from twa_ray.parallel.batches import local_slice
 from twa_ray.parallel.local_ranks import spawn_ranks
 from twa_ray.parallel.sharding import sharding_mode
 from twa_ray.store import CandidateStore
@@ -41,23 +39,6 @@ def _cfg(bits, basis, granularity, grad_clip, exchange="ring") -> TWAConfig:
                      sharding="blocks", exchange=exchange)
 
 
-def _batches():
-    """STEPS global batches of 16 (x (16, 6), y (16,))."""
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    return [(x[16 * (s % 3) : 16 * (s % 3 + 1)], y[16 * (s % 3) : 16 * (s % 3 + 1)]) for s in range(STEPS)]
-
-
-def _train(model, twa, rank=0, world=1):
-    """STEPS TWA steps; each rank back-propagates its slice's share of the global mean loss."""
-    for x, y in _batches():
-        lo, hi = local_slice(len(x), rank, world)
-        for p in model.parameters():
-            p.grad = None
-        (nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") / len(x)).backward()
-        twa.step()
-
-
 def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     torch.set_num_threads(1)
     results = []
@@ -68,7 +49,7 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
         setup = sharding_mode("blocks").build_twa(model, store, store.candidate_indices(), cfg, STEPS, rank, world)
         read = store.bytes_read
         twa = setup.twa
-        _train(model, twa, rank, world)
+        train_twa_steps(model, twa, STEPS, rank, world)
         results.append({"X": twa.X.detach().clone(), "weights": twa.weights().clone(),
                         "model": flatten_params(model), "q": twa.projection.dequantized(), "read": read,
                         "range": setup.plan.ranges[rank], "blocks": twa.block_range})
@@ -108,7 +89,7 @@ def _reference(store_uri, case):
         schedule=ScheduleSpec(kind=cfg.schedule, total_steps=STEPS, warmup_frac=cfg.warmup, epochs=cfg.epochs),
     )
     q = twa.projection.dequantized()
-    _train(model, twa)
+    train_twa_steps(model, twa, STEPS)
     return twa, q
 
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import UnevenNet
+from conftest import UnevenNet, train_twa_steps
 from twa_ray.config import ConfigError, TWAConfig, config_from_dict
 from twa_ray.core import TWA, ScheduleSpec, flatten_params
 from twa_ray.core.blocks import make_blocks
 from twa_ray.core.params import ParamLayout
 from twa_ray.core.quant import packed_bytes
-from twa_ray.parallel.batches import local_slice
 from twa_ray.parallel.checkpoint_files import read_sharded
 from twa_ray.parallel.local_ranks import spawn_ranks
 from twa_ray.parallel.sharding.fsdp_rows import RowLayout, build_fsdp_twa
@@ -37,30 +36,13 @@ def _cfg(bits, basis, granularity, grad_clip) -> TWAConfig:
                      sharding="fsdp")
 
 
-def _batches():
-    """STEPS global batches of 16 (x (16, 6), y (16,))."""
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    return [(x[16 * (s % 3) : 16 * (s % 3 + 1)], y[16 * (s % 3) : 16 * (s % 3 + 1)]) for s in range(STEPS)]
-
-
-def _train(model, twa, rank=0, world=1):
-    """STEPS TWA steps; each rank back-propagates its slice's share of the global mean loss."""
-    for x, y in _batches():
-        lo, hi = local_slice(len(x), rank, world)
-        for p in model.parameters():
-            p.grad = None
-        (nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") / len(x)).backward()
-        twa.step()
-
-
 def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
     store = CandidateStore.open(store_uri)
     results = []
     for case in CASES:
         model = fsdp_wrap(UnevenNet(), world, torch.device("cpu"))
         twa = build_fsdp_twa(model, store, store.candidate_indices(), _cfg(*case), STEPS, rank, world).twa
-        _train(model, twa, rank, world)
+        train_twa_steps(model, twa, STEPS, rank, world)
         grads = [p.grad.to_local() for p in model.parameters()]
         results.append({
             "X": twa.X.detach().clone(), "weights": twa.weights().clone(), "q": twa.projection.dequantized(),
@@ -103,7 +85,7 @@ def _reference(store_uri, case):
         schedule=ScheduleSpec(kind=cfg.schedule, total_steps=STEPS, warmup_frac=cfg.warmup, epochs=cfg.epochs),
     )
     q = twa.projection.dequantized()
-    _train(model, twa)
+    train_twa_steps(model, twa, STEPS)
     return twa, q
 
 
