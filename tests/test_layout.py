@@ -96,9 +96,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_core_parallel_and_store_import_without_ray():
+def test_core_parallel_store_and_tasks_import_without_ray():
     code = ("import importlib, pkgutil, sys\n"
-            "for name in ('twa_ray.core', 'twa_ray.parallel', 'twa_ray.store'):\n"
+            "for name in ('twa_ray.core', 'twa_ray.parallel', 'twa_ray.store', 'twa_ray.tasks'):\n"
             "    package = importlib.import_module(name)\n"
             "    for module in pkgutil.walk_packages(package.__path__, name + '.'):\n"
             "        importlib.import_module(module.name)\n"

@@ -14,6 +14,7 @@ from twa_ray.output.export import load_model
 from twa_ray.parallel.evaluate import evaluate
 from twa_ray.store import CandidateStore
 from twa_ray.store import fs as store_fs
+from twa_ray.tasks import ImageClassification
 
 pytestmark = pytest.mark.ray
 
@@ -71,7 +72,7 @@ def test_the_job_leaves_everything_on_s3(finished):
     assert summary["test_acc"]["ema"] is not None  # read from base training's last checkpoint, on S3
     model = load_model(run)  # read back from the bucket
     splits = splits_from_config(load_config(config), include_test=True)
-    assert evaluate(model, splits.test).accuracy == pytest.approx(summary["test_acc"]["twa"], abs=1e-9)
+    assert evaluate(model, splits.test, ImageClassification()).accuracy == pytest.approx(summary["test_acc"]["twa"], abs=1e-9)
 
 
 def test_a_rerun_finds_the_finished_run_on_s3(finished):

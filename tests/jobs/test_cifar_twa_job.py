@@ -15,6 +15,7 @@ from twa_ray.config import load_config
 from twa_ray.data.from_config import splits_from_config
 from twa_ray.models.from_config import model_from_config
 from twa_ray.parallel.evaluate import evaluate
+from twa_ray.tasks import ImageClassification
 
 pytestmark = pytest.mark.ray
 
@@ -126,7 +127,7 @@ def test_model_pt_reproduces_the_reported_accuracy(finished):
     splits = splits_from_config(cfg, include_test=True)
     model = model_from_config(cfg, splits)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
-    acc = evaluate(model, splits.test).accuracy
+    acc = evaluate(model, splits.test, ImageClassification()).accuracy
     summary = json.loads((run / "summary.json").read_text())
     assert acc == pytest.approx(summary["test_acc"]["twa"], abs=1e-9)
 

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from twa_ray.config import BaselinesConfig, Config
 from twa_ray.output import methods, plots
 from twa_ray.output.atomic import write_json
 from twa_ray.output.console import method_rows, results_table
@@ -58,9 +59,7 @@ def test_members_rules():
     infos = [(0, {"kind": "initial"}), (1, {"kind": "epoch", "metrics": {"val_acc": 60.0}}),
              (2, {"kind": "epoch", "metrics": {"val_acc": 75.0}}), (3, {"kind": "epoch", "metrics": {"val_acc": 70.0}})]
 
-    class Cfg:
-        class baselines:
-            best_k = 2
+    Cfg = Config(baselines=BaselinesConfig(best_k=2))  # image classification: best val_acc
 
     assert method("last").members(infos, Cfg) == [3]
     assert method("swa").members(infos, Cfg) == [1, 2, 3]

@@ -22,6 +22,7 @@ from twa_ray.parallel.sharding.fsdp import checkpoint_shards, load_checkpoint_sh
 from twa_ray.parallel.sharding.fsdp_candidates import RowCandidateWriter
 from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap, local_rows, local_shard
 from twa_ray.store import CandidateStore
+from twa_ray.tasks import ImageClassification
 
 WORLD = 2
 FSDP = sharding_mode("fsdp")
@@ -58,19 +59,19 @@ def test_lockstep_evaluation_makes_as_many_forward_passes_on_every_rank():
     data = TensorDataset(torch.randn(5, 6), torch.randint(0, 3, (5,)))
     model, calls = UnevenNet(gain=False), []
     model.register_forward_hook(lambda *_: calls.append(1))
-    plain = evaluate(model, data, batch_size=2)
+    plain = evaluate(model, data, ImageClassification(), batch_size=2)
     assert len(calls) == 3
-    padded = evaluate(model, data, batch_size=2, min_batches=5)  # the last batch twice more, not counted
+    padded = evaluate(model, data, ImageClassification(), batch_size=2, min_batches=5)  # the last batch twice more, not counted
     assert len(calls) == 3 + 5 and padded == plain
     # rank 1 of 2 holds examples 1 and 3 (one batch of 2), rank 0 three (two batches): rank 1 pads one
     calls.clear()
-    evaluate_across_ranks(model, data, 1, 2, "cpu", batch_size=2, lockstep=True)
+    evaluate_across_ranks(model, data, ImageClassification(), 1, 2, "cpu", batch_size=2, lockstep=True)
     assert len(calls) == 2
     calls.clear()
-    evaluate_across_ranks(model, data, 1, 2, "cpu", batch_size=2)
+    evaluate_across_ranks(model, data, ImageClassification(), 1, 2, "cpu", batch_size=2)
     assert len(calls) == 1
     calls.clear()
-    evaluate_across_ranks(model, torch.utils.data.Subset(data, [0]), 1, 2, "cpu", batch_size=2, lockstep=True)
+    evaluate_across_ranks(model, torch.utils.data.Subset(data, [0]), ImageClassification(), 1, 2, "cpu", batch_size=2, lockstep=True)
     assert len(calls) == 1  # no example of its own: still rank 0's one pass
 
 

@@ -15,6 +15,7 @@ from twa_ray.parallel.local_ranks import spawn_ranks
 from twa_ray.parallel.process_group import all_reduce_sum, gather_from_ranks
 from twa_ray.runtime import worker
 from twa_ray.runtime.twa_loop import TWARunState
+from twa_ray.tasks import ImageClassification
 
 WORLD = 2
 
@@ -32,7 +33,7 @@ def _model() -> nn.Module:
 def _rank_main(rank: int, world: int, out: str) -> None:
     cpu = torch.device("cpu")
     model = worker.sync_batchnorm(_model(), True, cpu, rank, world)
-    res = evaluate_across_ranks(model, _data(), rank, world, cpu, batch_size=4)  # the same model on both
+    res = evaluate_across_ranks(model, _data(), ImageClassification(), rank, world, cpu, batch_size=4)  # the same model on both
     model.train()
     model(torch.randn(5, 6) + rank)  # under the process group: SyncBatchNorm would reject CPU tensors
     gathered = gather_from_ranks({k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k}, cpu)
@@ -54,7 +55,7 @@ def two_ranks(tmp_path_factory):
 
 def test_evaluation_across_ranks_equals_one_process(two_ranks):
     model = _model()
-    full = evaluate(model, _data(), "cpu", batch_size=4)
+    full = evaluate(model, _data(), ImageClassification(), "cpu", batch_size=4)
     for r in two_ranks:
         accuracy, loss, count = r["eval"]
         assert count == 23

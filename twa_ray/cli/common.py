@@ -38,10 +38,14 @@ def add_job_arguments(parser: argparse.ArgumentParser, example: str, *, force: b
 def load_job_config(args: argparse.Namespace, check: Callable[[Config], None] | None = None) -> Config | None:
     """The config ``args`` name, overrides applied, every location settled absolute
     (``config.settle_locations``: the run folder, the store and Ray's storage under the
-    storage root, data.root under the working directory) and ``check`` passed; None after
+    storage root, data.root under the working directory), its task loadable
+    (``tasks.check_task``) and ``check`` passed; None after
     printing the errors (each naming the field) to stderr."""
+    from ..tasks import check_task  # loads torch: not for show and export
+
     try:
         cfg = settle_locations(load_config(args.config, args.overrides))
+        check_task(cfg)  # imports the user's task: a bad path or object is named here, before anything starts
         if check is not None:
             check(cfg)
         return cfg

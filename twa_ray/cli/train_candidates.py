@@ -60,8 +60,9 @@ def run(cfg: Config, verbose: bool = False) -> int:
     last = result.metrics[-1] if result.metrics else {}
     print(f"candidate store: {result.store_uri}")
     print(f"candidates: {result.num_candidates} (epochs run: {len(result.metrics)}, "
-          f"last train acc: {last.get('train_acc', float('nan')):.2f}%, "
-          f"last val acc: {last.get('val_acc', float('nan')):.2f}%, wall time: {result.wall_time_s:.1f} s)")
+          + "".join(f"last {k.replace('_', ' ')}: {v:.4g}, " for k, v in last.items()
+                    if k.startswith(("train_", "val_")) and isinstance(v, float))
+          + f"wall time: {result.wall_time_s:.1f} s)")
     print(f"ray train run: {result.run_path}")
 
     if cfg.compare_full_budget:

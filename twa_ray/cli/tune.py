@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from ..pipelines.main import check_store_settings
     from ..pipelines.runs import check_recorded_config, require_local_run_dir
+    from ..tune.search_space import settle_objective
 
     setup_logging(args.verbose)
     cfg = load_job_config(args, lambda c: (validate_space(c), require_local_run_dir(c, "the tune job")))
@@ -47,10 +48,11 @@ def command(args: argparse.Namespace) -> int:
         return 2
 
     def job() -> int:
+        settled = settle_objective(cfg)  # tune.metric / mode from the task, in the driver
         # Tune would restore a sweep of other settings (its search space, samples, ASHA) as this one
-        check_recorded_config(cfg, run_dir, SWEEP)
-        check_store_settings(cfg)  # a store of other candidates
-        return run(cfg, run_dir, args.verbose)
+        check_recorded_config(settled, run_dir, SWEEP)
+        check_store_settings(settled)  # a store of other candidates
+        return run(settled, run_dir, args.verbose)
 
     return report_errors(job)
 
@@ -78,8 +80,8 @@ def run(cfg: Config, run_dir: Path, verbose: bool = False) -> int:
     # 4. the run folder: tune_results.parquet, best.json, plots/tune.png (+ TensorBoard events)
     write_sweep_outputs(run_dir, sweep, cfg.tune.metric, tensorboard=cfg.report.tensorboard)
     print(f"report: {write_report(run_dir)}")
-    log.info("best trial %s: %s=%.4g, test accuracy %.2f%%, params %s", sweep.best["trial_id"],
-             cfg.tune.metric, sweep.best["selection_metric"], result.accuracy, sweep.best["params"])
+    log.info("best trial %s: %s=%.4g, test %s %.4g, params %s", sweep.best["trial_id"],
+             cfg.tune.metric, sweep.best["selection_metric"], result.metric, result.value, sweep.best["params"])
     print(f"run folder: {run_dir}")
     return 0
 

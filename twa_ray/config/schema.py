@@ -214,8 +214,10 @@ class TuneConfig:
 
     space: dict = field(default_factory=dict)
     num_samples: int = 1  # samples of the random keys (each grid point runs this often)
-    metric: str = "select_acc"  # reported each TWA epoch on data that trained nothing
-    mode: str = "max"
+    # reported each TWA epoch on data that trained nothing; None: select_<the task's metric>
+    # (select_acc for image classification), and mode as the task's metric selects (max for accuracy)
+    metric: str | None = None
+    mode: str | None = None
     max_concurrent_trials: int | None = None  # None: as many as the CPUs (or GPUs) allow
     trial_cpus: float = 0.1  # the trial's driver function; its TWA workers take twa.cpus_per_worker
     asha: AshaConfig = field(default_factory=AshaConfig)
@@ -250,6 +252,10 @@ class Config:
     # default: the environment variable TWA_RAY_STORAGE_ROOT; on a Ray cluster one of them is needed
     storage_root: str | None = None
     seed: int = 0
+    # the model, data, loss and metrics (``twa_ray.tasks``): the built-in one, configured by
+    # data: and model:, or "package.module:Class", built as Class(**task_args)
+    task: str = "image_classification"
+    task_args: dict = field(default_factory=dict)
     store: str | None = None  # candidate store uri; default <output_dir>/candidates
     compare_full_budget: bool = False
     data: DataConfig = field(default_factory=DataConfig)

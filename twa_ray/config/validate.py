@@ -127,7 +127,7 @@ def config_problems(cfg: Config, where: str) -> list[str]:
         "twa.candidates_per_round", f"{cfg.twa.candidates_per_round} is not >= 2 (a subspace needs two candidates)",
     )
     check(0.0 <= cfg.twa.select_ratio < 1.0, "twa.select_ratio", f"{cfg.twa.select_ratio} is not in [0, 1)")
-    check(cfg.tune.mode in ("max", "min"), "tune.mode", f"{cfg.tune.mode!r} is not 'max' or 'min'")
+    check(cfg.tune.mode in (None, "max", "min"), "tune.mode", f"{cfg.tune.mode!r} is not 'max', 'min' or null")
     check(cfg.data.batch_size >= 1, "data.batch_size", f"{cfg.data.batch_size} is not >= 1")
     check(0.0 <= cfg.baselines.ema_decay < 1.0, "baselines.ema_decay", f"{cfg.baselines.ema_decay} is not in [0, 1)")
     check(cfg.baselines.best_k >= 1, "baselines.best_k", f"{cfg.baselines.best_k} is not >= 1")

@@ -9,7 +9,7 @@ averaging they are recomputed on training data with ``torch.optim.swa_utils.upda
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,30 @@ def recalibrate_bn(
     if max_batches is not None:
         loader = list(itertools.islice(loader, max_batches))
     torch.optim.swa_utils.update_bn(loader, model, device)
+
+
+class _ForwardBy(nn.Module):
+    """``model`` reached through ``forward(batch)`` (a task's or a trainer's loss): ``update_bn``
+    finds the BatchNorm layers of ``model`` and calls this on each batch."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, batch: Any) -> Any:
+        return self._forward(batch)
+
+
+def recalibrate_bn_with(
+    model: nn.Module, forward: Callable[[Any], Any], batches: Iterable, max_batches: int | None = None
+) -> None:
+    """``recalibrate_bn`` for batches of any shape: ``forward(batch)`` runs ``model`` on one
+    (moving it to the device itself). No-op without BatchNorm."""
+    if not has_batchnorm(model):
+        return
+    batches = ((batch,) for batch in batches)  # update_bn passes item[0] on
+    recalibrate_bn(_ForwardBy(model, forward), batches, None, max_batches)
 
 
 def streaming_mean(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -83,16 +107,19 @@ def after_start(candidates: Sequence[tuple[int, Mapping]]) -> list[int]:
     return [index for index, info in candidates if info.get("kind") != INITIAL_KIND]
 
 
-def best_k(candidates: Sequence[tuple[int, Mapping]], k: int, metric: str = "val_acc") -> list[int]:
-    """Indices of the ``k`` candidates with the highest ``info["metrics"][metric]``, sorted
-    by index (timm's ``avg_checkpoints``: the uniform average of the best k checkpoints).
+def best_k(candidates: Sequence[tuple[int, Mapping]], k: int, metric: str = "val_acc",
+           higher_is_better: bool = True) -> list[int]:
+    """Indices of the ``k`` candidates with the best ``info["metrics"][metric]`` (the highest,
+    or the lowest when not ``higher_is_better``), sorted by index (timm's ``avg_checkpoints``:
+    the uniform average of the best k checkpoints).
 
     The initial weights and candidates without the metric (saved inside an epoch) never
     count; ties go to the later candidate. Fewer than ``k`` when fewer qualify.
     """
     if k < 1:
         raise ValueError(f"best_k needs k >= 1, got {k}")
-    scored = [(float(info["metrics"][metric]), index) for index, info in candidates
+    sign = 1.0 if higher_is_better else -1.0
+    scored = [(sign * float(info["metrics"][metric]), index) for index, info in candidates
               if info.get("kind") != INITIAL_KIND and metric in (info.get("metrics") or {})]
     return sorted(index for _, index in sorted(scored, reverse=True)[:k])
 

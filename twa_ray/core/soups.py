@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .baselines import has_batchnorm, recalibrate_bn, swa_vector
+from .baselines import has_batchnorm, recalibrate_bn, recalibrate_bn_with, swa_vector
 from .params import assign_flat
 
 Score = Callable[[torch.Tensor], float]  # (D,) weights -> held-out score, higher is better
@@ -125,10 +125,12 @@ def weights_scorer(
     metric: Callable[[nn.Module], float],
     bn_data: Iterable | None = None,
     bn_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> Score:
     """A ``score(w)`` that loads (D,) weights ``w`` into ``model``, recalibrates its
     BatchNorm statistics on ``bn_data`` (first ``bn_batches`` batches; skipped without
-    BatchNorm) and returns ``metric(model)`` (e.g. val accuracy).
+    BatchNorm) and returns ``metric(model)`` (e.g. val accuracy). ``forward(model, batch)``
+    runs the model on a batch of ``bn_data`` (default: ``update_bn``'s, on the batch's first item).
 
     ``model`` is overwritten on every call. Raises ValueError when the model has
     BatchNorm but no ``bn_data`` is given.
@@ -139,7 +141,9 @@ def weights_scorer(
 
     def score(weights: torch.Tensor) -> float:
         assign_flat(model, weights.to(device))
-        if bn_data is not None:
+        if bn_data is not None and forward is not None:
+            recalibrate_bn_with(model, lambda batch: forward(model, batch), bn_data, max_batches=bn_batches)
+        elif bn_data is not None:
             recalibrate_bn(model, bn_data, device, max_batches=bn_batches)
         return float(metric(model))
 

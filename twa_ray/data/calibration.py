@@ -7,14 +7,17 @@ would see only a few classes.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
-def calibration_loader(dataset: Dataset, batch_size: int, max_batches: int | None, seed: int) -> DataLoader:
+def calibration_loader(dataset: Dataset, batch_size: int, max_batches: int | None, seed: int,
+                       collate_fn: Callable[[list], Any] | None = None) -> DataLoader:
     """Up to ``max_batches`` batches of ``batch_size`` examples drawn from ``dataset``
     without replacement in a seeded random order (None: the whole dataset, shuffled)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     if max_batches is not None:
         order = order[: max_batches * batch_size]
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size)
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, collate_fn=collate_fn)

@@ -15,24 +15,27 @@ from .sealed import SealedSplit, record_test_read
 from .splits import DataSplits, build_splits
 
 
-def splits_from_config(
-    cfg: Config, root_base: str | Path | None = None, include_test: bool = False, reason: str = "evaluation"
-) -> DataSplits:
-    """The train/val/test splits ``cfg.data`` describes; a relative ``data.root`` is
-    resolved against ``root_base`` (the driver's cwd, for Ray workers).
-
-    The test split is sealed (any read raises) unless ``include_test``: only the final
-    evaluation asks for it, and each such read is recorded (``data.sealed``).
-    """
+def build_config_splits(cfg: Config, root_base: str | Path | None = None) -> DataSplits:
+    """The train/val/test splits ``cfg.data`` describes, test unsealed; a relative
+    ``data.root`` is resolved against ``root_base`` (the driver's cwd, for Ray workers)."""
     d = cfg.data
     root = Path(d.root)
     if root_base is not None and not root.is_absolute():
         root = Path(root_base) / root
-    splits = build_splits(
+    return build_splits(
         d.name, root, val_ratio=d.val_ratio, seed=cfg.seed, augment=d.augment, download=d.download,
         synthetic=dataclasses.asdict(d.synthetic) if d.name == "synthetic" else None,
         limit_train=d.limit_train, limit_val=d.limit_val, limit_test=d.limit_test,
     )
+
+
+def splits_from_config(
+    cfg: Config, root_base: str | Path | None = None, include_test: bool = False, reason: str = "evaluation"
+) -> DataSplits:
+    """:func:`build_config_splits` with the test split sealed (any read raises) unless
+    ``include_test``: only the final evaluation asks for it, and each such read is recorded
+    (``data.sealed``)."""
+    splits = build_config_splits(cfg, root_base)
     if include_test:
         record_test_read(reason)
     else:

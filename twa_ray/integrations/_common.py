@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TWAConfig, check_twa_start, config_from_dict
-from ..core.baselines import has_batchnorm, recalibrate_bn
+from ..core.baselines import has_batchnorm, recalibrate_bn_with
 from ..core.params import flatten_params
 from ..parallel.sharding.blocks import BlocksMode
 from ..store import CandidateStore
@@ -181,19 +181,6 @@ class ShardInfo:
     coordinates: tuple[int, int]
     num_params: int
     projection_bytes: int
-
-
-class _LossForward(nn.Module):
-    """The trainer's loss as a module: BatchNorm recalibration runs the same forward pass as
-    training (``update_bn`` finds the BatchNorm layers of ``model`` and calls this on each item)."""
-
-    def __init__(self, model: nn.Module, loss_of: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_of = loss_of
-
-    def forward(self, item: Any) -> Any:
-        return self._loss_of(item)
 
 
 def _average_batchnorm_stats(model: nn.Module, comm, world: int) -> None:
@@ -385,8 +372,8 @@ class TWACallbackBase:
             self._train(model, twa, fit, steps)
         with torch.no_grad():
             if has_batchnorm(model):
-                items = ((item,) for item in fit.batches(self.settings.epochs))  # update_bn passes item[0] on
-                recalibrate_bn(_LossForward(model, fit.loss_of), items, max_batches=self.settings.bn_batches)
+                recalibrate_bn_with(model, fit.loss_of, fit.batches(self.settings.epochs),
+                                    max_batches=self.settings.bn_batches)
                 _average_batchnorm_stats(model, twa.comm, ranks.world)
         model.train(was_training)
         (l0, l1), (start, end) = setup.plan.block_runs[ranks.rank], setup.plan.ranges[ranks.rank]

@@ -151,23 +151,35 @@ class Progress:
 COLUMNS = ("method", "test acc (%)", "test loss", "epochs", "compute (s)", "trained on")
 
 
+def summary_metric(summary: Mapping[str, Any]) -> str:
+    """The task's metric a summary reports (``summary["metric"]``; "acc" in summaries from
+    before tasks), its test values under ``test_<metric>``."""
+    return str(summary.get("metric") or "acc")
+
+
+def columns(summary: Mapping[str, Any]) -> tuple[str, ...]:
+    """The results table's header: COLUMNS, with the task's metric named (image classification: test acc (%))."""
+    metric = summary_metric(summary)
+    return COLUMNS if metric == "acc" else (COLUMNS[0], f"test {metric}") + COLUMNS[2:]
+
+
 def method_rows(summary: Mapping[str, Any]) -> list[dict]:
-    """One row per method with a test accuracy in ``summary["test_acc"]``, in its order:
-    {'method', 'key', 'test_acc', 'test_loss', 'epochs', 'compute_s', 'trained_on'}, the label
-    and the cost as the method's registry entry (``output.methods``) reads them from the
-    summary; what the summary does not say is None. Works for the main job's and the soup
-    job's summaries."""
-    accuracies = summary.get("test_acc") or {}
+    """One row per method with a test value in ``summary["test_<metric>"]`` (``test_acc`` for
+    image classification), in its order: {'method', 'key', 'test', 'test_loss', 'epochs',
+    'compute_s', 'trained_on'}, the label and the cost as the method's registry entry
+    (``output.methods``) reads them from the summary; what the summary does not say is None.
+    Works for the main job's and the soup job's summaries."""
+    values = summary.get(f"test_{summary_metric(summary)}") or {}
     losses = summary.get("test_loss") or {}
     rows = []
-    for key, acc in accuracies.items():
-        if number(acc) is None:
+    for key, value in values.items():
+        if number(value) is None:
             continue
         entry = method(key)
         epochs, compute, trained_on = entry.cost(summary)
         rows.append({
             "method": entry.label, "key": key,
-            "test_acc": float(acc), "test_loss": number(losses.get(key)),
+            "test": float(value), "test_loss": number(losses.get(key)),
             "epochs": epochs, "compute_s": compute, "trained_on": trained_on,
         })
     return rows
@@ -179,7 +191,7 @@ def row_cells(row: Mapping[str, Any]) -> list[str]:
         return "-" if value is None else format(value, spec)
     epochs = row["epochs"]
     return [
-        row["method"], fmt(row["test_acc"], ".2f"), fmt(row["test_loss"], ".4f"),
+        row["method"], fmt(row["test"], ".2f" if abs(row["test"]) < 1e4 else ".4g"), fmt(row["test_loss"], ".4f"),
         "-" if epochs is None else (f"{epochs:.0f}" if float(epochs).is_integer() else f"{epochs:g}"),
         fmt(row["compute_s"], ".1f"), row["trained_on"] or "-",
     ]
@@ -187,7 +199,7 @@ def row_cells(row: Mapping[str, Any]) -> list[str]:
 
 def results_table(summary: Mapping[str, Any]) -> str:
     """The final results table of a run (``summary.json``'s content) as aligned text lines."""
-    rows = [list(COLUMNS)] + [row_cells(r) for r in method_rows(summary)]
+    rows = [list(columns(summary))] + [row_cells(r) for r in method_rows(summary)]
     if len(rows) == 1:
         return "no test results in this summary"
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -200,4 +212,5 @@ def results_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["setup_logging", "Progress", "format_duration", "method_rows", "results_table", "row_cells", "COLUMNS"]
+__all__ = ["setup_logging", "Progress", "format_duration", "method_rows", "results_table", "row_cells", "COLUMNS",
+           "columns", "summary_metric"]

@@ -55,7 +55,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     Raises FileNotFoundError naming a missing file, ValueError when summary.json has no
     ``model_spec`` or the weights do not fit the model.
     """
-    from ..models.from_config import model_from_spec
+    from ..tasks.load import model_from_spec
 
     summary = read_summary(run_dir)
     spec = summary.get("model_spec")
@@ -63,7 +63,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
         raise ValueError(f"{store_fs.as_location(run_dir) / SUMMARY_FILE} has no model_spec (the model's name, arguments, classes "
                          f"and input shape): it was written by an older twa_ray; rebuild the model with "
                          f"twa_ray.models.build_model and load model.pt into it")
-    model = model_from_spec(spec)
+    model = model_from_spec(spec, f"{store_fs.as_location(run_dir) / SUMMARY_FILE} model_spec")
     try:
         model.load_state_dict(load_state_dict(run_dir))
     except RuntimeError as exc:  # missing / unexpected keys, shape mismatch

@@ -152,10 +152,13 @@ def swa_members(candidates: Candidates, cfg: Config) -> list[int]:
 
 
 def best_k_members(candidates: Candidates, cfg: Config) -> list[int]:
-    """best-k: the ``baselines.best_k`` candidates with the best val accuracy (timm avg_checkpoints)."""
+    """best-k: the ``baselines.best_k`` candidates with the best val metric of the task
+    (image classification: val accuracy; timm avg_checkpoints)."""
     from ..core.baselines import best_k
+    from ..tasks import task_from_config
 
-    return best_k(candidates, cfg.baselines.best_k)
+    task = task_from_config(cfg)
+    return best_k(candidates, cfg.baselines.best_k, f"val_{task.metric}", task.higher_is_better)
 
 
 def base_training_data(cfg: Config) -> str:

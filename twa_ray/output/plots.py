@@ -13,22 +13,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .atomic import write_with  # noqa: E402
-from .console import method_rows  # noqa: E402
+from .console import method_rows, summary_metric  # noqa: E402
 from .methods import legend_order, method  # noqa: E402
 
 
-def plot_soups(path: str | Path, model_acc: Sequence[float], marks: dict[str, float]) -> None:
-    """Test accuracy of each fine-tuned model (bars) with the soups and TWA (``marks``: per
-    method name) as lines, each in its registry entry's colour, line and label (``output.methods``)."""
+def plot_soups(path: str | Path, model_acc: Sequence[float], marks: dict[str, float], metric: str = "acc") -> None:
+    """Test accuracy (the task's ``metric``) of each fine-tuned model (bars) with the soups and
+    TWA (``marks``: per method name) as lines, each in its registry entry's colour, line and
+    label (``output.methods``)."""
+    unit, spec = ("%", ".2f") if metric == "acc" else ("", ".4g")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.bar(range(len(model_acc)), model_acc, color="tab:gray", alpha=0.6, label="fine-tuned models")
     for name, acc in marks.items():
         entry = method(name)
-        ax.axhline(acc, color=entry.style.color, linestyle=entry.style.line, label=f"{entry.label} {acc:.2f}%")
-    low = min(list(model_acc) + list(marks.values()))
-    ax.set_ylim(max(0.0, low - 5.0), min(100.0, max(list(model_acc) + list(marks.values())) + 2.0))
+        ax.axhline(acc, color=entry.style.color, linestyle=entry.style.line, label=f"{entry.label} {acc:{spec}}{unit}")
+    low, high = min(list(model_acc) + list(marks.values())), max(list(model_acc) + list(marks.values()))
+    if metric == "acc":
+        ax.set_ylim(max(0.0, low - 5.0), min(100.0, high + 2.0))
     ax.set_xlabel("fine-tuned model")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" if metric == "acc" else f"test {metric}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)
     fig.tight_layout()
     _save(fig, path)
@@ -126,9 +129,10 @@ class AccuracyPlot:
         return any(c.seconds is not None for c in self.curves) or any(m.seconds is not None for m in self.marks)
 
 
-def val_curve(metrics: Sequence[Mapping]) -> tuple[list, list]:
-    """(epochs, val accuracies) that one training stage recorded at the end of each epoch."""
-    points = [(float(m["epoch"]), m["val_acc"]) for m in metrics if m.get("val_acc") is not None and "epoch" in m]
+def val_curve(metrics: Sequence[Mapping], key: str = "val_acc") -> tuple[list, list]:
+    """(epochs, val values of ``key``: the task's metric) that one training stage recorded at
+    the end of each epoch."""
+    points = [(float(m["epoch"]), m[key]) for m in metrics if m.get(key) is not None and "epoch" in m]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -160,21 +164,21 @@ def _at(clock: tuple[list[float], list[float]] | None, epochs: Sequence[float]) 
     return [float(s) for s in np.interp(epochs, clock[0], clock[1])]
 
 
-def y_limits(curves: Sequence[Curve], marks: Sequence[Mark], margin: float = 0.1, min_margin: float = 1.0
-             ) -> tuple[float, float]:
+def y_limits(curves: Sequence[Curve], marks: Sequence[Mark], margin: float = 0.1, min_margin: float = 1.0,
+             bounds: tuple[float, float] = (0.0, 100.0)) -> tuple[float, float]:
     """The accuracy range that matters: from the lowest marked method or curve point past
     epoch 1 (never the random initial weights, nor the first epoch's far lower values) to
     the highest point, widened by ``margin`` of that span (at least ``min_margin`` points),
-    within [0, 100]. Points below the range fall off the plot."""
+    within ``bounds`` (accuracy: [0, 100]). Points below the range fall off the plot."""
     every = [m.acc for m in marks] + [a for c in curves for a in c.acc]
     trained = [m.acc for m in marks] + [a for c in curves for e, a in zip(c.epochs, c.acc) if e > 1]
     if not trained:
         trained = every
     if not trained:
-        return 0.0, 100.0
+        return bounds
     low, high = min(trained), max(every)
     pad = max(min_margin, margin * (high - low))
-    return max(0.0, low - pad), min(100.0, high + pad)
+    return max(bounds[0], low - pad), min(bounds[1], high + pad)
 
 
 def epoch_ticks(first: float, last: float, most: int = MAX_EPOCH_TICKS) -> list[int]:
@@ -209,7 +213,8 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
     base_rows, full_rows = _stage(metrics, "base_train"), _stage(metrics, "full_budget")
     base_clock = _clock(base_rows, 0.0, 0.0)
     curves, base = [], None
-    epochs, acc = val_curve(base_rows)
+    key = f"val_{summary_metric(summary)}"
+    epochs, acc = val_curve(base_rows, key)
     if epochs:
         base = Curve("base training (val)", epochs, acc, _at(base_clock, epochs))
         curves.append(base)
@@ -218,23 +223,24 @@ def accuracy_plot(summary: Mapping, metrics: Sequence[Mapping],
         curves.append(Curve("candidates (test)", epochs, list(test_curve[1]), _at(base_clock, epochs), "--"))
     for name, continued in (("full_budget", summary.get("full_budget_continued")), ("sgd_same_compute", True)):
         curve = _continuation(name, full_rows if name == "full_budget" else _stage(metrics, name), continued, base,
-                              base_clock)
+                              base_clock, key)
         if curve is not None:
             curves.append(curve)
-    marks = {r["key"]: Mark(r["key"], r["method"], float(r["epochs"]), r["test_acc"], r["compute_s"])
+    marks = {r["key"]: Mark(r["key"], r["method"], float(r["epochs"]), r["test"], r["compute_s"])
              for r in method_rows(summary) if method(r["key"]).style.marker and r["epochs"] is not None}
     marks = [marks[name] for name in legend_order(list(marks))]
     xs = [e for c in curves for e in c.epochs] + [m.epoch for m in marks]
     ticks = epoch_ticks(min(xs), max(xs)) if xs else []
-    return AccuracyPlot(curves, marks, y_limits(curves, marks), ticks)
+    bounds = (0.0, 100.0) if key == "val_acc" else (-math.inf, math.inf)
+    return AccuracyPlot(curves, marks, y_limits(curves, marks, bounds=bounds), ticks)
 
 
 def _continuation(name: str, rows: Sequence[Mapping], continued: bool | None, base: Curve | None,
-                  base_clock: tuple[list[float], list[float]] | None) -> Curve | None:
+                  base_clock: tuple[list[float], list[float]] | None, key: str = "val_acc") -> Curve | None:
     """The val curve of the stage ``name`` that trains on from base training (the full budget,
     SGD at equal compute): a continuation (``continued``; None: when its first epoch is past 1)
     starts at base training's last point. None when the stage has no val accuracies."""
-    epochs, acc = val_curve(rows)
+    epochs, acc = val_curve(rows, key)
     if not epochs:
         return None
     if continued is None:
@@ -256,6 +262,8 @@ def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping]
     """Draw accuracy.png (``accuracy_plot``'s series): accuracy against epochs and, where
     the run measured its epochs' times, against compute seconds. Returns the series."""
     data = accuracy_plot(summary, metrics, test_curve)
+    metric = summary_metric(summary)
+    unit, spec = ("%", ".2f") if metric == "acc" else ("", ".4g")
     panels = [("epoch", "epochs of training (base, then TWA, SGD or the full budget)")]
     if data.has_seconds:
         panels.append(("seconds", "compute seconds (training loops, start-up excluded)"))
@@ -280,13 +288,13 @@ def plot_accuracy(path: str | Path, summary: Mapping, metrics: Sequence[Mapping]
                 marker, color = method(m.method).style.marker, method(m.method).style.color
                 ax.plot([x], [m.acc], linestyle="none", marker=marker, markersize=13 if marker == "*" else 8,
                         color=color, markeredgecolor="black", markeredgewidth=0.6, zorder=3,
-                        label=f"{m.label} (test) {m.acc:.2f}%")
+                        label=f"{m.label} (test) {m.acc:{spec}}{unit}")
         if axis == "epoch" and data.epoch_ticks:
             ax.set_xticks(data.epoch_ticks)
         ax.set_ylim(*data.ylim)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylabel("accuracy (%)" if metric == "acc" else metric)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8)

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..store import fs as store_fs
 from .atomic import read_json, write_bytes
-from .console import COLUMNS, method_rows, row_cells
+from .console import columns, method_rows, row_cells
 
 REPORT_FILE = "report.html"
 MODEL_SUFFIXES = (".pt", ".safetensors")
@@ -65,7 +65,7 @@ def _results_section(summary: Mapping[str, Any]) -> str:
     rows = [row_cells(r) for r in method_rows(summary)]
     if not rows:
         return "<p>No test results in summary.json.</p>\n"
-    return _table(COLUMNS, rows, numeric=(1, 2, 3, 4))
+    return _table(columns(summary), rows, numeric=(1, 2, 3, 4))
 
 
 def _details_section(summary: Mapping[str, Any]) -> str:

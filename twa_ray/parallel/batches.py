@@ -13,7 +13,7 @@ into the previous batch (``min_last``), so the epoch still covers every example 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -92,11 +92,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return len(self._batches)
 
 
-def loader_for(dataset: Dataset, sampler: ShardedBatchSampler, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over this rank's slices; an empty slice yields an empty batch."""
+def loader_for(dataset: Dataset, sampler: ShardedBatchSampler, num_workers: int = 0, pin_memory: bool = False,
+               collate_fn: Callable[[list], Any] | None = None) -> DataLoader:
+    """A DataLoader over this rank's slices, batched by ``collate_fn`` (a task's; default
+    torch's, with which an empty slice yields an empty (images, labels) batch)."""
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=_collate_allow_empty,
+        collate_fn=collate_fn or _collate_allow_empty,
     )
 
 

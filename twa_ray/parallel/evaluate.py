@@ -1,70 +1,116 @@
-"""Accuracy and loss of a model on a dataset, in one process or split across ranks (plain
+"""A task's metrics of a model on a dataset, in one process or split across ranks (plain
 PyTorch: every stage uses it; the test-split evaluation in Ray tasks is
 ``twa_ray.runtime.evaluation``)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..tasks import Task, Totals, to_device
 from .process_group import all_reduce_sum
 
 
 @dataclass
 class EvalResult:
-    accuracy: float  # percent
-    loss: float
+    """A task's metrics (``Task.summarize``: holds "loss" and the task's ``metric``) on
+    ``count`` examples; ``value`` is the selection metric's."""
+
+    metrics: dict[str, float]
     count: int
+    metric: str = "loss"
+    higher_is_better: bool = False
+
+    @property
+    def loss(self) -> float:
+        return self.metrics.get("loss", math.nan)
+
+    @property
+    def value(self) -> float:
+        return self.metrics.get(self.metric, math.nan)
+
+    @property
+    def accuracy(self) -> float:
+        """Image classification's metric, ``metrics["acc"]`` (percent)."""
+        return self.metrics["acc"]
+
+    @property
+    def score(self) -> float:
+        """``value``, negated when lower is better: higher always selects."""
+        return self.value if self.higher_is_better else -self.value
+
+
+def _result(task: Task, totals: Totals, count: int) -> EvalResult:
+    if count == 0:
+        return EvalResult({"loss": math.nan, task.metric: math.nan}, 0, task.metric, task.higher_is_better)
+    return EvalResult(totals.summarize(task), count, task.metric, task.higher_is_better)
+
+
+def batch_loader(data: Dataset, batch_size: int, collate_fn: Callable | None = None) -> DataLoader:
+    """Evaluation batches of ``data`` in order."""
+    return DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset | DataLoader, device: torch.device | str = "cpu", batch_size: int = 512,
-             min_batches: int = 0) -> EvalResult:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``data``.
+def _sums(model: nn.Module, task: Task, loader: Any, device, min_batches: int) -> tuple[Totals, int]:
+    was_training = model.training
+    model.eval()
+    totals, batches, count, batch = Totals(), 0, 0, None
+    for batch in loader:
+        batch = to_device(batch, device)
+        sums = task.evaluate(model, batch)
+        totals.add(sums)
+        count += int(_batch_len(batch))
+        batches += 1
+    for _ in range(batches, min_batches):
+        task.evaluate(model, batch)
+    model.train(was_training)
+    return totals, count
+
+
+def _batch_len(batch: Any) -> int:
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, dict) and first:
+        first = next(iter(first.values()))
+    return len(first) if hasattr(first, "__len__") else 1
+
+
+def evaluate(model: nn.Module, data: Dataset | DataLoader, task: Task, device: torch.device | str = "cpu",
+             batch_size: int = 512, min_batches: int = 0, collate_fn: Callable | None = None) -> EvalResult:
+    """``task``'s metrics of ``model`` on ``data``.
 
     ``min_batches``: forward passes to make at least, the last batch again (not counted):
     the ranks of a model whose forward pass is a collective (FSDP) must make as many."""
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    correct, total, loss_sum, batches = 0, 0, 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(dim=1) == y).sum())
-        total += len(y)
-        batches += 1
-    for _ in range(batches, min_batches):
-        model(x)
-    model.train(was_training)
-    if total == 0:
-        return EvalResult(float("nan"), float("nan"), 0)
-    return EvalResult(100.0 * correct / total, loss_sum / total, total)
+    loader = data if isinstance(data, DataLoader) else batch_loader(data, batch_size, collate_fn)
+    totals, count = _sums(model, task, loader, device, min_batches)
+    return _result(task, totals, count)
 
 
 def evaluate_across_ranks(
-    model: nn.Module, data: Dataset, rank: int, world: int, device: torch.device | str, batch_size: int,
-    lockstep: bool = False,
+    model: nn.Module, data: Dataset, task: Task, rank: int, world: int, device: torch.device | str, batch_size: int,
+    lockstep: bool = False, collate_fn: Callable | None = None,
 ) -> EvalResult:
-    """Accuracy and mean loss of ``model`` on ``data``: rank r evaluates examples r, r + world, ...,
+    """``task``'s metrics of ``model`` on ``data``: rank r evaluates examples r, r + world, ...,
     and the sums are all-reduced, so every rank returns the result on all of ``data`` (a collective).
     ``lockstep``: every rank makes as many forward passes (a model sharded with FSDP:
     ``ShardingMode.lockstep``)."""
     indices = list(range(rank, len(data), world))
     batches = -(-len(range(0, len(data), world)) // batch_size) if lockstep else 0  # rank 0's, the most
-    if not indices and batches:  # fewer examples than ranks: forward passes on one example, not counted
-        evaluate(model, Subset(data, [0]), device, batch_size=batch_size, min_batches=batches)
-    res = evaluate(model, Subset(data, indices), device, batch_size=batch_size, min_batches=batches if indices else 0)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    if res.count:
-        sums = torch.tensor([res.loss * res.count, round(res.accuracy * res.count / 100.0), res.count],
-                            dtype=torch.float64)
-    sums = all_reduce_sum(sums, device)
-    count = int(sums[2])
-    if count == 0:
-        return EvalResult(math.nan, math.nan, 0)
-    return EvalResult(100.0 * float(sums[1]) / count, float(sums[0]) / count, count)
+    if indices:
+        totals, count = _sums(model, task, batch_loader(Subset(data, indices), batch_size, collate_fn), device, batches)
+        names = sorted(totals.sums)
+    else:
+        # fewer examples than ranks: forward passes on example 0, not counted (as many as rank 0
+        # makes when in lockstep); they also name the metrics, which a task's batches all share
+        uncounted, _ = _sums(model, task, batch_loader(Subset(data, [0]), batch_size, collate_fn), device, batches)
+        totals, count, names = Totals(), 0, sorted(uncounted.sums)
+    reduced = all_reduce_sum(torch.cat([totals.as_tensor(names), torch.tensor([count], dtype=torch.float64)]), device)
+    total = Totals()
+    total.sums = {n: list(v) for n, v in Totals.from_tensor(names, reduced[:-1]).items()}
+    return _result(task, total, int(reduced[-1]))

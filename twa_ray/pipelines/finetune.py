@@ -29,6 +29,7 @@ from ..config import Config, TrainConfig, config_to_dict, recorded_config, witho
 from ..core.schedules import ScheduleSpec, make_optimizer, make_scheduler
 from ..data.from_config import splits_from_config
 from ..parallel.evaluate import evaluate
+from ..tasks import ImageClassification  # making fine-tuned models is the built-in task's (soup_config_problems)
 from ..runtime.tasks import run_task, task_device, task_slots
 from ..models.from_config import model_from_config
 from ..output.atomic import read_json, write_json, write_torch
@@ -127,11 +128,11 @@ def pretrain(cfg: Config, cwd: str | None, out: str) -> dict:
     history = train_plain(model, data, cfg.train, epochs=ft.pretrain_epochs, batch_size=cfg.data.batch_size,
                           lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           label_smoothing=cfg.train.label_smoothing, seed=cfg.seed, device=device)
-    val = evaluate(model, splits.val, device, cfg.data.eval_batch_size)
+    val = evaluate(model, splits.val, ImageClassification(), device, cfg.data.eval_batch_size)
     write_torch(out, {k: v.cpu() for k, v in model.state_dict().items()})
     log.info("pretrained on classes %s (%d images, %d epochs): val acc %.2f%% on all classes",
-             classes, len(data), ft.pretrain_epochs, val.accuracy)
-    return {"history": history, "val_acc": val.accuracy, "classes": classes, "images": len(data)}
+             classes, len(data), ft.pretrain_epochs, val.value)
+    return {"history": history, "val_acc": val.value, "classes": classes, "images": len(data)}
 
 
 def finetune(cfg: Config, cwd: str | None, init: str, spec: FinetuneSpec, out: str) -> dict:
@@ -146,13 +147,13 @@ def finetune(cfg: Config, cwd: str | None, init: str, spec: FinetuneSpec, out: s
     history = train_plain(model, data, cfg.train, epochs=cfg.finetune.epochs, batch_size=cfg.data.batch_size,
                           lr=spec.lr, weight_decay=spec.weight_decay, label_smoothing=spec.label_smoothing,
                           seed=spec.seed, device=device)
-    val = evaluate(model, splits.val, device, cfg.data.eval_batch_size)
+    val = evaluate(model, splits.val, ImageClassification(), device, cfg.data.eval_batch_size)
     write_torch(out, {k: v.cpu() for k, v in model.state_dict().items()})
     result = {**dataclasses.asdict(spec), "file": Path(out).name, "train_loss": history[-1]["train_loss"],
-              "train_acc": history[-1]["train_acc"], "val_acc": val.accuracy, "time": time.perf_counter() - started}
+              "train_acc": history[-1]["train_acc"], "val_acc": val.value, "time": time.perf_counter() - started}
     write_json(Path(out).with_suffix(".json"), result)  # last: marks the model as done
     log.info("fine-tuned model %d (lr %g, wd %g, augment %s, label smoothing %g): val acc %.2f%%",
-             spec.index, spec.lr, spec.weight_decay, spec.augment, spec.label_smoothing, val.accuracy)
+             spec.index, spec.lr, spec.weight_decay, spec.augment, spec.label_smoothing, val.value)
     return result
 
 

@@ -29,14 +29,13 @@ from pathlib import Path
 from ..config import Config, check_twa_start, config_to_dict, recorded_config, select_candidates, without_locations
 from ..core.baselines import INITIAL_KIND
 from ..core.params import ParamLayout
-from ..data.from_config import splits_from_config
 from ..runtime.evaluation import Evaluated, EvaluationRun, evaluate_parallel
-from ..models.from_config import model_spec
 from ..output.methods import MAIN, job_methods
 from ..output.mixing import run_mixing
 from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
+from ..tasks import model_spec, task_data, task_from_config, task_summary
 from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
@@ -217,7 +216,7 @@ def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvalua
     config.json, which with summary.json marks the run complete (both removed before the
     first file is written: ``runs.write_complete_run``). Returns the summary."""
     summary = twa_summary(cfg, base, twa, full, evaluation, same)
-    summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
+    summary["model_spec"] = model_spec(cfg, task_from_config(cfg))  # what twa_ray.load_model builds
     metrics = stage_rows("base_train", base.metrics) + stage_rows("twa", twa.history)
     if full is not None:
         metrics += stage_rows("full_budget", full.metrics)
@@ -232,10 +231,10 @@ def write_run(cfg: Config, run_dir: Path, base, twa, full, evaluation: RunEvalua
 
 
 def candidate_curve(store_uri: str, results: dict[str, Evaluated], prefix: str = "cand:") -> tuple[list, list]:
-    """(epochs, test accuracies) of the candidates evaluated under ``prefix``."""
+    """(epochs, test metric values) of the candidates evaluated under ``prefix``."""
     store = CandidateStore.open(store_uri)
     points = sorted(
-        (float(c.info.get("epoch", c.index)), results[f"{prefix}{c.index}"].accuracy)
+        (float(c.info.get("epoch", c.index)), results[f"{prefix}{c.index}"].value)
         for c in store.list_candidates() if f"{prefix}{c.index}" in results
     )
     return [p[0] for p in points], [p[1] for p in points]
@@ -281,10 +280,10 @@ def epoch_cost_ratio(base_metrics: list[dict], sgd_examples: int, twa_history: l
 
 def _epoch_examples(cfg: Config) -> tuple[int, int]:
     """(examples of a base-training epoch, examples of a TWA epoch)."""
-    from ..data.from_config import splits_from_config, twa_datasets
+    from ..data.from_config import twa_datasets
 
-    splits = splits_from_config(cfg)
-    return len(splits.train), len(twa_datasets(cfg, splits)[0])
+    data = task_data(task_from_config(cfg))
+    return len(data.train), len(twa_datasets(cfg, data)[0])
 
 
 def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=None) -> dict:
@@ -301,10 +300,10 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=No
     cost, wall = cost_ratios(times, continued)
     sgd_examples, twa_examples = _epoch_examples(cfg)
     methods = job_methods(MAIN)
+    task = task_from_config(cfg)
     return {
         "config": cfg.name,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
+        **task_summary(cfg, task),
         "num_candidates": len(members["twa"]),
         "rounds": len(twa.rounds),
         "bits": cfg.twa.bits,
@@ -318,7 +317,7 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=No
         "epochs": {"base": cfg.train.epochs, "twa": twa_total_epochs(cfg, twa),
                    "full_budget": cfg.train.schedule_epochs if full is not None else None,
                    "sgd_same_compute": cfg.train.epochs + twa_total_epochs(cfg, twa) if same is not None else None},
-        "test_acc": {m.name: results[m.name].accuracy if m.name in results else None for m in methods},
+        f"test_{task.metric}": {m.name: results[m.name].value if m.name in results else None for m in methods},
         "test_loss": {m.name: results[m.name].loss if m.name in results else None for m in methods},
         "trained_on": {m.name: m.trained_on(cfg) for m in methods},
         "selected_on": {m.name: m.selected_on for m in methods if m.selected_on},

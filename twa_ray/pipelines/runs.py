@@ -37,9 +37,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from ..config import (Config, ConfigError, config_to_dict, differing_settings, dotted_settings, is_plain_name,
                       recorded_config, without_locations)
-from ..data import DataSplits
-from ..data.from_config import splits_from_config
-from ..models.from_config import model_from_config
+from ..tasks import TaskData, check_task, task_data
 from ..output.atomic import read_json, write_json
 from ..store import fs as store_fs
 
@@ -106,13 +104,15 @@ def require_local_run_dir(cfg: Config, job: str) -> None:
                           "(on a cluster an absolute path every node shares); the main job (twa-ray run) takes URIs")
 
 
-def check_inputs(cfg: Config) -> DataSplits:
-    """Fail early, in the driver, with the data/model errors workers would hit: a missing
-    dataset (naming where it looked), a val_ratio giving an empty split, an unknown model.
-    Returns the splits it loaded (test sealed)."""
-    splits = splits_from_config(cfg)
-    model_from_config(cfg, splits)
-    return splits
+def check_inputs(cfg: Config) -> TaskData:
+    """Fail early, in the driver, with the task/data/model errors workers would hit: a task
+    path that does not import or makes no task (naming ``task``), a missing dataset (naming
+    where it looked), a val_ratio giving an empty split, an unknown model. Returns the task's
+    data (test sealed)."""
+    task = check_task(cfg)
+    data = task_data(task)
+    task.build_model()
+    return data
 
 
 def finished_run(cfg: Config, run_dir: Path | str) -> bool:

@@ -21,17 +21,17 @@ import torch
 from ..config import Config, config_to_dict
 from ..core.soups import Soup, individual_scores, weights_scorer
 from ..data import calibration_loader
-from ..data.from_config import splits_from_config
 from ..parallel.evaluate import evaluate
+from ..tasks import to_device
 from ..runtime.evaluation import Evaluated, evaluate_on_ray
 from ..runtime.ray_env import init_ray
 from ..runtime.tasks import run_task, task_device, task_slots
-from ..models.from_config import model_from_config, model_spec
 from ..output.methods import SOUP, job_methods, method
 from ..output.mixing import run_mixing
 from ..output.plots import plot_soups
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
+from ..tasks import BUILTIN, model_spec, task_data, task_from_config, task_summary
 from ..tune.ray_results import find_checkpoints, import_checkpoints  # any format, Ray Train / Tune folders too
 from .finetune import FinetuneResult, check_finetuned, make_finetuned
 from .runs import require_same_settings, write_complete_run
@@ -106,17 +106,17 @@ def write_run(cfg: Config, run_dir: str | Path, models: SoupModels, selection: S
     first file is written: ``runs.write_complete_run``). Returns the summary."""
     finetuned = models.finetuned
     summary = soup_summary(cfg, finetuned, selection, twa, results, store_uri, times)
-    summary["model_spec"] = model_spec(cfg, splits_from_config(cfg))  # what twa_ray.load_model builds
+    summary["model_spec"] = model_spec(cfg, task_from_config(cfg))  # what twa_ray.load_model builds
     metrics = stage_rows("twa", twa.history) + stage_rows("soups", selection.soups["greedy_soup"].trace)
     if finetuned is not None:
         metrics = (stage_rows("pretrain", finetuned.pretrain["history"]) + stage_rows("finetune", finetuned.models)
                    + metrics)
-    model_acc = [results[f"cand:{c}"].accuracy for c in selection.indices]
+    model_acc = [results[f"cand:{c}"].value for c in selection.indices]
     methods = soup_methods()
     mixing = run_mixing(store_uri, cfg.twa, twa.coefficients, twa.rounds, twa.block_names)
     write_complete_run(cfg, run_dir, lambda: write_run_folder(
         run_dir, summary, metrics, mixing, results["twa"].state_dict,
-        lambda path: plot_soups(path, model_acc, {m: results[m].accuracy for m in methods}),
+        lambda path: plot_soups(path, model_acc, {m: results[m].value for m in methods}, summary["metric"]),
         models={m: results[m].state_dict for m in methods},
     ))
     return summary
@@ -135,6 +135,9 @@ def soup_config_problems(cfg: Config) -> list[str]:
         problems.append("data.val_ratio: the soups select on the val split; it must be > 0")
     ft = cfg.finetune
     if cfg.checkpoints_dir is None and ft is not None:
+        if cfg.task != BUILTIN:
+            problems.append(f"finetune: makes fine-tuned models of task {BUILTIN!r} only; for task {cfg.task!r} "
+                            "give checkpoints_dir (or twa-ray soup --from DIR: a folder, a Ray Tune experiment)")
         if ft.num_models < 2:
             problems.append(f"finetune.num_models: {ft.num_models} is not >= 2 (a soup needs two models)")
         if ft.epochs < 1 or ft.pretrain_epochs < 0:
@@ -200,10 +203,10 @@ def import_candidates(cfg: Config, folder: str | Path) -> str:
     """
     store = check_imported(cfg, folder)
     if store is None:
-        splits = splits_from_config(cfg)
-        store = import_checkpoints(folder, cfg.store_uri, model_from_config(cfg, splits),
+        task = task_from_config(cfg)
+        store = import_checkpoints(folder, cfg.store_uri, task.build_model(),
                                    meta={"config": config_to_dict(cfg), "signature": _signature(folder),
-                                         "num_classes": splits.num_classes})
+                                         "model_spec": model_spec(cfg, task)})
         return store.uri
     log.info("reusing the %d imported candidates in %s", len(store), store.uri)
     return store.uri
@@ -218,33 +221,40 @@ class SoupSelection:
 
     indices: list[int]  # store indices of the models, in row order
     entries: list[str]  # their checkpoint names in the imported folder (e.g. model_3.pt)
-    val_acc: list[float]  # per model (BatchNorm recalibrated), percent
+    val_values: list[float]  # per model (BatchNorm recalibrated): the task's metric
     soups: dict[str, Soup]  # per soup method (``output.methods``)
     time_s: float = 0.0
 
 
 def select_soups(cfg: Config, store_uri: str, cwd: str | None = None) -> SoupSelection:
-    """Best individual, uniform and greedy soup of the store's models, by val accuracy
-    after BatchNorm recalibration on ``twa.bn_batches`` shuffled batches of training data."""
+    """Best individual, uniform and greedy soup of the store's models, by the task's val metric
+    (image classification: accuracy) after BatchNorm recalibration on ``twa.bn_batches``
+    shuffled batches of training data. Soups hold scores that are higher-is-better (the
+    metric, negated when lower is better); ``val_values`` the metric itself."""
     started, device = time.perf_counter(), task_device()
-    splits = splits_from_config(cfg, cwd)
-    model = model_from_config(cfg, splits).to(device)
+    task = task_from_config(cfg, "eval", cwd)
+    data = task_data(task)
+    model = task.build_model().to(device)
     store = CandidateStore.open(store_uri)
     infos = store.list_candidates()
     indices = [c.index for c in infos]
     candidates = store.read(candidates=indices)  # (n, D)
-    bn_data = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
-    score = weights_scorer(model, lambda m: evaluate(m, splits.val, device, cfg.data.eval_batch_size).accuracy, bn_data)
+    bn_data = calibration_loader(data.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed,
+                                 data.collate_fn)
+    score = weights_scorer(model, lambda m: evaluate(m, data.val, task, device, cfg.data.eval_batch_size,
+                                                     collate_fn=data.collate_fn).score, bn_data,
+                           forward=lambda m, batch: task.evaluate(m, to_device(batch, device)))
     scores = individual_scores(candidates, score)
     soups = {m.name: m.soup(candidates, score, scores) for m in job_methods(SOUP) if m.soup is not None}
     for soup in soups.values():  # rows -> store indices
         soup.members = [indices[r] for r in soup.members]
         soup.trace = [{**t, "candidate": indices[t["candidate"]]} for t in soup.trace]
-    chosen = [f"{method(name).label} {soup.score:.2f}%" + (f" (members {soup.members})" if soup.trace else "")
+    sign = 1.0 if task.higher_is_better else -1.0
+    chosen = [f"{method(name).label} {sign * soup.score:.4g}" + (f" (members {soup.members})" if soup.trace else "")
               for name, soup in soups.items()]  # a selection that tried models one by one: its pick
-    log.info("val accuracy: models %s; %s", [round(s, 2) for s in scores], ", ".join(chosen))
+    log.info("val %s: models %s; %s", task.metric, [round(sign * s, 4) for s in scores], ", ".join(chosen))
     entries = [str(c.info.get("entry", c.index)) for c in infos]
-    return SoupSelection(indices, entries, scores, soups, time.perf_counter() - started)
+    return SoupSelection(indices, entries, [sign * s for s in scores], soups, time.perf_counter() - started)
 
 
 def start_soup_selection(cfg: Config, store_uri: str):
@@ -288,10 +298,11 @@ def soup_summary(cfg: Config, finetuned: FinetuneResult | None, selection: SoupS
     """summary.json of the soup job: test accuracies (percent) of its methods (``soup_methods``), and how
     they came about."""
     soups, methods = selection.soups, soup_methods()
+    task = task_from_config(cfg)
+    metric, sign = task.metric, (1.0 if task.higher_is_better else -1.0)
     return {
         "config": cfg.name,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
+        **task_summary(cfg, task),
         "source": "checkpoints_dir" if finetuned is None else "finetune",
         "checkpoints_dir": cfg.checkpoints_dir if finetuned is None else finetuned.folder,
         "num_models": len(selection.indices),
@@ -301,24 +312,25 @@ def soup_summary(cfg: Config, finetuned: FinetuneResult | None, selection: SoupS
         "twa_data": cfg.twa.data,
         "twa_epochs": cfg.twa.epochs,
         "workers": cfg.twa.workers,
-        "test_acc": {m: results[m].accuracy for m in methods},
+        f"test_{metric}": {m: results[m].value for m in methods},
         "test_loss": {m: results[m].loss for m in methods},
-        "val_acc": {name: soup.score for name, soup in soups.items()},
+        f"val_{metric}": {name: sign * soup.score for name, soup in soups.items()},
         "best_individual": soups["best_individual"].members[0],
         "greedy_soup_members": soups["greedy_soup"].members,
-        "models": _model_rows(finetuned, selection, results),
+        "models": _model_rows(finetuned, selection, results, metric),
         "time_s": time_s,
         "projection_bytes_per_worker": [int(b) for b in twa.projection_bytes],
         "store": store_uri,
     }
 
 
-def _model_rows(finetuned: FinetuneResult | None, selection: SoupSelection, results: dict[str, Evaluated]) -> list[dict]:
-    """Per model: candidate index, checkpoint name, val and test accuracy (and its fine-tuning settings)."""
+def _model_rows(finetuned: FinetuneResult | None, selection: SoupSelection, results: dict[str, Evaluated],
+                metric: str) -> list[dict]:
+    """Per model: candidate index, checkpoint name, val and test metric (and its fine-tuning settings)."""
     made = {m["file"]: m for m in finetuned.models} if finetuned is not None else {}
     keys = ("lr", "weight_decay", "augment", "label_smoothing", "seed")
     return [
-        {"candidate": c, "entry": e, "val_acc": v, "test_acc": results[f"cand:{c}"].accuracy,
+        {"candidate": c, "entry": e, f"val_{metric}": v, f"test_{metric}": results[f"cand:{c}"].value,
          **{k: made[e][k] for k in keys if e in made}}
-        for c, e, v in zip(selection.indices, selection.entries, selection.val_acc)
+        for c, e, v in zip(selection.indices, selection.entries, selection.val_values)
     ]

@@ -18,11 +18,9 @@ from ..config import Config, TrainConfig, config_from_dict
 from ..core.baselines import ema_decay, ema_update_
 from ..core.params import trainable_parameters
 from ..core.schedules import ScheduleSpec, make_compressed_scheduler, make_optimizer, make_scheduler
-from ..data import DataSplits
-from ..data.from_config import splits_from_config
-from ..models.from_config import model_from_config
+from ..tasks import Task, TaskData, Totals, loss_and_sums, model_spec, task_data, task_from_config, to_device
 from ..output.console import Progress, setup_logging
-from ..parallel.batches import ShardedBatchSampler, batches_per_epoch, loader_for
+from ..parallel.batches import ShardedBatchSampler, batches_per_epoch, loader_for, local_slice
 from ..parallel.evaluate import evaluate_across_ranks
 from ..parallel.process_group import all_reduce_sum, barrier
 from ..parallel.sharding import ShardingMode, sharding_mode
@@ -43,7 +41,8 @@ class _Trainer:
     rank: int
     world: int
     device: torch.device
-    splits: DataSplits
+    task: Task  # cfg.task, with train.label_smoothing
+    data: TaskData  # test sealed
     mode: ShardingMode  # train.sharding
     net: nn.Module  # the plain module (candidates, checkpoints); with FSDP the sharded one
     model: nn.Module  # ``net`` wrapped in DDP when world > 1; with FSDP ``net`` itself
@@ -75,8 +74,9 @@ def train_loop_per_worker(config: dict) -> None:
         if t.writer is not None:
             t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics)
         if t.writer is not None and t.rank == 0:
-            progress.done(epoch - 1, loss=metrics["train_loss"], train_acc=metrics["train_acc"],
-                          val_acc=metrics.get("val_acc", "-"), lr=metrics["lr"])
+            m = t.task.metric
+            progress.done(epoch - 1, loss=metrics["train_loss"], **{f"train_{m}": metrics.get(f"train_{m}", "-"),
+                          f"val_{m}": metrics.get(f"val_{m}", "-")}, lr=metrics["lr"])
         info = {"epoch": epoch, "step": t.step, "history": t.history}
         if t.writer is not None:
             info.update(t.writer.checkpoint_info())  # with FSDP a collective: every rank has a writer
@@ -104,10 +104,10 @@ def _setup(config: dict) -> _Trainer:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_logging(rank=rank)  # one narrating rank, every rank warns
     device = ray.train.torch.get_device()
-    splits = _load_splits(cfg, ctx.get_local_rank(), world, device)
+    task, data = _load_data(cfg, ctx.get_local_rank(), world, device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = sync_batchnorm(model_from_config(cfg, splits), cfg.model.sync_bn, device, rank, world)
-    num_train, tc = len(splits.train), cfg.train
+    net = sync_batchnorm(task.build_model(), cfg.model.sync_bn, device, rank, world)
+    num_train, tc = len(data.train), cfg.train
     drop_last = _drop_last(num_train, cfg.data.batch_size, world)
     steps_per_epoch = batches_per_epoch(num_train, cfg.data.batch_size, drop_last)
     if steps_per_epoch == 0:
@@ -140,14 +140,14 @@ def _setup(config: dict) -> _Trainer:
         scheduler.load_state_dict(state["scheduler"])
     writer = None
     if config.get("write_candidates", True):  # rank 0's decides what is saved; the mode's writes it
-        writer = None if rank != 0 else CandidateWriter(cfg, net, splits, steps_per_epoch, checkpoint is not None,
+        writer = None if rank != 0 else CandidateWriter(cfg, net, model_spec(cfg, task), steps_per_epoch, checkpoint is not None,
                                                         config["run_storage"])
         writer = mode.candidate_writer(writer, cfg.store_uri, rank, world, device)
     start_epoch = int(info.get("epoch", 0)) + 1
     if rank == 0:
-        log.info("rank 0 of %d on %s: %d training images, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
+        log.info("rank 0 of %d on %s: %d training examples, %d steps/epoch, epochs %d..%d of a %d-epoch schedule",
                  world, device, num_train, steps_per_epoch, start_epoch, _last_epoch(config, tc), tc.schedule_epochs)
-    return _Trainer(cfg, rank, world, device, splits, mode, net, model, optimizer, scheduler, drop_last,
+    return _Trainer(cfg, rank, world, device, task, data, mode, net, model, optimizer, scheduler, drop_last,
                     steps_per_epoch, writer, start_epoch, int(info.get("step", 0)), list(info.get("history", [])), ema)
 
 
@@ -157,34 +157,36 @@ def _last_epoch(config: dict, tc: TrainConfig) -> int:
     return tc.epochs if not compress else int(compress["from_epoch"]) + int(compress["epochs"])
 
 
-def _load_splits(cfg: Config, local_rank: int, world: int, device: torch.device) -> DataSplits:
-    """The data splits; with ``data.download``, one download per node, then the others read it."""
+def _load_data(cfg: Config, local_rank: int, world: int, device: torch.device) -> tuple[Task, TaskData]:
+    """The task and its data (test sealed); with ``data.download``, one download per node,
+    then the others read it."""
+    task = task_from_config(cfg, "train")
     if not (cfg.data.download and world > 1):
-        return splits_from_config(cfg)
+        return task, task_data(task)
     if local_rank == 0:
-        splits = splits_from_config(cfg)
+        data = task_data(task)
     barrier(device)
-    return splits if local_rank == 0 else splits_from_config(cfg)
+    return task, (data if local_rank == 0 else task_data(task))
 
 
 def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
     """One epoch of data-parallel SGD; its metrics (train loss and accuracy over all ranks, val, lr, time)."""
     tc, started = t.cfg.train, time.perf_counter()
     seed_rng(t.cfg.seed, epoch, t.rank)  # augmentation: resumable per epoch
-    sampler = ShardedBatchSampler(len(t.splits.train), t.cfg.data.batch_size, t.rank, t.world, t.cfg.seed, epoch,
+    sampler = ShardedBatchSampler(len(t.data.train), t.cfg.data.batch_size, t.rank, t.world, t.cfg.seed, epoch,
                                   drop_last=t.drop_last)
-    loader = loader_for(t.splits.train, sampler, num_workers=t.cfg.data.loader_workers,
-                        pin_memory=t.device.type == "cuda")
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, reduction="sum")
+    loader = loader_for(t.data.train, sampler, num_workers=t.cfg.data.loader_workers,
+                        pin_memory=t.device.type == "cuda", collate_fn=t.data.collate_fn)
     t.model.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=t.device)  # loss sum, correct, examples (this rank)
+    loss_total = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, examples (this rank)
+    totals = Totals()  # the task's metric sums of the training batches (this rank)
     lr = t.optimizer.param_groups[0]["lr"]
-    for (x, y), global_size in zip(loader, sampler.global_sizes):
-        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+    for batch, global_size in zip(loader, sampler.global_sizes):
+        batch = to_device(batch, t.device, non_blocking=True)
+        a, b = local_slice(global_size, t.rank, t.world)
         lr = t.optimizer.param_groups[0]["lr"]
         t.mode.before_forward(t.net)  # FSDP: rank 0's BatchNorm statistics, as DDP does
-        out = t.model(x)  # (B_local, num_classes)
-        loss_sum = criterion(out, y)
+        loss_sum, batch_sums = loss_and_sums(t.task, t.model, batch)  # summed over the b - a local examples
         loss = loss_sum * t.mode.loss_scale(t.world, global_size)  # the global batch's mean loss
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,28 +200,36 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
                         ema_decay(t.step, b.ema_decay, b.ema_warmup))
         t.step += 1
         progress.step(epoch - 1, t.step - (epoch - 1) * t.steps_per_epoch)  # a line now and then on long epochs
-        with torch.no_grad():
-            sums[0] += loss_sum.detach()
-            sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += len(y)
+        loss_total[0] += loss_sum.detach()
+        loss_total[1] += b - a
+        totals.add(batch_sums)
         if (t.writer is not None and tc.save_every_steps and t.step % tc.save_every_steps == 0
                 and t.step != epoch * t.steps_per_epoch):  # the epoch's end is saved by the caller
-            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum.detach()) / max(1, len(y))})
-    sums = all_reduce_sum(sums, t.device).cpu()
+            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum.detach()) / max(1, b - a)})
     return {
-        "epoch": epoch, "step": t.step,
-        "train_loss": float(sums[0] / sums[2]), "train_acc": float(100.0 * sums[1] / sums[2]),
+        "epoch": epoch, "step": t.step, **_train_metrics(t, loss_total, totals),
         **_val_metrics(t), "lr": lr, "time": time.perf_counter() - started,
     }
 
 
+def _train_metrics(t: _Trainer, loss_total: torch.Tensor, totals: Totals) -> dict:
+    """train_loss (the mean training loss) and train_<name> of the metric sums the task's loss
+    gave, over all ranks (a collective)."""
+    names = sorted(totals.sums)  # the same on every rank: a task's batches share their names
+    reduced = all_reduce_sum(torch.cat([loss_total.cpu(), totals.as_tensor(names)]).to(t.device), t.device).cpu()
+    out = {"train_loss": float(reduced[0] / reduced[1])}
+    summary = t.task.summarize(Totals.from_tensor(names, reduced[2:])) if names else {}
+    out.update({f"train_{k}": v for k, v in summary.items() if k != "loss"})
+    return out
+
+
 def _val_metrics(t: _Trainer) -> dict:
-    """Loss and accuracy on the val split (monitoring only), shared across ranks."""
-    if len(t.splits.val) == 0:
+    """val_<name> of each of the task's metrics on the val split (monitoring only), shared across ranks."""
+    if len(t.data.val) == 0:
         return {}
-    res = evaluate_across_ranks(t.net, t.splits.val, t.rank, t.world, t.device, t.cfg.data.eval_batch_size,
-                                lockstep=t.mode.lockstep)
-    return {"val_loss": res.loss, "val_acc": res.accuracy}
+    res = evaluate_across_ranks(t.net, t.data.val, t.task, t.rank, t.world, t.device, t.cfg.data.eval_batch_size,
+                                lockstep=t.mode.lockstep, collate_fn=t.data.collate_fn)
+    return {f"val_{k}": v for k, v in res.metrics.items()}
 
 
 def _drop_last(num_examples: int, batch_size: int, world: int) -> bool:

@@ -1,9 +1,9 @@
 """The test-split evaluation of weight vectors (candidates, SWA, EMA, TWA, soups) in Ray tasks.
 
-Each vector is loaded into the task's model, BatchNorm is recalibrated on
-``twa.bn_batches`` shuffled, seeded batches of the training data (``train_eval``: train
-indices, eval transform; ``data.calibration_loader``), and the model is evaluated on the
-test split (``parallel.evaluate.evaluate``). Every model gets the same recalibration
+Each vector is loaded into the config task's model, BatchNorm (where the model has it) is
+recalibrated on ``twa.bn_batches`` shuffled, seeded batches of the training data
+(``train_eval``: train indices, eval transform; ``data.calibration_loader``), and the model
+is evaluated on the test split with the task's metrics (``parallel.evaluate.evaluate``). Every model gets the same recalibration
 batches and ``update_bn`` resets the statistics first, so a model's result does not depend
 on which task evaluates it or after which other model: :func:`evaluate_parallel` spreads
 the models over tasks with results identical to one task. A task asks for a GPU when the
@@ -19,14 +19,13 @@ from typing import Union
 import torch
 
 from ..config import Config
-from ..core.baselines import recalibrate_bn, streaming_mean
+from ..core.baselines import streaming_mean
 from ..core.params import assign_flat
 from ..data import calibration_loader
-from ..data.from_config import splits_from_config
-from ..models.from_config import model_from_config
 from ..output.console import Progress
 from ..parallel.evaluate import evaluate
 from ..store import CandidateStore
+from ..tasks import recalibrate_bn_by_task, task_data, task_from_config
 from .tasks import run_task, task_device, task_slots
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,26 @@ Source = Union[int, list, torch.Tensor]
 
 @dataclass
 class Evaluated:
-    accuracy: float  # percent
-    loss: float
+    """One model's test metrics (the task's: ``metrics[metric]`` selects, "loss" is there too)."""
+
+    metrics: dict[str, float]
+    metric: str
     state_dict: dict | None = None  # with recalibrated BatchNorm, when asked for
     time_s: float = 0.0  # loading the weights, recalibrating BatchNorm and the test pass
+
+    @property
+    def value(self) -> float:
+        """The task's metric (image classification: test accuracy, percent)."""
+        return self.metrics[self.metric]
+
+    @property
+    def loss(self) -> float:
+        return self.metrics["loss"]
+
+    @property
+    def accuracy(self) -> float:
+        """Image classification's metric, ``metrics["acc"]`` (percent)."""
+        return self.metrics["acc"]
 
 
 def _vector(source: Source, store: CandidateStore | None) -> torch.Tensor:
@@ -60,19 +75,21 @@ def evaluate_sources(
 ) -> dict[str, Evaluated]:
     """Evaluate each named source on the test split (in this process)."""
     device = task_device()
-    splits = splits_from_config(cfg, cwd, include_test=True, reason=f"test accuracy of {', '.join(sources)}")
-    model = model_from_config(cfg, splits).to(device)
+    task = task_from_config(cfg, "eval", cwd)
+    data = task_data(task, include_test=True, reason=f"test {task.metric} of {', '.join(sources)}")
+    model = task.build_model().to(device)
     store = CandidateStore.open(store_uri) if store_uri else None
-    bn_loader = calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed)
+    bn_loader = calibration_loader(data.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed,
+                                   data.collate_fn)
     out, progress = {}, Progress("evaluation", total=len(sources), unit="model", logger=log)
     for i, (name, source) in enumerate(sources.items()):
         started = time.perf_counter()
         assign_flat(model, _vector(source, store).to(device))
-        recalibrate_bn(model, bn_loader, device)
-        result = evaluate(model, splits.test, device, cfg.data.eval_batch_size)
+        recalibrate_bn_by_task(model, task, bn_loader, device)
+        result = evaluate(model, data.test, task, device, cfg.data.eval_batch_size, collate_fn=data.collate_fn)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if name in keep_state else None
-        out[name] = Evaluated(result.accuracy, result.loss, state, time.perf_counter() - started)
-        progress.done(i, model=name, test_acc=round(result.accuracy, 2), test_loss=result.loss)
+        out[name] = Evaluated(result.metrics, task.metric, state, time.perf_counter() - started)
+        progress.done(i, model=name, **{f"test_{task.metric}": round(result.value, 4)}, test_loss=result.loss)
     return out
 
 

@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -25,18 +25,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, config_from_dict
 from ..core import TWA
-from ..core.baselines import recalibrate_bn
 from ..core.blocks import make_blocks
 from ..data import calibration_loader
-from ..data.from_config import splits_from_config, twa_datasets
-from ..models.from_config import model_from_config
+from ..data.from_config import twa_datasets
 from ..output.console import Progress, setup_logging
-from ..parallel.batches import ShardedBatchSampler, batches_per_epoch, loader_for
+from ..parallel.batches import ShardedBatchSampler, batches_per_epoch, loader_for, local_slice
 from ..parallel.evaluate import evaluate_across_ranks
 from ..parallel.process_group import all_reduce_sum, gather_from_ranks
 from ..parallel.sharding import ShardingMode, sharding_mode
 from ..parallel.sharding.fsdp_tensors import local_param_bytes
 from ..store import CandidateStore
+from ..tasks import Task, loss_and_sums, recalibrate_bn_by_task, task_data, task_from_config, to_device
 from .checkpoint_reads import load_shards
 from .checkpoints import load_ray_checkpoint
 from .worker import inject_fault, report, seed_rng, sync_batchnorm
@@ -90,6 +89,8 @@ class _Worker:
     world: int
     device: torch.device
     model: nn.Module
+    task: Task  # cfg.task, with twa.label_smoothing
+    collate_fn: Callable | None  # the task's
     store: CandidateStore
     rounds: list[list[int]]
     train_data: Dataset
@@ -141,15 +142,17 @@ def _setup(config: dict) -> _Worker:
     setup_logging(rank=rank)  # one narrating rank, every rank warns
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    splits = splits_from_config(cfg, config["cwd"])
-    train_data, select_data = twa_datasets(cfg, splits)
-    model = sync_batchnorm(model_from_config(cfg, splits), cfg.model.sync_bn, device, rank, world).to(device)
+    task = task_from_config(cfg, "twa", config["cwd"])
+    data = task_data(task)
+    train_data, select_data = twa_datasets(cfg, data)
+    model = sync_batchnorm(task.build_model(), cfg.model.sync_bn, device, rank, world).to(device)
     model = sharding_mode(cfg.twa.sharding).wrap(model, world, device)
     batch_size = cfg.twa.batch_size or cfg.data.batch_size
     return _Worker(
-        cfg, rank, world, device, model, CandidateStore.open(config["store_uri"]),
+        cfg, rank, world, device, model, task, data.collate_fn, CandidateStore.open(config["store_uri"]),
         candidate_rounds(config["candidates"], cfg.twa.candidates_per_round), train_data, select_data,
-        calibration_loader(splits.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed), batch_size,
+        calibration_loader(data.train_eval, cfg.data.eval_batch_size, cfg.twa.bn_batches, cfg.seed, data.collate_fn),
+        batch_size,
         batches_per_epoch(len(train_data), batch_size, min_last=world) * cfg.twa.epochs, config["marker_dir"],
     )
 
@@ -203,14 +206,14 @@ def _train_epoch(w: _Worker, run: TWARunState, twa: TWA, r: int, epoch: int, pro
     cfg, t0 = w.cfg, time.time()
     sampler = ShardedBatchSampler(len(w.train_data), w.batch_size, w.rank, w.world, cfg.seed, 1000 * r + epoch,
                                   start_batch=run.batch, min_last=w.world)  # no rank's slice is empty
-    batches = iter(loader_for(w.train_data, sampler))
+    batches = iter(loader_for(w.train_data, sampler, collate_fn=w.collate_fn))
     sums = torch.zeros(2, dtype=torch.float64, device=w.device)  # loss sum, examples (this rank)
     for j, global_size in enumerate(sampler.global_sizes):
         step = r * w.steps_per_round + twa.num_steps
         inject_fault("twa", "step", step, w.rank, w.world, w.marker_dir,
                      fail_at=cfg.debug.fail_at_step, pause_at=cfg.debug.pause_at_step)
         seed_rng(cfg.seed, step, w.rank)  # before the batch is drawn: its augmentation, then dropout
-        loss_sum, count = _forward_backward(w, *next(batches), global_size, step)
+        loss_sum, count = _forward_backward(w, next(batches), global_size, step)
         sums[0] += loss_sum
         sums[1] += count
         try:
@@ -238,8 +241,9 @@ def _train_epoch(w: _Worker, run: TWARunState, twa: TWA, r: int, epoch: int, pro
     return metrics
 
 
-def _forward_backward(w: _Worker, x: torch.Tensor, y: torch.Tensor, global_size: int, step: int) -> tuple[torch.Tensor, int]:
-    """Back-propagate this rank's share of the global batch's mean loss (x: (B_local, ...)).
+def _forward_backward(w: _Worker, batch, global_size: int, step: int) -> tuple[torch.Tensor, int]:
+    """Back-propagate this rank's share of the global batch's mean loss (the task's, of this
+    rank's B_local examples of ``batch``).
 
     Returns (this rank's summed loss, B_local). Every rank runs it at every step: with
     SyncBatchNorm the forward pass is a collective.
@@ -247,24 +251,26 @@ def _forward_backward(w: _Worker, x: torch.Tensor, y: torch.Tensor, global_size:
     w.model.train()
     for p in w.model.parameters():
         p.grad = None
-    x, y = x.to(w.device), y.to(w.device)
-    loss = nn.functional.cross_entropy(w.model(x), y, reduction="sum", label_smoothing=w.cfg.twa.label_smoothing)
+    a, b = local_slice(global_size, w.rank, w.world)
+    loss, _ = loss_and_sums(w.task, w.model, to_device(batch, w.device))
     loss = loss / global_size
     if w.cfg.debug.nan_at_step == step:
         loss = loss * float("nan")  # drill: a loss that became NaN
     loss.backward()
-    return loss.detach().double() * global_size, len(y)
+    return loss.detach().double() * global_size, b - a
 
 
 def _select_metrics(w: _Worker) -> dict:
-    """select_acc and select_loss on the selection data ({} without it or without twa.select_eval)."""
+    """select_<name> of each of the task's metrics (select_acc, select_loss, ...) on the
+    selection data ({} without it or without twa.select_eval)."""
     if w.select_data is None or not w.cfg.twa.select_eval:
         return {}
     # the same recalibration as the final evaluation, identical on every rank, so the
     # selection ranks the weights that are reported
-    recalibrate_bn(w.model, w.calibration, w.device)
-    res = evaluate_across_ranks(w.model, w.select_data, w.rank, w.world, w.device, w.cfg.data.eval_batch_size)
-    return {"select_acc": res.accuracy, "select_loss": res.loss}
+    recalibrate_bn_by_task(w.model, w.task, w.calibration, w.device)
+    res = evaluate_across_ranks(w.model, w.select_data, w.task, w.rank, w.world, w.device,
+                                w.cfg.data.eval_batch_size, collate_fn=w.collate_fn)
+    return {f"select_{k}": v for k, v in res.metrics.items()}
 
 
 def _snapshot(w: _Worker, run: TWARunState, twa: TWA | None, **where: int) -> TWARunState | None:

@@ -104,3 +104,24 @@ def max_epochs(cfg: Config) -> int:
     if isinstance(spec, dict):
         return int(next(iter(spec.values()))[1])
     return cfg.twa.epochs
+
+
+def settle_objective(cfg: Config) -> Config:
+    """``cfg`` with ``tune.metric`` and ``tune.mode`` set where the config left them open:
+    ``select_<the task's metric>``, maximised when higher is better (image classification:
+    select_acc, max). Raises TaskError (in the driver) when the task does not load."""
+    import dataclasses
+
+    from ..tasks import task_from_config
+
+    if cfg.tune.metric is not None and cfg.tune.mode is not None:
+        return cfg
+    task = task_from_config(cfg)
+    metric = cfg.tune.metric or f"select_{task.metric}"
+    if cfg.tune.mode is not None:
+        mode = cfg.tune.mode
+    elif metric.endswith("_loss"):
+        mode = "min"
+    else:
+        mode = "max" if task.higher_is_better else "min"
+    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, metric=metric, mode=mode))

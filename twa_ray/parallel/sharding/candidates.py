@@ -20,11 +20,11 @@ STAGE = "base_train"  # the stage every base-training candidate's info names
 class CandidateWriter:
     """Rank 0's writes into the candidate store; skips steps the store already holds (resume)."""
 
-    def __init__(self, cfg: Config, net: nn.Module, splits: DataSplits, steps_per_epoch: int, resumed: bool,
+    def __init__(self, cfg: Config, net: nn.Module, model_spec: dict, steps_per_epoch: int, resumed: bool,
                  run_storage: str) -> None:
         meta = {
-            "config": config_to_dict(cfg), "stage": STAGE, "model": cfg.model.name, "dataset": cfg.data.name,
-            "num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size,
+            "config": config_to_dict(cfg), "stage": STAGE, "task": cfg.task,
+            "model_spec": model_spec,  # tasks.model_spec: what builds the model
             "base_run": run_storage,  # its last checkpoint: the EMA and where the full budget continues
         }
         self.store = CandidateStore.create_for_model(cfg.store_uri, net, meta=meta, exist_ok=True)
