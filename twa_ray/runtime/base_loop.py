@@ -183,10 +183,11 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
     lr = t.optimizer.param_groups[0]["lr"]
     for batch, global_size in zip(loader, sampler.global_sizes):
         batch = to_device(batch, t.device, non_blocking=True)
-        a, b = local_slice(global_size, t.rank, t.world)
+        local = local_slice(global_size, t.rank, t.world)
+        local_size = local[1] - local[0]
         lr = t.optimizer.param_groups[0]["lr"]
         t.mode.before_forward(t.net)  # FSDP: rank 0's BatchNorm statistics, as DDP does
-        loss_sum, batch_sums = loss_and_sums(t.task, t.model, batch)  # summed over the b - a local examples
+        loss_sum, batch_sums = loss_and_sums(t.task, t.model, batch)  # summed over the local_size examples
         loss = loss_sum * t.mode.loss_scale(t.world, global_size)  # the global batch's mean loss
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,11 +202,12 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
         t.step += 1
         progress.step(epoch - 1, t.step - (epoch - 1) * t.steps_per_epoch)  # a line now and then on long epochs
         loss_total[0] += loss_sum.detach()
-        loss_total[1] += b - a
+        loss_total[1] += local_size
         totals.add(batch_sums)
         if (t.writer is not None and tc.save_every_steps and t.step % tc.save_every_steps == 0
                 and t.step != epoch * t.steps_per_epoch):  # the epoch's end is saved by the caller
-            t.writer.save(t.net, kind="step", step=t.step, lr=lr, metrics={"train_loss": float(loss_sum.detach()) / max(1, b - a)})
+            t.writer.save(t.net, kind="step", step=t.step, lr=lr,
+                          metrics={"train_loss": float(loss_sum.detach()) / max(1, local_size)})
     return {
         "epoch": epoch, "step": t.step, **_train_metrics(t, loss_total, totals),
         **_val_metrics(t), "lr": lr, "time": time.perf_counter() - started,

@@ -27,6 +27,10 @@ LOCAL_ENV = {
     # Train's controller polls its workers this often (2 s by default): each stage's fit()
     # returned up to that long after its loop had ended (benchmarks/startup.py).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # The raylet gives its dashboard agent this long to start (about 30 s by default), then
+    # aborts the node ("timed out during startup"): on a busy 2-core machine the agent's
+    # imports alone took longer (seen 2026-12-07, load ~20). A healthy start is not slowed.
+    "RAY_agent_register_timeout_ms": "180000",
 }
 
 
