@@ -2,6 +2,8 @@
 
     twa-ray soup --config configs/soup_quickstart.yaml [a.b=value ...] [--force] [--verbose]
     twa-ray soup --config configs/soup_quickstart.yaml checkpoints_dir=PATH   # your own models
+    twa-ray soup --config CONFIG --from DIR    # the same: DIR is any checkpoint folder, a Ray Train
+                                               # run or a Ray Tune experiment (each trial's last model)
     python jobs/soup_twa.py --config configs/soup_quickstart.yaml       (the same, from a checkout)
     ray job submit --working-dir . -- python jobs/soup_twa.py --config configs/soup_quickstart.yaml
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +38,19 @@ HELP = "the soup job: TWA-v over fine-tuned models vs. best individual, uniform 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, "configs/soup_quickstart.yaml",
                       overrides_help="config overrides a.b=value, e.g. checkpoints_dir=PATH")
+    parser.add_argument("--from", dest="from_dir", metavar="DIR",
+                        help="the models to average: a folder of checkpoints (any format twa_ray reads), a Ray "
+                             "Train run or a Ray Tune experiment, e.g. a sweep's trials (checkpoints_dir=DIR)")
+
+
+def _with_from(args: argparse.Namespace) -> argparse.Namespace:
+    """``--from DIR`` as the override checkpoints_dir=DIR (absolute: the working directory's)."""
+    if not getattr(args, "from_dir", None):
+        return args
+    if any(o.split("=", 1)[0] == "checkpoints_dir" for o in args.overrides):
+        raise ConfigError("--from and checkpoints_dir= both name the models: give one")
+    overrides = [*args.overrides, f"checkpoints_dir={Path(args.from_dir).expanduser().resolve()}"]
+    return argparse.Namespace(**{**vars(args), "overrides": overrides})
 
 
 def _check_soup_config(cfg: Config, path: str) -> None:
@@ -52,6 +68,11 @@ def command(args: argparse.Namespace) -> int:
     from ..pipelines.soups import check_reuse
 
     setup_logging(args.verbose)
+    try:
+        args = _with_from(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     cfg = load_job_config(args, lambda c: _check_soup_config(c, args.config))
     if cfg is None:
         return 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from readme_commands import readme_block_with
 from twa_ray.cli import main
 from twa_ray.output.export import load_model
 from twa_ray.parallel.evaluate import evaluate
@@ -23,7 +24,9 @@ TINY = ["task_args={context: 16, max_chars: 12000, d_model: 16, layers: 1, heads
 def test_the_char_lm_example_runs_through_the_main_job(ray_local, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # `twa-ray run` from the folder that holds the task's package
     out = tmp_path / "run"
-    assert main(["run", "--config", "examples/char_lm.yaml", f"output_dir={out}", *TINY]) == 0
+    command = next(c for c in readme_block_with("twa-ray run --config examples/char_lm.yaml")
+                   if c.startswith("twa-ray run"))  # the README's own
+    assert main([*command.split()[1:], f"output_dir={out}", *TINY]) == 0
     table = capsys.readouterr().out
     assert "test ppl" in table.splitlines()[[i for i, line in enumerate(table.splitlines())
                                               if line.startswith("method")][0]]
