@@ -17,7 +17,7 @@ seeds 0 .. N-1 (``seed=`` override):
    keeps its per-epoch history (``history``: train loss, val accuracy of each epoch after base
    training's end, of the full budget and of SGD at equal compute).
 1b. fitted (configs/fitted_stage.yaml): the head stage where the base network fits its training
-   data after the lr decay (a 4k-image subset, a 40-epoch step schedule), with the ICLR'23
+   data after the lr decay (4000 images without augmentation, a 40-epoch step schedule), with the ICLR'23
    recipe (basis checkpoints, granularity model, a candidate per epoch, TWA for ~10% of the base
    epochs on a step schedule, lr and epochs chosen on val by configs/tune_fitted_stage.yaml).
    One run per seed: last, swa, ema, best_k, twa_t, full_budget, sgd_same_compute.

@@ -58,3 +58,39 @@ def test_ema_candidates_are_the_ema_at_the_steps_the_weights_are_saved(ray_local
     _, final_ema = read_final(ema.checkpoint_path, layout)
     assert torch.equal(w[-1], last_w)  # the default: the iterate itself
     assert torch.equal(e[-1], final_ema)  # the last EMA candidate is the EMA baseline's weights
+
+
+def _fsdp_rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
+    """Each rank saves its rows of an EMA-like list (half the weights) in place of the weights:
+    once written in pieces, once gathered on rank 0 (a store that cannot be written in pieces)."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    from conftest import UnevenNet, SavesEveryStep
+    from twa_ray.parallel.sharding.fsdp_candidates import RowCandidateWriter
+    from twa_ray.parallel.sharding.fsdp_tensors import fsdp_wrap, local_shard
+
+    model = fsdp_wrap(UnevenNet(gain=False), world, torch.device("cpu"))
+    ema = [local_shard(p).detach() * 0.5 for p in model.parameters()]  # this rank's rows
+    store = CandidateStore.open(store_uri)
+    writer = RowCandidateWriter(SavesEveryStep(store) if rank == 0 else None, store_uri, rank, world, torch.device("cpu"))
+    writer.save(model, kind="epoch", step=1, lr=0.1, metrics={}, weights=ema)
+    remote = CandidateStore.open(store.path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file"))))
+    gathering = RowCandidateWriter(SavesEveryStep(remote) if rank == 0 else None, store_uri, rank, world,
+                                   torch.device("cpu"))
+    gathering.save(model, kind="epoch", step=2, lr=0.1, metrics={}, weights=ema)
+    writer.save(model, kind="epoch", step=3, lr=0.1, metrics={})  # no weights: the model's own
+
+
+def test_fsdp_ranks_write_their_rows_of_the_given_weights(tmp_path):
+    from conftest import UnevenNet
+    from twa_ray.parallel.local_ranks import spawn_ranks
+
+    net = UnevenNet(gain=False)  # the same initial weights as every rank's (seeded in the model)
+    store = CandidateStore.create_for_model(str(tmp_path / "store"), net)
+    spawn_ranks(_fsdp_rank_main, 2, str(tmp_path), store.uri)
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    assert len(store) == 3
+    torch.testing.assert_close(store.read_flat(0), 0.5 * flat)  # in pieces
+    torch.testing.assert_close(store.read_flat(1), 0.5 * flat)  # gathered
+    torch.testing.assert_close(store.read_flat(2), flat)
