@@ -92,7 +92,9 @@ CONTEXT = ("num_candidates", "num_models", "bits", "basis", "granularity", "twa_
 # train.candidates_from=ema (issue 26, item 7): TWA over the EMA's candidates, a run of its own per
 # seed (its own base training and store), at the coefficient lr chosen on val over seed 0's EMA
 # candidates by the claim's sweep with train.candidates_from=ema. A claim not listed has no such run.
-EMA_CANDIDATES_LR: dict[str, float] = {}
+# fitted: lr 0.1 at the claim's 2 TWA epochs, the best select_acc (87.75 %) of those epochs in
+# configs/tune_fitted_stage.yaml's sweep with train.candidates_from=ema (tune_fitted_stage_ema.jsonl).
+EMA_CANDIDATES_LR: dict[str, float] = {"fitted": 0.1}
 WORK_MARK = ".reproduce-work"  # --fresh only empties a folder this script made
 
 QUICK_DATA = ["data.limit_train=4000", "data.limit_val=1000", "data.limit_test=2000"]
