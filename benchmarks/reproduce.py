@@ -249,6 +249,24 @@ def compute_fractions(run: "Run", summary: dict, source: str, acc: dict, ratios:
     return {}
 
 
+def epoch_fractions(run: "Run", summary: dict, acc: dict) -> dict[str, float]:
+    """{method: its epochs / the full budget's} (a TWA epoch counted as one SGD epoch over the same
+    data): the nominal compute, which a machine shared with other work does not blur as it does
+    the measured seconds. TWA-t's and SGD at equal compute's are the same by construction."""
+    epochs, budget = summary.get("epochs") or {}, summary.get("budget_epochs")
+    base = epochs.get("base")
+    if not (budget and base is not None) or "twa_v" in acc:
+        return {}  # TWA-v's epochs are over the val split: no SGD epochs to count them in
+    twa = epochs.get("twa") or 0
+    out = {name: base / budget for name in ("last", "swa", "ema", "best_k") if name in acc}
+    out.update({name: (base + twa) / budget for name in ("twa_t", EMA_CANDIDATES) if name in acc})
+    if "full_budget" in acc:
+        out["full_budget"] = 1.0
+    if "sgd_same_compute" in acc and epochs.get("sgd_same_compute"):
+        out["sgd_same_compute"] = epochs["sgd_same_compute"] / budget
+    return out
+
+
 HISTORY_STAGES = ("full_budget", "sgd_same_compute")
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time")
 
@@ -398,13 +416,13 @@ def execute(cmd: list[str], threads: int | None) -> tuple[float, bool]:
 
 def record(run: Run, seed: int, mode: str, summary: dict, summary_path: Path, acc: dict, ratios: dict,
            cmd: list[str], wall: float, reused: bool, invocation: str, compute: dict | None = None,
-           history: dict | None = None) -> dict:
+           history: dict | None = None, epochs: dict | None = None) -> dict:
     """One run's JSON line: test accuracies (``acc``), ratios, each method's compute as a fraction
     of the full budget's (``compute``), and the full budget's per-epoch ``history`` where it ran."""
     finished = datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc)
     return {
         "benchmark": "reproduce", "mode": mode, "claim": run.claim, "seed": seed, "run": run.name,
-        "acc": acc, "ratios": ratios, "compute": compute or {},
+        "acc": acc, "ratios": ratios, "compute": compute or {}, "epochs_fraction": epochs or {},
         **({"history": history} if history else {}),
         "context": {key: summary[key] for key in CONTEXT if key in summary},
         "summary": typed_arg(str(summary_path)), "command": as_typed(cmd),
@@ -456,7 +474,8 @@ def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl
                     acc, ratios = measure(run, summary, source, head_t.get((claim, seed)))
                     compute = compute_fractions(run, summary, source, acc, ratios, head_t.get((claim, seed)))
                     rec = record(run, seed, mode, summary, path, acc, ratios, cmd, wall, reused, invocation,
-                                 compute, stage_history(run_dir) if run.name in FULL_BUDGET_RUNS else None)
+                                 compute, stage_history(run_dir) if run.name in FULL_BUDGET_RUNS else None,
+                                 epoch_fractions(run, summary, acc))
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                     emit(rec)
@@ -511,10 +530,12 @@ def paired(records: list[dict]) -> list[dict]:
     ± std over the seeds that gave both, each seed's TWA against the same seed's method."""
     acc: dict[str, dict[int, dict[str, float]]] = {}
     compute: dict[str, dict[int, dict[str, float]]] = {}
+    epochs: dict[str, dict[int, dict[str, float]]] = {}
     for rec in records:
         if rec["claim"] in PAIRED_CLAIMS:
             acc.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec["acc"])
             compute.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec.get("compute") or {})
+            epochs.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec.get("epochs_fraction") or {})
     rows = []
     for claim, by_seed in acc.items():
         methods = list(dict.fromkeys(m for values in by_seed.values() for m in values))
@@ -524,6 +545,7 @@ def paired(records: list[dict]) -> list[dict]:
             mean, std = mean_std([by_seed[s][method] for s in seeds])
             costs = [compute[claim][s][method] for s in seeds if method in compute[claim].get(s, {})]
             cost_mean, cost_std = mean_std(costs) if costs else (None, None)
+            nominal = [epochs[claim][s][method] for s in seeds if method in epochs[claim].get(s, {})]
             diffs = {}
             for ref in references:
                 both = [s for s in seeds if ref in by_seed[s]]
@@ -531,7 +553,8 @@ def paired(records: list[dict]) -> list[dict]:
                     d_mean, d_std = mean_std([by_seed[s][ref] - by_seed[s][method] for s in both])
                     diffs[ref] = {"mean": d_mean, "std": d_std, "n": len(both)}
             rows.append({"claim": claim, "method": method, "mean": mean, "std": std, "n": len(seeds),
-                         "compute_mean": cost_mean, "compute_std": cost_std, "diff": diffs,
+                         "compute_mean": cost_mean, "compute_std": cost_std,
+                         "epochs_fraction": nominal[0] if nominal else None, "diff": diffs,
                          "references": references})
     return rows
 
@@ -550,15 +573,18 @@ def paired_lines(rows: list[dict]) -> list[str]:
         claim_rows = [r for r in rows if r["claim"] == claim]
         refs = claim_rows[0]["references"]
         lines += [f"**{claim}**: test accuracy (%), mean ± std over the seeds; TWA - method paired by seed "
-                  "(points); compute as a fraction of the full budget's (compute seconds)", "",
-                  "| method | mean ± std | n | " + " | ".join(f"{ref} - method" for ref in refs) + " | compute |",
-                  "|---|---|---|" + "---|" * len(refs) + "---|"]
+                  "(points); compute as a fraction of the full budget's, in compute seconds (mean ± std) and "
+                  "in epochs (a TWA epoch counted as one)", "",
+                  "| method | mean ± std | n | " + " | ".join(f"{ref} - method" for ref in refs)
+                  + " | compute (s) | compute (epochs) |",
+                  "|---|---|---|" + "---|" * len(refs) + "---|---|"]
         for r in claim_rows:
             diffs = [("—" if ref == r["method"] else
                       (f"{_pm(r['diff'][ref]['mean'], r['diff'][ref]['std'], 2, sign=True)} (n={r['diff'][ref]['n']})"
                        if ref in r["diff"] else "n/a")) for ref in refs]
             lines.append(f"| {r['method']} | {_pm(r['mean'], r['std'], 2)} | {r['n']} | " + " | ".join(diffs)
-                         + f" | {_pm(r['compute_mean'], r['compute_std'], 3)} |")
+                         + f" | {_pm(r['compute_mean'], r['compute_std'], 3)} | "
+                         + ("n/a" if r["epochs_fraction"] is None else f"{r['epochs_fraction']:.3f}") + " |")
         lines.append("")
     return lines
 

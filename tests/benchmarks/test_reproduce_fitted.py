@@ -71,6 +71,10 @@ def test_sgd_same_compute_is_read_and_has_its_target_in_both_settings():
     compute = reproduce.compute_fractions(run, summary, "s.json", acc, {}, None)
     assert compute["twa_t"] == pytest.approx(0.55) and compute["sgd_same_compute"] == pytest.approx(0.56)
     assert compute["full_budget"] == 1.0 and compute["swa"] == pytest.approx(0.5)
+    nominal = reproduce.epoch_fractions(run, {**summary, "budget_epochs": 40, "epochs": {
+        "base": 20, "twa": 2, "full_budget": 40, "sgd_same_compute": 22}}, acc)
+    assert nominal == {"last": 0.5, "swa": 0.5, "ema": 0.5, "best_k": 0.5, "twa_t": 0.55, "full_budget": 1.0,
+                       "sgd_same_compute": 0.55}  # equal compute by construction
     with pytest.raises(reproduce.SummaryError, match="sgd_same_compute"):
         reproduce.measure(run, {**summary, "test_acc": {**summary["test_acc"], "sgd_same_compute": None}}, "s", None)
     texts = {(t.claim, t.text) for t in reproduce.TARGETS}
@@ -134,6 +138,7 @@ def test_quick_run_of_the_fitted_claim(tmp_path):
     assert rec_["claim"] == "fitted" and rec_["mode"] == "quick" and rec_["run"] == "fitted_twa"
     assert set(rec_["acc"]) == {"last", "swa", "ema", "best_k", "full_budget", "sgd_same_compute", "twa_t"}
     assert rec_["compute"]["full_budget"] == 1.0 and 0 < rec_["compute"]["twa_t"] < 1
+    assert rec_["epochs_fraction"]["twa_t"] == rec_["epochs_fraction"]["sgd_same_compute"] == pytest.approx(4 / 6)
     assert [h["epoch"] for h in rec_["history"]["full_budget"]] == [4, 5, 6]  # after base training's 3
     assert {"train_loss", "val_acc", "lr"} <= set(rec_["history"]["full_budget"][0])
     assert rec_["machine"]["git_commit"] and rec_["machine"]["max_load_avg_1m"] is not None
