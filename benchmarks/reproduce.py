@@ -1,6 +1,6 @@
 """The paper's claims on real data, each over several seeds: mean ± std, and each target met or not.
 
-    python benchmarks/reproduce.py [--claims head,tail,bits,probe,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
+    python benchmarks/reproduce.py [--claims head,fitted,tail,bits,probe,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
@@ -10,9 +10,19 @@ Each run is the real job in a subprocess (a local Ray per job, or the cluster in
 seeds 0 .. N-1 (``seed=`` override):
 
 1. head (configs/head_stage.yaml, ``twa-ray run``): candidates from the first half of the
-   schedule. One run trains them, TWA-t and the full budget (compare_full_budget=true); a
-   second trains TWA-v on the same candidate store. Methods: last, swa, ema, best_k, twa_t,
-   twa_v, full_budget; ratios: cost_ratio and wall_ratio of each TWA against the full budget.
+   schedule. One run trains them, TWA-t, the full budget and SGD at equal compute
+   (compare_full_budget=true); a second trains TWA-v on the same candidate store. Methods: last,
+   swa, ema, best_k, twa_t, twa_v, full_budget, sgd_same_compute; ratios: cost_ratio and
+   wall_ratio of each TWA against the full budget. The line of the run with the full budget also
+   keeps its per-epoch history (``history``: train loss, val accuracy of each epoch after base
+   training's end, of the full budget and of SGD at equal compute).
+1b. fitted (configs/fitted_stage.yaml): the head stage where the base network fits its training
+   data after the lr decay (4000 images without augmentation, a 40-epoch step schedule), with the ICLR'23
+   recipe (basis checkpoints, granularity model, a candidate per epoch, TWA for ~10% of the base
+   epochs on a step schedule, lr and epochs chosen on val by configs/tune_fitted_stage.yaml).
+   One run per seed: last, swa, ema, best_k, twa_t, full_budget, sgd_same_compute.
+   head and fitted: with a claim in EMA_CANDIDATES_LR, also TWA-t over the EMA's candidates
+   (train.candidates_from=ema, its own base training and store): ``twa_t_ema_candidates``.
 2. tail (configs/tail_stage.yaml): TWA against SWA and EMA of the constant-lr tail's candidates.
 3. bits: the head stage's TWA-t with twa.bits 1/2/4/8/32, and twa.basis normalized /
    orthonormal / checkpoints, each at its lr chosen on val (BITS_LR, BASIS_LR), on each seed's
@@ -25,8 +35,11 @@ seeds 0 .. N-1 (``seed=`` override):
    uniform soup and the best single fine-tuned model.
 
 Writes to --out (default benchmarks/results; with --quick or --smoke, the --work folder):
-reproduce.jsonl (one JSON line per run, also printed on stdout), reproduce.md (mean ± std per
-claim and method, with the command, date and machine; then the targets) and reproduce.png.
+reproduce.jsonl (one JSON line per run, also printed on stdout, with the git commit and the
+highest load average seen), reproduce.md (mean ± std per claim and method, with the command,
+date and machine; then per claim the methods paired by seed: TWA - method, mean ± std over the
+seeds, and each method's compute as a fraction of the full budget's; then the targets) and
+reproduce.png.
 Accuracies are test accuracies in percent; std is the sample standard deviation over the
 seeds (none for one seed). The targets compare means over the seeds; each is printed on
 stderr beside its measurement, met or not met.
@@ -55,11 +68,11 @@ from typing import Callable
 from _common import ROOT, common_args, emit, machine, note, write_jsonl
 
 # the order they run in: bits and probe reuse head's candidates
-CLAIMS = ("head", "tail", "bits", "probe", "soups")
-CONFIGS = {"head": "configs/head_stage.yaml", "tail": "configs/tail_stage.yaml",
+CLAIMS = ("head", "fitted", "tail", "bits", "probe", "soups")
+CONFIGS = {"head": "configs/head_stage.yaml", "fitted": "configs/fitted_stage.yaml", "tail": "configs/tail_stage.yaml",
            "bits": "configs/head_stage.yaml", "probe": "configs/head_stage.yaml",
            "soups": "configs/soup_quickstart.yaml"}
-COMMANDS = {"head": "run", "tail": "run", "bits": "run", "probe": "run", "soups": "soup"}  # python -m twa_ray COMMAND
+COMMANDS = {"head": "run", "fitted": "run", "tail": "run", "bits": "run", "probe": "run", "soups": "soup"}  # python -m twa_ray COMMAND
 SEEDS = {"full": 3, "quick": 1, "smoke": 1}
 BITS = (1, 2, 4, 8, 32)
 BASES = ("normalized", "orthonormal", "checkpoints")
@@ -75,7 +88,13 @@ TWA_V = ("twa.data=val", "twa.epochs=9")
 # Copied from each summary.json into its run's line when present: how the numbers came about
 CONTEXT = ("num_candidates", "num_models", "bits", "basis", "granularity", "twa_data", "trained_on", "epochs",
            "swa_candidates", "best_k_candidates", "twa_includes_initial", "ema_decay", "full_budget_continued",
-           "best_individual", "greedy_soup_members", "time_s")
+           "best_individual", "greedy_soup_members", "time_s", "base_epochs", "budget_epochs", "twa_epochs")
+# train.candidates_from=ema (issue 26, item 7): TWA over the EMA's candidates, a run of its own per
+# seed (its own base training and store), at the coefficient lr chosen on val over seed 0's EMA
+# candidates by the claim's sweep with train.candidates_from=ema. A claim not listed has no such run.
+# fitted: lr 0.1 at the claim's 2 TWA epochs, the best select_acc (87.75 %) of those epochs in
+# configs/tune_fitted_stage.yaml's sweep with train.candidates_from=ema (tune_fitted_stage_ema.jsonl).
+EMA_CANDIDATES_LR: dict[str, float] = {"fitted": 0.1}
 WORK_MARK = ".reproduce-work"  # --fresh only empties a folder this script made
 
 QUICK_DATA = ["data.limit_train=4000", "data.limit_val=1000", "data.limit_test=2000"]
@@ -90,17 +109,21 @@ SMOKE_DATA = [
 # training images, batch 32); candidates every quarter / third of an epoch.
 QUICK_HEAD = QUICK_DATA + ["train.epochs=2", "train.budget_epochs=4", "train.save_every_steps=10"]
 SMOKE_HEAD = SMOKE_DATA + ["train.epochs=2", "train.budget_epochs=4", "train.save_every_steps=3"]
+# fitted: one candidate per epoch, so a few more (short) epochs; 6 steps per epoch quick
+QUICK_FITTED = ["data.limit_train=600", "data.limit_val=300", "data.limit_test=500", "train.epochs=3",
+                "train.budget_epochs=6", "twa.epochs=1"]
+SMOKE_FITTED = SMOKE_DATA + ["train.epochs=3", "train.budget_epochs=6", "twa.epochs=1"]
 MODE_OVERRIDES = {
     "full": {claim: [] for claim in CLAIMS},
     "quick": {
-        "head": QUICK_HEAD, "bits": QUICK_HEAD, "probe": QUICK_HEAD,
+        "head": QUICK_HEAD, "bits": QUICK_HEAD, "probe": QUICK_HEAD, "fitted": QUICK_FITTED,
         "tail": QUICK_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
                               "train.save_every_steps=10", "twa.epochs=1"],
         "soups": QUICK_DATA + ["finetune.pretrain_epochs=2", "finetune.num_models=4", "finetune.epochs=1",
                                "twa.epochs=2"],
     },
     "smoke": {
-        "head": SMOKE_HEAD, "bits": SMOKE_HEAD, "probe": SMOKE_HEAD,
+        "head": SMOKE_HEAD, "bits": SMOKE_HEAD, "probe": SMOKE_HEAD, "fitted": SMOKE_FITTED,
         "tail": SMOKE_DATA + ["train.epochs=4", "train.budget_epochs=4", "train.save_from_epoch=3",
                               "train.save_every_steps=3", "twa.epochs=1"],
         "soups": SMOKE_DATA + ["finetune.pretrain_epochs=1", "finetune.pretrain_classes=[0, 1]",
@@ -155,7 +178,8 @@ def swap_twa_stage(ratio: float, base_s: float, twa_s: float, other_twa_s: float
 
 
 HEAD_ACC = {"last": "test_acc.last", "swa": "test_acc.swa", "ema": "test_acc.ema", "best_k": "test_acc.best_k",
-            "full_budget": "test_acc.full_budget", "twa_t": "test_acc.twa"}
+            "full_budget": "test_acc.full_budget", "sgd_same_compute": "test_acc.sgd_same_compute",
+            "twa_t": "test_acc.twa"}
 HEAD_RATIOS = {"cost_ratio_twa_t": "cost_ratio", "wall_ratio_twa_t": "wall_ratio",
                "twa_epoch_vs_sgd_epoch": "twa_epoch_vs_sgd_epoch"}
 TAIL_ACC = {"last": "test_acc.last", "swa": "test_acc.swa", "ema": "test_acc.ema", "twa": "test_acc.twa"}
@@ -184,6 +208,85 @@ def head_twa_v(summary: dict, twa_t_summary: dict, source: str, twa_t_source: st
             stage_seconds(twa_t_summary, "twa", twa_t_source, wall),
             stage_seconds(summary, "twa", source, wall))
     return {"twa_v": float(need(summary, "test_acc.twa", source))}, ratios
+
+
+EMA_CANDIDATES = "twa_t_ema_candidates"  # TWA-t over train.candidates_from=ema's candidates
+
+
+def ema_candidates_run(summary: dict, source: str) -> tuple[dict, dict]:
+    """TWA-t's accuracy over the EMA's candidates (a run without the full budget)."""
+    check_twa_data(summary, "train", source)
+    return {EMA_CANDIDATES: float(need(summary, "test_acc.twa", source))}, {}
+
+
+def budget_fractions(summary: dict, source: str) -> dict[str, float]:
+    """Each method's compute (seconds inside the stages' loops) as a fraction of the full
+    budget's, from a run with the full budget: the fixed averages cost base training, TWA-t base
+    training + TWA, SGD at equal compute base training + its continuation."""
+    base, twa = (stage_seconds(summary, stage, source, wall=False) for stage in ("base_train", "twa"))
+    full = stage_seconds(summary, "full_budget", source, wall=False)
+    full += base if summary.get("full_budget_continued") else 0.0
+    same = stage_seconds(summary, "sgd_same_compute", source, wall=False)
+    fractions = {name: base / full for name in ("last", "swa", "ema", "best_k")}
+    fractions.update(full_budget=1.0, sgd_same_compute=(base + same) / full, twa_t=(base + twa) / full)
+    return fractions
+
+
+def compute_fractions(run: "Run", summary: dict, source: str, acc: dict, ratios: dict,
+                      reference: tuple[dict, str] | None) -> dict[str, float]:
+    """{method: compute / the full budget's} of a finished run's methods; ``reference``: the
+    seed's run with the full budget (summary, path), whose base training and full budget a TWA
+    run on other or the same candidates shares. {} where no full budget ran."""
+    if "full_budget" in acc:
+        return {name: value for name, value in budget_fractions(summary, source).items() if name in acc}
+    if "twa_v" in acc:
+        return {"twa_v": ratios["cost_ratio_twa_v"]}
+    if EMA_CANDIDATES in acc and reference is not None:
+        ref, ref_source = reference
+        return {EMA_CANDIDATES: swap_twa_stage(
+            float(need(ref, "cost_ratio", ref_source)), stage_seconds(ref, "base_train", ref_source, False),
+            stage_seconds(ref, "twa", ref_source, False), stage_seconds(summary, "twa", source, False))}
+    return {}
+
+
+def epoch_fractions(run: "Run", summary: dict, acc: dict) -> dict[str, float]:
+    """{method: its epochs / the full budget's} (a TWA epoch counted as one SGD epoch over the same
+    data): the nominal compute, which a machine shared with other work does not blur as it does
+    the measured seconds. TWA-t's and SGD at equal compute's are the same by construction."""
+    epochs, budget = summary.get("epochs") or {}, summary.get("budget_epochs")
+    base = epochs.get("base")
+    if not (budget and base is not None) or "twa_v" in acc:
+        return {}  # TWA-v's epochs are over the val split: no SGD epochs to count them in
+    twa = epochs.get("twa") or 0
+    out = {name: base / budget for name in ("last", "swa", "ema", "best_k") if name in acc}
+    out.update({name: (base + twa) / budget for name in ("twa_t", EMA_CANDIDATES) if name in acc})
+    if "full_budget" in acc:
+        out["full_budget"] = 1.0
+    if "sgd_same_compute" in acc and epochs.get("sgd_same_compute"):
+        out["sgd_same_compute"] = epochs["sgd_same_compute"] / budget
+    return out
+
+
+HISTORY_STAGES = ("full_budget", "sgd_same_compute")
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time")
+
+
+def stage_history(run_dir: Path) -> dict[str, list[dict]]:
+    """The per-epoch metrics (metrics.parquet) of the full budget's and SGD at equal compute's
+    epochs: where the full budget's gain over the head stage's methods comes from (val accuracy,
+    train loss of each epoch after the lr decay). {} without the file or those stages."""
+    path = run_dir / "metrics.parquet"
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[dict]] = {}
+    for row in pq.read_table(path).to_pylist():
+        if row.get("stage") in HISTORY_STAGES:
+            out.setdefault(row["stage"], []).append(
+                {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                 if k in HISTORY_KEYS and v is not None})
+    return out
 
 
 PROBE_EPOCHS = 6  # TWA epochs of the probe's run to convergence in the span
@@ -229,16 +332,22 @@ class Run:
     claim: str
     name: str
     overrides: tuple[str, ...]
-    shared_store: bool  # the seed's head-stage candidate store (head and bits runs)
+    shared_store: bool  # the seed's candidate store <store>_candidates (head and bits: the head stage's)
     labels: tuple[str, ...] = ()  # bits: the metrics its TWA accuracy stands for (bits=8, basis=normalized)
+    store: str = "head"  # with shared_store: whose store, <work>/seed<seed>/<store>_candidates
 
 
 def plan(claim: str, mode: str) -> list[Run]:
     """The runs of ``claim`` for one seed, in order."""
     base = tuple(MODE_OVERRIDES[mode][claim])
+    ema = [Run(claim, f"{claim}_{EMA_CANDIDATES}", base + (
+        "compare_full_budget=false", "train.candidates_from=ema", f"twa.lr={EMA_CANDIDATES_LR[claim]}"), True,
+        store=f"{claim}_ema")] if claim in EMA_CANDIDATES_LR else []
     if claim == "head":
         return [Run("head", "head_twa_t", base + ("compare_full_budget=true",), True),
-                Run("head", "head_twa_v", base + ("compare_full_budget=false",) + TWA_V, True)]
+                Run("head", "head_twa_v", base + ("compare_full_budget=false",) + TWA_V, True)] + ema
+    if claim == "fitted":  # one run: base training, TWA-t, the full budget and SGD at equal compute
+        return [Run("fitted", "fitted_twa", base + ("compare_full_budget=true",), True, store="fitted")] + ema
     if claim == "bits":
         from twa_ray.config import load_config
 
@@ -264,7 +373,7 @@ def job_command(run: Run, seed: int, work: Path) -> tuple[list[str], Path]:
     cmd = [sys.executable, "-m", "twa_ray", COMMANDS[run.claim], "--config", CONFIGS[run.claim],  # run in ROOT
            f"seed={seed}", f"output_dir={run_dir}"]
     if run.shared_store:
-        cmd.append(f"store={seed_dir / 'head_candidates'}")
+        cmd.append(f"store={seed_dir / f'{run.store}_candidates'}")
     return cmd + list(run.overrides), run_dir
 
 
@@ -306,12 +415,15 @@ def execute(cmd: list[str], threads: int | None) -> tuple[float, bool]:
 
 
 def record(run: Run, seed: int, mode: str, summary: dict, summary_path: Path, acc: dict, ratios: dict,
-           cmd: list[str], wall: float, reused: bool, invocation: str) -> dict:
-    """One run's JSON line."""
+           cmd: list[str], wall: float, reused: bool, invocation: str, compute: dict | None = None,
+           history: dict | None = None, epochs: dict | None = None) -> dict:
+    """One run's JSON line: test accuracies (``acc``), ratios, each method's compute as a fraction
+    of the full budget's (``compute``), and the full budget's per-epoch ``history`` where it ran."""
     finished = datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc)
     return {
         "benchmark": "reproduce", "mode": mode, "claim": run.claim, "seed": seed, "run": run.name,
-        "acc": acc, "ratios": ratios,
+        "acc": acc, "ratios": ratios, "compute": compute or {}, "epochs_fraction": epochs or {},
+        **({"history": history} if history else {}),
         "context": {key: summary[key] for key in CONTEXT if key in summary},
         "summary": typed_arg(str(summary_path)), "command": as_typed(cmd),
         "invocation": invocation,
@@ -320,10 +432,15 @@ def record(run: Run, seed: int, mode: str, summary: dict, summary_path: Path, ac
     }
 
 
+FULL_BUDGET_RUNS = ("head_twa_t", "fitted_twa")  # a claim's run with the full budget: the others' reference
+
+
 def measure(run: Run, summary: dict, source: str, head_t: tuple[dict, str] | None) -> tuple[dict, dict]:
     """(accuracies, ratios) of a finished run; ``head_t``: the seed's head TWA-t (summary, path)."""
-    if run.name == "head_twa_t":
+    if run.name in FULL_BUDGET_RUNS:
         return head_twa_t(summary, source)
+    if run.name.endswith(EMA_CANDIDATES):
+        return ema_candidates_run(summary, source)
     if run.name == "head_twa_v":
         return head_twa_v(summary, *head_t, source)
     if run.claim == "bits":
@@ -340,7 +457,7 @@ def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl
     """Every run of every claim and seed (``only``: those runs by name), each record written to
     ``jsonl`` (and stdout) as it comes."""
     records: list[dict] = []
-    head_t: dict[int, tuple[dict, str]] = {}  # seed -> the TWA-t run's (summary, path): TWA-v's cost
+    head_t: dict[tuple[str, int], tuple[dict, str]] = {}  # (claim, seed) -> its full-budget run's (summary, path)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     with jsonl.open("w") as out:
         for claim in claims:
@@ -352,10 +469,13 @@ def run_claims(claims: list[str], seeds: list[int], mode: str, work: Path, jsonl
                     wall, reused = execute(cmd, threads)
                     path = run_dir / "summary.json"
                     summary, source = json.loads(path.read_text()), str(path)
-                    if run.name == "head_twa_t":
-                        head_t[seed] = (summary, source)
-                    acc, ratios = measure(run, summary, source, head_t.get(seed))
-                    rec = record(run, seed, mode, summary, path, acc, ratios, cmd, wall, reused, invocation)
+                    if run.name in FULL_BUDGET_RUNS:
+                        head_t[(claim, seed)] = (summary, source)
+                    acc, ratios = measure(run, summary, source, head_t.get((claim, seed)))
+                    compute = compute_fractions(run, summary, source, acc, ratios, head_t.get((claim, seed)))
+                    rec = record(run, seed, mode, summary, path, acc, ratios, cmd, wall, reused, invocation,
+                                 compute, stage_history(run_dir) if run.name in FULL_BUDGET_RUNS else None,
+                                 epoch_fractions(run, summary, acc))
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                     emit(rec)
@@ -400,6 +520,75 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+PAIRED_CLAIMS = ("head", "fitted", "tail", "soups")  # claims whose methods compare seed by seed
+
+
+def paired(records: list[dict]) -> list[dict]:
+    """Per claim of PAIRED_CLAIMS, one row per method: its test accuracy's mean ± std over the
+    seeds, its compute as a fraction of the full budget's (mean ± std, where measured) and, for
+    each TWA of the claim (an accuracy named twa*), the paired difference TWA - method: the mean
+    ± std over the seeds that gave both, each seed's TWA against the same seed's method."""
+    acc: dict[str, dict[int, dict[str, float]]] = {}
+    compute: dict[str, dict[int, dict[str, float]]] = {}
+    epochs: dict[str, dict[int, dict[str, float]]] = {}
+    for rec in records:
+        if rec["claim"] in PAIRED_CLAIMS:
+            acc.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec["acc"])
+            compute.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec.get("compute") or {})
+            epochs.setdefault(rec["claim"], {}).setdefault(rec["seed"], {}).update(rec.get("epochs_fraction") or {})
+    rows = []
+    for claim, by_seed in acc.items():
+        methods = list(dict.fromkeys(m for values in by_seed.values() for m in values))
+        references = [m for m in methods if m.startswith("twa")]
+        for method in methods:
+            seeds = sorted(s for s, values in by_seed.items() if method in values)
+            mean, std = mean_std([by_seed[s][method] for s in seeds])
+            costs = [compute[claim][s][method] for s in seeds if method in compute[claim].get(s, {})]
+            cost_mean, cost_std = mean_std(costs) if costs else (None, None)
+            nominal = [epochs[claim][s][method] for s in seeds if method in epochs[claim].get(s, {})]
+            diffs = {}
+            for ref in references:
+                both = [s for s in seeds if ref in by_seed[s]]
+                if ref != method and both:
+                    d_mean, d_std = mean_std([by_seed[s][ref] - by_seed[s][method] for s in both])
+                    diffs[ref] = {"mean": d_mean, "std": d_std, "n": len(both)}
+            rows.append({"claim": claim, "method": method, "mean": mean, "std": std, "n": len(seeds),
+                         "compute_mean": cost_mean, "compute_std": cost_std,
+                         "epochs_fraction": nominal[0] if nominal else None, "diff": diffs,
+                         "references": references})
+    return rows
+
+
+def _pm(mean: float | None, std: float | None, digits: int, sign: bool = False) -> str:
+    if mean is None:
+        return "n/a"
+    value = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return f"{value} ± {'n/a' if std is None else f'{std:.{digits}f}'}"
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """``paired`` as markdown: one table per claim, a paired-difference column per TWA."""
+    lines: list[str] = []
+    for claim in dict.fromkeys(r["claim"] for r in rows):
+        claim_rows = [r for r in rows if r["claim"] == claim]
+        refs = claim_rows[0]["references"]
+        lines += [f"**{claim}**: test accuracy (%), mean ± std over the seeds; TWA - method paired by seed "
+                  "(points); compute as a fraction of the full budget's, in compute seconds (mean ± std) and "
+                  "in epochs (a TWA epoch counted as one)", "",
+                  "| method | mean ± std | n | " + " | ".join(f"{ref} - method" for ref in refs)
+                  + " | compute (s) | compute (epochs) |",
+                  "|---|---|---|" + "---|" * len(refs) + "---|---|"]
+        for r in claim_rows:
+            diffs = [("—" if ref == r["method"] else
+                      (f"{_pm(r['diff'][ref]['mean'], r['diff'][ref]['std'], 2, sign=True)} (n={r['diff'][ref]['n']})"
+                       if ref in r["diff"] else "n/a")) for ref in refs]
+            lines.append(f"| {r['method']} | {_pm(r['mean'], r['std'], 2)} | {r['n']} | " + " | ".join(diffs)
+                         + f" | {_pm(r['compute_mean'], r['compute_std'], 3)} | "
+                         + ("n/a" if r["epochs_fraction"] is None else f"{r['epochs_fraction']:.3f}") + " |")
+        lines.append("")
+    return lines
+
+
 def machine_label(m: dict) -> str:
     return f"{m.get('cpu')}, {m.get('cores')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
 
@@ -421,19 +610,28 @@ def _versus(a_name: str, a: float, b_name: str, b: float) -> str:
     return f"{a_name} {a:.2f}% vs {b_name} {b:.2f}% ({a - b:+.2f} points)"
 
 
-def _near_full_budget(twa: str) -> Target:
+def _near_full_budget(twa: str, claim: str = "head") -> Target:
     label = twa.replace("twa_", "TWA-")
 
     def check(m):
         gap, cost = m(twa) - m("full_budget"), m(f"cost_ratio_{twa}")
         return gap >= -0.3 and cost <= 0.6, f"{_versus(label, m(twa), 'full budget', m('full_budget'))}, cost_ratio {cost:.3f}"
-    return Target("head", f"{label} within 0.3 points of the full budget (>= full budget - 0.3) at cost_ratio <= 0.6", check)
+    return Target(claim, f"{label} within 0.3 points of the full budget (>= full budget - 0.3) at cost_ratio <= 0.6",
+                  check)
 
 
-def _beats_swa(twa: str) -> Target:
+def _beats_swa(twa: str, claim: str = "head") -> Target:
     label = twa.replace("twa_", "TWA-")
-    return Target("head", f"{label} >= SWA + 0.3 points",
+    return Target(claim, f"{label} >= SWA + 0.3 points",
                   lambda m: (m(twa) >= m("swa") + 0.3, _versus(label, m(twa), "SWA", m("swa"))))
+
+
+def _beats_same_compute(twa: str, claim: str = "head") -> Target:
+    """TWA against what a user with the same compute would run instead: SGD continued for TWA's epochs."""
+    label = twa.replace("twa_", "TWA-")
+    return Target(claim, f"{label} >= SGD at equal compute + 0.3 points",
+                  lambda m: (m(twa) >= m("sgd_same_compute") + 0.3,
+                             _versus(label, m(twa), "SGD at equal compute", m("sgd_same_compute"))))
 
 
 def _soups(m) -> tuple[bool, str]:
@@ -444,6 +642,8 @@ def _soups(m) -> tuple[bool, str]:
 
 TARGETS = (
     _near_full_budget("twa_t"), _near_full_budget("twa_v"), _beats_swa("twa_t"), _beats_swa("twa_v"),
+    _beats_same_compute("twa_t"), _beats_same_compute("twa_v"),
+    _near_full_budget("twa_t", "fitted"), _beats_swa("twa_t", "fitted"), _beats_same_compute("twa_t", "fitted"),
     Target("tail", "TWA >= SWA", lambda m: (m("twa") >= m("swa"), _versus("TWA", m("twa"), "SWA", m("swa")))),
     Target("bits", "4-bit within 0.2 points of 32-bit (>= 32-bit - 0.2)",
            lambda m: (m("bits=4") >= m("bits=32") - 0.2, _versus("4-bit", m("bits=4"), "32-bit", m("bits=32")))),
@@ -489,7 +689,8 @@ def target_line(t: dict) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-def write_markdown(path: Path, rows: list[dict], targets: list[dict], modes: list[str]) -> None:
+def write_markdown(path: Path, rows: list[dict], targets: list[dict], modes: list[str],
+                   records: list[dict] | None = None) -> None:
     from twa_ray.output.atomic import atomic_path
 
     lines = ["# The paper's claims, reproduced", "",
@@ -501,6 +702,9 @@ def write_markdown(path: Path, rows: list[dict], targets: list[dict], modes: lis
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['claim']} | {r['metric']} | {format_mean_std(r)} | {r['n']} | `{r['command']}` | {r['date']} "
               f"| {r['machine']} |" for r in rows]
+    pairs = paired_lines(paired(records)) if records else []
+    if pairs:
+        lines += ["", "## Paired by seed", ""] + pairs
     lines += ["", "## Targets (means over the seeds)", "", "| claim | target | measured | |", "|---|---|---|---|"]
     lines += [f"| {t['claim']} | {t['target']} | {t['measured']} | {'met' if t['met'] else 'not met'} |"
               for t in targets]
@@ -606,7 +810,9 @@ def report(records: list[dict], out: Path, readme: Path | None = None) -> list[d
         note(f"{(r['claim'] + ' ' + r['metric']).ljust(width)}  {format_mean_std(r)}  (n={r['n']})")
     for t in targets:
         note(target_line(t))
-    write_markdown(out / "reproduce.md", rows, targets, sorted({rec["mode"] for rec in records}))
+    for line in paired_lines(paired(records)):
+        note(line)
+    write_markdown(out / "reproduce.md", rows, targets, sorted({rec["mode"] for rec in records}), records)
     write_plot(out / "reproduce.png", rows)
     note(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.png'}")
     if readme is not None:

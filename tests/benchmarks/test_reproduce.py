@@ -114,7 +114,10 @@ def test_results_file_gives_table_plot_and_targets(tmp_path, capsys):
     md = (tmp_path / "reproduce.md").read_text()
     assert "| head | twa_t | 91.00 ± 1.00 % | 3 | `python benchmarks/reproduce.py` | 2026-12-01 .. 2026-12-03 |" in md
     assert (tmp_path / "reproduce.png").stat().st_size > 0
-    assert sum(line.startswith("target head:") for line in capsys.readouterr().err.splitlines()) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert sum(line.startswith("target head:") and line.endswith("met") for line in err) == 4
+    # HEAD has no SGD at equal compute: its targets are named as not evaluated, not hidden
+    assert sum("SGD at equal compute + 0.3 points: not evaluated" in line for line in err) == 2
 
 
 @pytest.mark.ray
@@ -205,7 +208,8 @@ def _head_summary(twa_epochs: int = 1) -> dict:
     """A head-stage TWA-t summary.json with the keys reproduce reads."""
     return {"twa_data": "train", "twa_epochs": twa_epochs, "cost_ratio": 0.55, "wall_ratio": 0.57,
             "twa_epoch_vs_sgd_epoch": 0.96,
-            "test_acc": {"last": 89.0, "swa": 90.0, "ema": 91.0, "best_k": 90.5, "full_budget": 92.5, "twa": 91.5},
+            "test_acc": {"last": 89.0, "swa": 90.0, "ema": 91.0, "best_k": 90.5, "full_budget": 92.5, "twa": 91.5,
+                         "sgd_same_compute": 91.0},
             "time_s": {"base_train": {"startup": 10.0, "compute": 230.0}}}
 
 

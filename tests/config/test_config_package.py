@@ -102,7 +102,8 @@ def test_the_yaml_keys_of_train_and_twa_are_unchanged():
         "epochs", "budget_epochs", "workers", "sharding", "cpus_per_worker", "max_failures", "use_gpu", "optimizer",
         "lr", "momentum", "weight_decay", "nesterov", "schedule", "warmup", "milestones", "gamma", "final_lr_factor",
         "swa_start", "label_smoothing", "grad_clip", "save_initial", "save_every_steps", "save_from_epoch",
-        "placement_strategy"])  # the one key added: train's workers are placed as twa's are
+        "placement_strategy",  # the one key added: train's workers are placed as twa's are
+        "candidates_from"])  # issue 26: candidates from the weights (default) or their EMA
     assert sorted(raw["twa"]) == sorted([
         "workers", "sharding", "use_gpu", "bits", "granularity", "basis", "start", "data", "select_ratio",
         "select_eval", "epochs", "lr", "optimizer", "momentum", "weight_decay", "nesterov", "schedule", "warmup",

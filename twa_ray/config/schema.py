@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SHARDINGS = ("blocks", "fsdp")  # twa.sharding, train.sharding
+CANDIDATES_FROM = ("weights", "ema")  # train.candidates_from: what base training saves as each candidate
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
 
@@ -107,6 +108,9 @@ class TrainConfig(OptimConfig, WorkersConfig):
     save_initial: bool = True  # the initial weights are candidate 0
     save_every_steps: int | None = None  # extra candidates every k steps (besides each epoch)
     save_from_epoch: int = 0  # keep candidates from this epoch on (tail stage)
+    # what each candidate holds: "weights" (the iterate at that step) or "ema" (the EMA of the
+    # weights at that step, baselines.ema_decay): TWA then learns in the smoothed trajectory's span
+    candidates_from: str = "weights"
 
     @property
     def schedule_epochs(self) -> int:

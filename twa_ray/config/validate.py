@@ -13,7 +13,7 @@ from ..core.row_shards import ROW_BASES
 from ..core.schedules import OPTIMIZERS, SCHEDULES
 from ..core.subspace import BASES, RAW_BASES, check_start
 from .locations import is_absolute_location
-from .schema import PLACEMENT_STRATEGIES, SHARDINGS, Config, TrainConfig, TWAConfig
+from .schema import CANDIDATES_FROM, PLACEMENT_STRATEGIES, SHARDINGS, Config, TrainConfig, TWAConfig
 from .windows import max_selected, parse_candidates
 
 NAME_CHARACTERS = "letters, digits and . _ + -"  # what a plain name (``name``) is made of
@@ -117,6 +117,8 @@ def config_problems(cfg: Config, where: str) -> list[str]:
     for section, stage, min_epochs in (("train", cfg.train, 0), ("twa", cfg.twa, 1)):
         for key, message in _stage_problems(section, stage, min_epochs):
             check(False, key, message)
+    check(cfg.train.candidates_from in CANDIDATES_FROM, "train.candidates_from",
+          f"{cfg.train.candidates_from!r} is not one of {list(CANDIDATES_FROM)}")
     check(cfg.train.sharding in SHARDINGS, "train.sharding", f"{cfg.train.sharding!r} is not one of {list(SHARDINGS)}")
     check(
         cfg.train.budget_epochs is None or cfg.train.budget_epochs >= cfg.train.epochs,

@@ -63,7 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
     t = _setup(config)
     tc = t.cfg.train
     if t.writer is not None and tc.save_initial and t.start_epoch == 1:  # a resumed run has no initial weights
-        t.writer.save(t.net, kind="initial", step=0, lr=t.optimizer.param_groups[0]["lr"], metrics={})
+        t.writer.save(t.net, kind="initial", step=0, lr=t.optimizer.param_groups[0]["lr"], metrics={},
+                      weights=_candidate_weights(t))
     last = _last_epoch(config, tc)
     progress = Progress("base training", total=last, steps_per_unit=t.steps_per_epoch, start=t.start_epoch - 1,
                         logger=log)
@@ -72,7 +73,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = _train_epoch(t, epoch, progress)
         t.history.append(metrics)
         if t.writer is not None:
-            t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics)
+            t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics,
+                          weights=_candidate_weights(t))
         if t.writer is not None and t.rank == 0:
             m = t.task.metric
             progress.done(epoch - 1, loss=metrics["train_loss"], **{f"train_{m}": metrics.get(f"train_{m}", "-"),
@@ -82,6 +84,12 @@ def train_loop_per_worker(config: dict) -> None:
             info.update(t.writer.checkpoint_info())  # with FSDP a collective: every rank has a writer
         state, sharded = _checkpoint_state(t, epoch)
         report(metrics, state, info, sharded=sharded)  # every rank, once per epoch
+
+
+def _candidate_weights(t: _Trainer) -> list[torch.Tensor] | None:
+    """What a candidate saves instead of the weights: the EMA's (``train.candidates_from: ema``,
+    updated after the same step), or None: the weights themselves."""
+    return t.ema if t.cfg.train.candidates_from == "ema" else None
 
 
 def _checkpoint_state(t: _Trainer, epoch: int) -> tuple[dict | None, dict | None]:
@@ -207,7 +215,8 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
         if (t.writer is not None and tc.save_every_steps and t.step % tc.save_every_steps == 0
                 and t.step != epoch * t.steps_per_epoch):  # the epoch's end is saved by the caller
             t.writer.save(t.net, kind="step", step=t.step, lr=lr,
-                          metrics={"train_loss": float(loss_sum.detach()) / max(1, local_size)})
+                          metrics={"train_loss": float(loss_sum.detach()) / max(1, local_size)},
+                          weights=_candidate_weights(t))
     return {
         "epoch": epoch, "step": t.step, **_train_metrics(t, loss_total, totals),
         **_val_metrics(t), "lr": lr, "time": time.perf_counter() - started,

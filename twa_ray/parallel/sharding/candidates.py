@@ -5,7 +5,9 @@ still decides."""
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
+import torch
 from torch import nn
 
 from ...config import Config, config_to_dict
@@ -48,10 +50,21 @@ class CandidateWriter:
         return {"stage": STAGE, "kind": kind, "epoch": round(epoch) if kind != "step" else epoch,
                 "step": step, "lr": lr, "metrics": metrics}
 
-    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict) -> None:
+    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict,
+             weights: Sequence[torch.Tensor] | None = None) -> None:
+        """Save ``net``'s trainable parameters as the candidate due at ``step`` (if any), or
+        ``weights`` instead: one tensor per trainable parameter, in their order (the EMA's,
+        ``train.candidates_from: ema``)."""
         info = self.info_for(kind=kind, step=step, lr=lr, metrics=metrics)
-        if info is not None:
+        if info is None:
+            return
+        if weights is None:
             self.saved(self.store.append_model(net, info), info)
+        else:
+            names = [n for n, p in net.named_parameters() if p.requires_grad]
+            if len(names) != len(weights):
+                raise ValueError(f"{len(weights)} candidate tensors for {len(names)} trainable parameters")
+            self.saved(self.store.append(dict(zip(names, weights)), info), info)
 
     def saved(self, index: int, info: dict) -> None:
         """Record that candidate ``index`` with ``info`` is in the store."""

@@ -18,6 +18,7 @@ other rank holds them: ``fsdp_tensors.gather_on_rank0``) and appends.
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -51,7 +52,10 @@ class RowCandidateWriter:
         self.in_pieces = self.store.is_local
 
     @torch.no_grad()
-    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict) -> None:
+    def save(self, net: nn.Module, *, kind: str, step: int, lr: float, metrics: dict,
+             weights: Sequence[torch.Tensor] | None = None) -> None:
+        """``weights``: this rank's rows of each trainable parameter to save instead of the
+        model's (the EMA's, ``train.candidates_from: ema``)."""
         info = self.writer.info_for(kind=kind, step=step, lr=lr, metrics=metrics) if self.writer is not None else None
         pending = None
         if info is not None:
@@ -60,15 +64,16 @@ class RowCandidateWriter:
         if pending is None:  # nothing due at this step
             return
         params = trainable_parameters(net)
-        if pending != _GATHER and self._write_rows(pending, params, step):
+        local = [local_shard(p) for p in params] if weights is None else list(weights)  # this rank's rows
+        if pending != _GATHER and self._write_rows(pending, local, step):
             if self.writer is not None:
                 self.writer.saved(self.store.commit_candidate(pending), info)
             return
-        full = gather_on_rank0([local_shard(p) for p in params], [p.shape for p in params], self.rank, self.world)
+        full = gather_on_rank0(local, [p.shape for p in params], self.rank, self.world)
         if self.writer is not None:  # rank 0: (D,) on CPU
             self.writer.saved(self.store.append_flat(full, info), info)
 
-    def _write_rows(self, pending: str, params: list[nn.Parameter], step: int) -> bool:
+    def _write_rows(self, pending: str, local: list[torch.Tensor], step: int) -> bool:
         """Every rank writes its rows into the candidate file ``pending``, then reads back the
         next rank's rows and compares them with that rank's checksum (a collective). True when
         every rank's rows arrived. False when some did not: ``pending`` is discarded, rank 0
@@ -79,7 +84,7 @@ class RowCandidateWriter:
         """
         sums = torch.zeros(1 + self.world, dtype=torch.float64)  # ranks that failed, then each rank's checksum
         try:
-            own = torch.cat([local_shard(p).detach().reshape(-1) for p in params])  # this rank's rows, store order
+            own = torch.cat([w.detach().reshape(-1) for w in local])  # this rank's rows, store order
             self.store.write_rows(pending, fsdp_element_ranges(self.store.shapes, self.rank, self.world), own)
             sums[1 + self.rank] = rows_checksum(own)
         except (ValueError, OSError) as exc:
