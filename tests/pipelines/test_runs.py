@@ -151,8 +151,8 @@ def _write_main_run(cfg, run_dir, monkeypatch, weight):
     from twa_ray.pipelines import main
 
     monkeypatch.setattr(main, "twa_summary", lambda *args: {"config": cfg.name, "test_acc": {"twa": weight}})
-    monkeypatch.setattr(main, "splits_from_config", lambda cfg: None)
-    monkeypatch.setattr(main, "model_spec", lambda cfg, splits: {})
+    monkeypatch.setattr(main, "task_from_config", lambda cfg: None)
+    monkeypatch.setattr(main, "model_spec", lambda cfg, task: {})
     monkeypatch.setattr(main, "run_mixing", lambda *args: Mixing([torch.zeros(2, 1)], [[0, 1]], ["w"], [1], {}))
     monkeypatch.setattr(main, "plot_accuracy", lambda path, *args: write_bytes(path, b"png"))
     monkeypatch.setattr("twa_ray.output.run_folder.plot_mixing", lambda path, mixing: write_bytes(path, b"png"))

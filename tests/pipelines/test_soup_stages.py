@@ -124,15 +124,15 @@ def test_the_soups_and_the_summary_follow_the_methods_registry(tmp_path, monkeyp
 
     selection = soups.select_soups(cfg, store.uri)
     assert list(selection.soups) == ["best_individual", "uniform_soup", "greedy_soup"]
-    assert selection.soups["best_individual"].score == max(selection.val_acc)
+    assert selection.soups["best_individual"].score == max(selection.val_values)
     monkeypatch.setitem(methods.METHODS, "worst_individual", methods.Method(
         "worst_individual", "worst individual", jobs=(methods.SOUP,), soup=worst_individual))
     selection = soups.select_soups(cfg, store.uri)
     assert list(selection.soups) == ["best_individual", "uniform_soup", "greedy_soup", "worst_individual"]
-    assert selection.soups["worst_individual"].score == min(selection.val_acc)
+    assert selection.soups["worst_individual"].score == min(selection.val_values)
     assert soups.soup_methods() == ["best_individual", "uniform_soup", "greedy_soup", "twa", "worst_individual"]
-    results = {m: SimpleNamespace(accuracy=50.0 + i, loss=1.0) for i, m in enumerate(soups.soup_methods())}
-    results.update({f"cand:{c}": SimpleNamespace(accuracy=40.0, loss=1.0) for c in selection.indices})
+    results = {m: SimpleNamespace(value=50.0 + i, loss=1.0) for i, m in enumerate(soups.soup_methods())}
+    results.update({f"cand:{c}": SimpleNamespace(value=40.0, loss=1.0) for c in selection.indices})
     twa = SimpleNamespace(projection_bytes=[8])
     summary = soups.soup_summary(cfg, None, selection, twa, results, store.uri, {})
     assert list(summary["test_acc"]) == soups.soup_methods()
