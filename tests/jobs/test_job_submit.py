@@ -138,7 +138,7 @@ def _processes_of(temp_dir: str) -> list[int]:
 
 def _stop_cluster(temp_dir: str) -> None:
     """Stop the processes of this head only (``ray stop`` would stop every Ray on the machine)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, 8), (signal.SIGKILL, 5)):
         for pid in _processes_of(temp_dir):
             try:
                 os.kill(pid, sig)
