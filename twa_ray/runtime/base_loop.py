@@ -76,9 +76,9 @@ def train_loop_per_worker(config: dict) -> None:
             t.writer.save(t.net, kind="epoch", step=t.step, lr=metrics["lr"], metrics=metrics,
                           weights=_candidate_weights(t))
         if t.writer is not None and t.rank == 0:
-            m = t.task.metric
-            progress.done(epoch - 1, loss=metrics["train_loss"], **{f"train_{m}": metrics.get(f"train_{m}", "-"),
-                          f"val_{m}": metrics.get(f"val_{m}", "-")}, lr=metrics["lr"])
+            shown = (f"train_{t.task.metric}", f"val_{t.task.metric}")  # those the epoch measured
+            progress.done(epoch - 1, loss=metrics["train_loss"], **{k: metrics[k] for k in shown if k in metrics},
+                          lr=metrics["lr"])
         info = {"epoch": epoch, "step": t.step, "history": t.history}
         if t.writer is not None:
             info.update(t.writer.checkpoint_info())  # with FSDP a collective: every rank has a writer
