@@ -43,6 +43,7 @@ from twa_ray.core.baselines import recalibrate_bn  # noqa: E402
 from twa_ray.data import calibration_loader  # noqa: E402
 from twa_ray.data.from_config import splits_from_config  # noqa: E402
 from twa_ray.models.from_config import model_from_config  # noqa: E402
+from twa_ray.tasks import ImageClassification  # noqa: E402
 from twa_ray.parallel.evaluate import evaluate  # noqa: E402
 from twa_ray.pipelines.finetune import train_plain  # noqa: E402
 
@@ -155,7 +156,7 @@ def measure(model, splits, cfg: Config, ks, seeds: int, device) -> list[dict]:
             started = time.perf_counter()
             recalibrate_bn(model, loader, device)
             seconds = time.perf_counter() - started
-            acc = evaluate(model, splits.test, device, batch).accuracy
+            acc = evaluate(model, splits.test, ImageClassification(), device, batch).accuracy
             raw.append({"k": k, "seed": seed, "batches": len(loader), "images": len(loader.dataset),
                         "acc": acc, "seconds": seconds})
             note(f"K={k} seed={seed}: {acc:.2f} % ({seconds:.2f} s)")
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
                           weight_decay=cfg.train.weight_decay, label_smoothing=cfg.train.label_smoothing,
                           seed=cfg.seed, device=device)
     train_s = time.perf_counter() - started
-    training_stats = evaluate(model, splits.test, device, cfg.data.eval_batch_size).accuracy
+    training_stats = evaluate(model, splits.test, ImageClassification(), device, cfg.data.eval_batch_size).accuracy
     note(f"{cfg.model.name}: {args.epochs} epoch(s) on {len(train)} images in {train_s:.1f} s; "
          f"test {training_stats:.2f} % with training's BatchNorm statistics")
     rows = summarize(measure(model, splits, cfg, args.ks, args.seeds, device))

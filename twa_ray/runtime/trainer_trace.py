@@ -28,8 +28,8 @@ TRACE_ENV = "TWA_RAY_STARTUP_TRACE"
 # (module attribute of the loop's module, or "module:attribute" elsewhere) -> the part it is
 PARTS = {
     "_setup": "setup",
-    "_load_splits": "data",
-    "splits_from_config": "data",
+    "_load_data": "data",  # base training: the task and its data
+    "task_data": "data",  # TWA: the task's datasets
     "calibration_loader": "data",
     "_resume": "resume",
     "_start_round": "first_round",  # TWA: the candidates read from the store into the projection
