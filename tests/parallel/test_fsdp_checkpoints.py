@@ -254,7 +254,7 @@ def _s3_resume_main(rank: int, world: int, out: str, uri: str) -> None:
     base = dict(counting.read)
     counting.read.clear()
     cfg = config_from_dict({"seed": 0, "twa": {"sharding": "fsdp"}})
-    run = _resume(_Worker(cfg, rank, world, torch.device("cpu"), model, None, [], None, None, None, 1, 1, out), checkpoint)
+    run = _resume(_Worker(cfg, rank, world, torch.device("cpu"), model, None, None, None, [], None, None, None, 1, 1, out), checkpoint)
     torch.save({"base": base, "twa": dict(counting.read), "ema": ema, "center": run.center, "round": run.round,
                 "weights": [p.full_tensor().detach() for p in model.parameters()]}, f"{out}/s3_resumed{rank}.pt")
 

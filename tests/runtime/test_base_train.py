@@ -113,8 +113,9 @@ def test_two_workers_fill_the_store(two_workers):
     assert infos[2]["metrics"]["train_acc"] == result.metrics[-1]["train_acc"]
     assert store.names == ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"]  # no DDP "module." prefix
     meta = store.meta
-    assert meta["stage"] == "base_train" and meta["model"] == "mlp" and meta["dataset"] == "synthetic"
-    assert (meta["num_classes"], meta["in_channels"], meta["image_size"]) == (4, 1, 8)
+    assert meta["stage"] == "base_train" and meta["task"] == "image_classification"
+    spec = meta["model_spec"]  # what builds the model (tasks.model_spec)
+    assert spec["name"] == "mlp" and (spec["num_classes"], spec["in_channels"], spec["image_size"]) == (4, 1, 8)
     w = store.read()
     assert all(not torch.equal(w[i], w[i + 1]) for i in range(2))
     assert [m["epoch"] for m in result.metrics] == [1, 2]
