@@ -12,10 +12,11 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _core_example() -> str:
-    """The one ```python block of the README that imports twa_ray.core."""
+    """The README's core example over saved checkpoints: the one ```python block that imports
+    twa_ray.core and saves twa.pt (the "Your own model" programs run in tests/test_readme_own_model.py)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    core = [b for b in blocks if "from twa_ray.core import" in b]
-    assert len(core) == 1, f"expected one core example in README.md, found {len(core)}"
+    core = [b for b in blocks if "from twa_ray.core import" in b and '"twa.pt"' in b]
+    assert len(core) == 1, f"expected one core example saving twa.pt in README.md, found {len(core)}"
     return core[0]
 
 
