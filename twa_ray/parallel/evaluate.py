@@ -59,26 +59,16 @@ def batch_loader(data: Dataset, batch_size: int, collate_fn: Callable | None = N
 def _sums(model: nn.Module, task: Task, loader: Any, device, min_batches: int) -> tuple[Totals, int]:
     was_training = model.training
     model.eval()
-    totals, batches, count, batch = Totals(), 0, 0, None
+    totals, batches, batch = Totals(), 0, None
     for batch in loader:
         batch = to_device(batch, device)
-        sums = task.evaluate(model, batch)
-        totals.add(sums)
-        count += int(_batch_len(batch))
+        totals.add(task.evaluate(model, batch))
         batches += 1
     for _ in range(batches, min_batches):
         task.evaluate(model, batch)
     model.train(was_training)
-    return totals, count
-
-
-def _batch_len(batch: Any) -> int:
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if isinstance(first, dict) and first:
-        first = next(iter(first.values()))
-    return len(first) if hasattr(first, "__len__") else 1
+    # the examples are the dataset's: a batch's own structure is the task's business
+    return totals, (len(loader.dataset) if batches else 0)
 
 
 def evaluate(model: nn.Module, data: Dataset | DataLoader, task: Task, device: torch.device | str = "cpu",
