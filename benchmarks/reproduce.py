@@ -566,26 +566,33 @@ def _pm(mean: float | None, std: float | None, digits: int, sign: bool = False) 
     return f"{value} ± {'n/a' if std is None else f'{std:.{digits}f}'}"
 
 
+def paired_table(claim_rows: list[dict]) -> list[str]:
+    """One claim's rows of ``paired`` as a markdown table: a paired-difference column per TWA."""
+    refs = claim_rows[0]["references"]
+    lines = ["| method | mean ± std | n | " + " | ".join(f"{ref} - method" for ref in refs)
+             + " | compute (s) | compute (epochs) |",
+             "|---|---|---|" + "---|" * len(refs) + "---|---|"]
+    for r in claim_rows:
+        diffs = [("—" if ref == r["method"] else
+                  (f"{_pm(r['diff'][ref]['mean'], r['diff'][ref]['std'], 2, sign=True)} (n={r['diff'][ref]['n']})"
+                   if ref in r["diff"] else "n/a")) for ref in refs]
+        lines.append(f"| {r['method']} | {_pm(r['mean'], r['std'], 2)} | {r['n']} | " + " | ".join(diffs)
+                     + f" | {_pm(r['compute_mean'], r['compute_std'], 3)} | "
+                     + ("n/a" if r["epochs_fraction"] is None else f"{r['epochs_fraction']:.3f}") + " |")
+    return lines
+
+
+PAIRED_CAPTION = ("test accuracy (%), mean ± std over the seeds; TWA - method paired by seed (points); compute "
+                  "as a fraction of the full budget's, in compute seconds (mean ± std) and in epochs (a TWA "
+                  "epoch counted as one)")
+
+
 def paired_lines(rows: list[dict]) -> list[str]:
     """``paired`` as markdown: one table per claim, a paired-difference column per TWA."""
     lines: list[str] = []
     for claim in dict.fromkeys(r["claim"] for r in rows):
-        claim_rows = [r for r in rows if r["claim"] == claim]
-        refs = claim_rows[0]["references"]
-        lines += [f"**{claim}**: test accuracy (%), mean ± std over the seeds; TWA - method paired by seed "
-                  "(points); compute as a fraction of the full budget's, in compute seconds (mean ± std) and "
-                  "in epochs (a TWA epoch counted as one)", "",
-                  "| method | mean ± std | n | " + " | ".join(f"{ref} - method" for ref in refs)
-                  + " | compute (s) | compute (epochs) |",
-                  "|---|---|---|" + "---|" * len(refs) + "---|---|"]
-        for r in claim_rows:
-            diffs = [("—" if ref == r["method"] else
-                      (f"{_pm(r['diff'][ref]['mean'], r['diff'][ref]['std'], 2, sign=True)} (n={r['diff'][ref]['n']})"
-                       if ref in r["diff"] else "n/a")) for ref in refs]
-            lines.append(f"| {r['method']} | {_pm(r['mean'], r['std'], 2)} | {r['n']} | " + " | ".join(diffs)
-                         + f" | {_pm(r['compute_mean'], r['compute_std'], 3)} | "
-                         + ("n/a" if r["epochs_fraction"] is None else f"{r['epochs_fraction']:.3f}") + " |")
-        lines.append("")
+        lines += [f"**{claim}**: {PAIRED_CAPTION}", ""]
+        lines += paired_table([r for r in rows if r["claim"] == claim]) + [""]
     return lines
 
 
@@ -746,26 +753,70 @@ README_BEGIN = "<!-- reproduce.py results: begin -->"
 README_END = "<!-- reproduce.py results: end -->"
 
 
-def readme_section(rows: list[dict], targets: list[dict]) -> str:
-    """The README's results block: per claim one table of methods (mean ± std, seeds), then
-    the targets, each met or not; with the command, dates and machine the rows came from."""
-    lines = [README_BEGIN, ""]
+CLAIM_TITLES = {
+    "head": "Head stage: TWA after half the schedule, against the full budget and SGD at equal compute",
+    "fitted": "Fitted: the paper's regime, where the network fits its data after the lr decay",
+    "tail": "Tail stage: TWA against SWA and EMA over the constant-lr tail",
+    "bits": "Bits and bases of the projection",
+    "probe": "Probe: TWA trained to convergence in the head stage's span",
+    "soups": "Soups of fine-tuned models: TWA-v against the uniform and the greedy soup",
+}
+
+
+def record_commit(rec: dict) -> str:
+    """The commit a line was measured at (the rebased one where the line names it), or "not recorded"."""
+    m = rec.get("machine") or {}
+    rebased = m.get("git_commit_rebased")
+    return (rebased.split()[0] if rebased else m.get("git_commit")) or "not recorded"
+
+
+def claim_sources(records: list[dict], claim: str) -> list[str]:
+    """Each invocation behind ``claim``'s lines, as its user typed it, with the dates and commits of its runs."""
+    sources: dict[str, tuple[set, set]] = {}
+    for rec in records:
+        if rec["claim"] == claim:
+            dates, commits = sources.setdefault(rec["invocation"], (set(), set()))
+            dates.add(rec["date"][:10])
+            commits.add(record_commit(rec))
+    return [f"{command}   # {', '.join(sorted(dates))}, commit {', '.join(sorted(commits))}"
+            for command, (dates, commits) in sources.items()]
+
+
+def readme_section(rows: list[dict], targets: list[dict], records: list[dict]) -> str:
+    """The README's results block: the machines, named once; then per claim a heading, the
+    commands behind it (each with its runs' dates and commits), its methods (paired by seed where
+    the claim compares them seed by seed: ``paired_table``; else mean ± std), its ratios and its
+    targets, each met or not."""
+    machines: dict[str, set] = {}
+    for rec in records:
+        machines.setdefault(machine_label(rec["machine"]), set()).add(rec["date"][:10])
+    lines = [README_BEGIN, "",
+             "Machines: " + "; ".join(f"{label} ({', '.join(sorted(dates))})" for label, dates in machines.items())
+             + ". Accuracies: test accuracy (%), mean ± sample std over the seeds.", ""]
+    pairs = paired(records)
     for claim in dict.fromkeys(r["claim"] for r in rows):
-        claim_rows = [r for r in rows if r["claim"] == claim]
-        sources = sorted({(r["command"], r["date"], r["machine"]) for r in claim_rows})
-        for command, date, machine in sources:
-            lines.append(f"**{claim}** — `{command}`, {date}, {machine}:")
-        lines += ["", "| method | mean ± std | seeds |", "|---|---|---|"]
-        lines += [f"| {r['metric']} | {format_mean_std(r)} | {r['n']} |" for r in claim_rows]
-        lines.append("")
-    lines += ["| target | measured | |", "|---|---|---|"]
-    lines += [f"| {t['claim']}: {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |"
-              for t in targets]
-    lines += ["", README_END]
+        lines += [f"### {CLAIM_TITLES.get(claim, claim)}", "", "```bash", *claim_sources(records, claim), "```", ""]
+        claim_pairs = [r for r in pairs if r["claim"] == claim]
+        if claim_pairs:
+            lines += [PAIRED_CAPTION[0].upper() + PAIRED_CAPTION[1:] + ":", ""] + paired_table(claim_pairs) + [""]
+        else:
+            lines += ["| method | mean ± std | seeds |", "|---|---|---|"]
+            lines += [f"| {r['metric']} | {format_mean_std(r)} | {r['n']} |"
+                      for r in rows if r["claim"] == claim and r["kind"] == "acc"] + [""]
+        ratios = [r for r in rows if r["claim"] == claim and r["kind"] == "ratios"]
+        if ratios:
+            lines += ["| ratio | mean ± std | seeds |", "|---|---|---|"]
+            lines += [f"| {r['metric']} | {format_mean_std(r)} | {r['n']} |" for r in ratios] + [""]
+        claim_targets = [t for t in targets if t["claim"] == claim]
+        if claim_targets:
+            lines += ["| target | measured | |", "|---|---|---|"]
+            lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |"
+                      for t in claim_targets] + [""]
+    lines.append(README_END)
     return "\n".join(lines)
 
 
-def write_readme(path: Path, rows: list[dict], targets: list[dict]) -> None:
+def write_readme(path: Path, rows: list[dict], targets: list[dict], records: list[dict]) -> None:
     """Replace the block between README_BEGIN and README_END in ``path`` by ``readme_section``;
     SystemExit naming the file when the markers are missing (nothing is written then)."""
     from twa_ray.output.atomic import atomic_path
@@ -774,7 +825,7 @@ def write_readme(path: Path, rows: list[dict], targets: list[dict]) -> None:
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise SystemExit(f"--readme: {path} has no '{README_BEGIN}' ... '{README_END}' block to replace")
-    new = text[:begin] + readme_section(rows, targets) + text[end + len(README_END):]
+    new = text[:begin] + readme_section(rows, targets, records) + text[end + len(README_END):]
     with atomic_path(path) as tmp:
         tmp.write_text(new)
 
@@ -816,7 +867,7 @@ def report(records: list[dict], out: Path, readme: Path | None = None) -> list[d
     write_plot(out / "reproduce.png", rows)
     note(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.png'}")
     if readme is not None:
-        write_readme(readme, rows, targets)
+        write_readme(readme, rows, targets, records)
         note(f"wrote the results section of {readme}")
     return targets
 

@@ -146,25 +146,42 @@ def test_smoke_run_of_the_tail_claim(tmp_path):
 
 
 def test_readme_block_is_replaced_and_a_file_without_it_is_left_alone(tmp_path):
-    rows = reproduce.aggregate(HEAD)
+    both = HEAD + [{**rec, "claim": "bits", "acc": {"bits=4": 91.0 + rec["seed"], "bits=32": 91.1}, "ratios": {},
+                    "invocation": "python benchmarks/reproduce.py --claims bits",
+                    "machine": {**rec["machine"], "git_commit": "abc1234"}} for rec in HEAD]
+    rows = reproduce.aggregate(both)
     targets = reproduce.evaluate_targets(rows)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{reproduce.README_BEGIN}\nold numbers\n{reproduce.README_END}\nafter\n")
-    reproduce.write_readme(readme, rows, targets)
+    reproduce.write_readme(readme, rows, targets, both)
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("\nafter\n")
     block = text[text.index(reproduce.README_BEGIN):text.index(reproduce.README_END)]
+    lines = block.splitlines()
+    # one heading per claim, each with its commands (dates, commit) right under it
+    heads = [i for i, line in enumerate(lines) if line.startswith("### ")]
+    assert [lines[i] for i in heads] == [f"### {reproduce.CLAIM_TITLES['head']}", f"### {reproduce.CLAIM_TITLES['bits']}"]
+    assert lines[heads[0] + 2:heads[0] + 5] == [
+        "```bash", "python benchmarks/reproduce.py   # 2026-12-01, 2026-12-02, 2026-12-03, commit not recorded", "```"]
+    assert lines[heads[1] + 3].endswith("commit abc1234")
+    # the machine is named once, for the whole block
+    assert block.count("test cpu, 2 cores") == 1
+    # head compares seed by seed: the paired table, with TWA-t - full budget per seed
+    head = "\n".join(lines[heads[0]:heads[1]])
     mean = sum(r["acc"]["twa_t"] for r in HEAD) / 3
-    assert f"| twa_t | {mean:.2f} ± " in block and "| 3 |" in block
-    assert "`python benchmarks/reproduce.py`" in block and "test cpu, 2 cores" in block
-    assert sum(line.startswith("| head: ") for line in block.splitlines()) == len(targets)
-    again = text
-    reproduce.write_readme(readme, rows, targets)  # idempotent
+    diff = sum(r["acc"]["twa_t"] - r["acc"]["full_budget"] for r in HEAD) / 3
+    assert f"| twa_t | {mean:.2f} ± " in head and f"| full_budget | 91.20 ± 0.10 | 3 | {diff:+.2f} ± " in head
+    assert "| cost_ratio_twa_t | 0.560 ± 0.010 | 3 |" in head
+    assert sum(line.startswith("| TWA-") for line in head.splitlines()) == sum(t["claim"] == "head" for t in targets)
+    bits = "\n".join(lines[heads[1]:])
+    assert "| bits=4 | 92.00 ± 1.00 % | 3 |" in bits and "| 4-bit within 0.2 points of 32-bit" in bits
+    again = readme.read_text()
+    reproduce.write_readme(readme, rows, targets, both)  # idempotent
     assert readme.read_text() == again
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no block\n")
     with pytest.raises(SystemExit, match="PLAIN.md has no"):
-        reproduce.write_readme(plain, rows, targets)
+        reproduce.write_readme(plain, rows, targets, both)
     assert plain.read_text() == "no block\n"
 
 
