@@ -816,18 +816,66 @@ def readme_section(rows: list[dict], targets: list[dict], records: list[dict]) -
     return "\n".join(lines)
 
 
+ANSWER_BEGIN = "<!-- reproduce.py answer: begin -->"
+ANSWER_END = "<!-- reproduce.py answer: end -->"
+ANSWER_CLAIMS = ("fitted", "head")  # the settings of "Does TWA help?", in its columns' order
+ANSWER_METHODS = (
+    ("twa_t", "TWA-t (TWA on train)"), ("twa_v", "TWA-v (TWA on val)"),
+    ("twa_t_ema_candidates", "TWA-t over the EMA's candidates"), ("ema", "EMA of the weights"), ("swa", "SWA"),
+    ("last", "last candidate"), ("best_k", "best-k"), ("sgd_same_compute", "SGD at equal compute"),
+    ("full_budget", "full budget"),
+)
+
+
+def answer_table(records: list[dict]) -> list[str]:
+    """The README's "Does TWA help?" table: per setting of ANSWER_CLAIMS each method's test
+    accuracy (mean ± std) and TWA-t - method paired by seed; cost: the method's epochs as a
+    fraction of the full budget's (a TWA epoch counted as one SGD epoch), or where it has no SGD
+    epochs (TWA-v) its compute seconds' fraction, marked (s)."""
+    pairs = {(r["claim"], r["method"]): r for r in paired(records)}
+    claims = [c for c in ANSWER_CLAIMS if (c, "twa_t") in pairs]
+    seeds = {c: max(r["n"] for (claim, _), r in pairs.items() if claim == c) for c in claims}
+    lines = ["| method | " + " | ".join(f"**{c}** ({seeds[c]} seeds): acc | TWA-t − X" for c in claims) + " | cost |",
+             "|---|" + "---|---|" * len(claims) + "---|"]
+    for method, label in ANSWER_METHODS:
+        cells, costs = [], []
+        for c in claims:
+            r = pairs.get((c, method))
+            if r is None:
+                cells += ["not run", ""]
+                continue
+            diff = r["diff"].get("twa_t")
+            text = "" if diff is None else _pm(diff["mean"], diff["std"], 2, sign=True).replace("-", "−")
+            cells += [_pm(r["mean"], r["std"], 2), f"**{text}**" if text and method == "sgd_same_compute" else text]
+            if r["epochs_fraction"] is not None:
+                costs.append(f"{r['epochs_fraction']:.2f}")
+            elif r["compute_mean"] is not None:  # TWA-v: its epochs are over the val split; its seconds
+                costs.append(f"{r['compute_mean']:.2f} (s)")
+        if any(cell != "not run" and cell for cell in cells[::2]):
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {' / '.join(dict.fromkeys(costs)) or 'n/a'} |")
+    return lines
+
+
+def _replace_block(text: str, begin_mark: str, end_mark: str, block: str, path: Path) -> str:
+    begin, end = text.find(begin_mark), text.find(end_mark)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"--readme: {path} has no '{begin_mark}' ... '{end_mark}' block to replace")
+    return text[:begin] + block + text[end + len(end_mark):]
+
+
 def write_readme(path: Path, rows: list[dict], targets: list[dict], records: list[dict]) -> None:
-    """Replace the block between README_BEGIN and README_END in ``path`` by ``readme_section``;
-    SystemExit naming the file when the markers are missing (nothing is written then)."""
+    """Replace the block between README_BEGIN and README_END in ``path`` by ``readme_section``,
+    and, where ``path`` has one and the records hold a claim of ANSWER_CLAIMS, the block between
+    ANSWER_BEGIN and ANSWER_END by ``answer_table``; SystemExit naming the file when the results
+    markers are missing (nothing is written then)."""
     from twa_ray.output.atomic import atomic_path
 
-    text = path.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"--readme: {path} has no '{README_BEGIN}' ... '{README_END}' block to replace")
-    new = text[:begin] + readme_section(rows, targets, records) + text[end + len(README_END):]
+    text = _replace_block(path.read_text(), README_BEGIN, README_END, readme_section(rows, targets, records), path)
+    if ANSWER_BEGIN in text and any(rec["claim"] in ANSWER_CLAIMS for rec in records):
+        table = "\n".join([ANSWER_BEGIN, *answer_table(records), ANSWER_END])
+        text = _replace_block(text, ANSWER_BEGIN, ANSWER_END, table, path)
     with atomic_path(path) as tmp:
-        tmp.write_text(new)
+        tmp.write_text(text)
 
 
 def merged_records(paths: list[Path]) -> list[dict]:

@@ -266,3 +266,29 @@ def test_commands_are_recorded_as_a_user_types_them(tmp_path):
         "python benchmarks/reproduce.py --claims head"
     outside = tmp_path / "elsewhere"  # a folder the user named outside the checkout stays as named
     assert reproduce.as_typed(["python", f"--work={outside}"]) == f"python --work={outside}"
+
+
+def test_the_answer_table_pairs_twa_t_with_each_method_per_setting_and_fills_its_readme_block(tmp_path):
+    def setting(claim, accs):
+        return [{**rec, "compute": {}, "epochs_fraction": {"twa_t": 0.55, "sgd_same_compute": 0.55, "ema": 0.5}}
+                for rec in records(claim, accs)]
+    fitted = setting("fitted", [{"twa_t": 87.5, "ema": 87.4, "sgd_same_compute": 87.0},
+                                {"twa_t": 87.7, "ema": 87.6, "sgd_same_compute": 87.4}])
+    head = setting("head", [{"twa_t": 91.4, "ema": 91.5, "sgd_same_compute": 91.9},
+                            {"twa_t": 91.2, "ema": 91.4, "sgd_same_compute": 91.6},
+                            {"twa_t": 91.3, "ema": 91.3, "sgd_same_compute": 91.9}])
+    table = reproduce.answer_table(fitted + head)
+    assert table[0] == "| method | **fitted** (2 seeds): acc | TWA-t − X | **head** (3 seeds): acc | TWA-t − X | cost |"
+    rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    assert list(rows) == ["TWA-t (TWA on train)", "EMA of the weights", "SGD at equal compute"]  # nothing run: no row
+    # paired by seed: fitted (+0.5, +0.3), head (-0.5, -0.4, -0.6)
+    assert rows["SGD at equal compute"] == (
+        "| SGD at equal compute | 87.20 ± 0.28 | **+0.40 ± 0.14** | 91.80 ± 0.17 | **−0.50 ± 0.10** | 0.55 |")
+    assert rows["EMA of the weights"].endswith("| 0.50 |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{reproduce.ANSWER_BEGIN}\nold\n{reproduce.ANSWER_END}\n\n{reproduce.README_BEGIN}\n"
+                      f"{reproduce.README_END}\n")
+    rows_all = reproduce.aggregate(fitted + head)
+    reproduce.write_readme(readme, rows_all, reproduce.evaluate_targets(rows_all), fitted + head)
+    text = readme.read_text()
+    assert "old" not in text and "\n".join(table) in text
