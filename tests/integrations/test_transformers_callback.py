@@ -17,6 +17,7 @@ import transformers_task as task  # noqa: E402  (tests/integrations, beside this
 from twa_ray.core.params import ParamLayout, flatten_params, flatten_state  # noqa: E402
 from twa_ray.integrations.transformers import TWACallback  # noqa: E402
 from twa_ray.store import CandidateStore  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,6 +61,43 @@ def test_trainer_trains_twa_and_evaluates_the_averaged_model(tmp_path):
     assert raw_metrics["eval_loss"] != pytest.approx(metrics["eval_loss"], rel=1e-4)
     assert metrics["eval_loss"] / task.eval_loss(model, trainer.eval_dataset) == pytest.approx(raw_ratio, rel=1e-4)
     assert callback.shard.world == 1 and callback.history[0]["steps"] == 8
+
+
+class StopsAt(TrainerCallback):
+    """Raises at the end of optimizer step ``step``: a training run that dies there."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"stopped at step {self.step}")
+
+
+@pytest.mark.parametrize("restore_callback_states", [False, True])
+def test_a_run_resumed_from_a_checkpoint_averages_the_candidates_of_both_parts(tmp_path, restore_callback_states):
+    """The callback's candidates so far ride in each checkpoint's trainer_state.json: a run that
+    died after step 6 and resumes from checkpoint-4 averages the candidates of steps 2 and 4 and
+    those saved after step 4, not the orphan one of the dead run's step 6 (nor an earlier fit's)."""
+    saving = dict(save_strategy="steps", save_steps=4, restore_callback_states_from_checkpoint=restore_callback_states)
+    earlier = TWACallback(every_n_steps=12, twa_epochs=1)
+    task.make_trainer(tmp_path, earlier).train()  # an earlier fit into the same store: rows 0, 1
+    first = TWACallback(every_n_steps=2, twa_epochs=1, lr=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        task.make_trainer(tmp_path, first, callbacks=[StopsAt(6)], **saving).train()
+    assert first.candidate_indices == [2, 3, 4]  # steps 2, 4, 6
+
+    callback = TWACallback(every_n_steps=2, twa_epochs=1, lr=0.5)
+    trainer = task.make_trainer(tmp_path, callback, **saving)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    store = CandidateStore.open(tmp_path / "out" / "twa_candidates")
+    steps = {c.index: c.info["step"] for c in store.list_candidates()}
+    averaged = [c for c in trainer.callback_handler.callbacks if isinstance(c, TWACallback)]
+    assert len(averaged) == 1  # the same one, or transformers' copy of it (restore_callback_states)
+    done = averaged[0]
+    assert done.candidate_indices[:2] == [2, 3] and 4 not in done.candidate_indices  # row 4: the orphan step 6
+    assert [steps[i] for i in done.candidate_indices] == list(range(2, 25, 2))
+    assert done.coefficients.shape[0] == 12 and done.arguments["every_n_steps"] == 2
 
 
 def test_one_epoch_at_every_epoch_fails_before_training(tmp_path):

@@ -29,13 +29,16 @@ def tiny_gpt2() -> GPT2LMHeadModel:
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
-def make_trainer(tmp_path, callback, epochs=3) -> Trainer:
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no", num_train_epochs=epochs,
-        per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=1e-2, logging_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_num_workers=0)
+def make_trainer(tmp_path, callback, epochs=3, callbacks=(), **arguments) -> Trainer:
+    """A Trainer of ``tiny_gpt2`` with ``callback`` (then ``callbacks``); ``arguments`` override
+    its TrainingArguments (e.g. a save_strategy)."""
+    args = TrainingArguments(**{
+        "output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": [], "save_strategy": "no",
+        "num_train_epochs": epochs, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+        "learning_rate": 1e-2, "logging_strategy": "no", "disable_tqdm": True, "seed": 0,
+        "dataloader_num_workers": 0, **arguments})
     return Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, seed=0), eval_dataset=Tokens(32, seed=1),
-                   callbacks=[callback])
+                   callbacks=[callback, *callbacks])
 
 
 @torch.no_grad()

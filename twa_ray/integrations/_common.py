@@ -261,6 +261,8 @@ class TWACallbackBase:
         (``twa_ray.config.TWAConfig``). Every argument is a plain value, so LightningCLI can
         configure the callback; an invalid one raises ValueError naming it.
         """
+        # the arguments as given: what transformers re-creates the callback from (ExportableState)
+        self.arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
         owner = type(self).__name__
         self.cadence = Cadence.from_arguments(every_n_epochs, every_n_steps, start_epoch, start_step)
@@ -314,6 +316,21 @@ class TWACallbackBase:
             check_twa_start(self.settings, expected)
         except ConfigError as exc:
             raise ValueError(f"{type(self).__name__}: {_argument_names(str(exc))}") from None
+
+    def fit_state(self) -> dict[str, Any]:
+        """This fit's candidates so far, in plain values: what a framework's checkpoint keeps
+        of the callback (Lightning's callback state, transformers' trainer_state.json)."""
+        return {"store": self.store_uri, "candidates": list(self.candidate_indices),
+                "last_saved_step": self._last_saved_step}
+
+    def resume_fit(self, saved: Mapping[str, Any] | None) -> bool:
+        """A fit resumed from a checkpoint goes on with the candidates ``saved`` (``fit_state``)
+        when they are in this fit's store; returns whether it did."""
+        if not saved or saved.get("store") != self.store_uri:
+            return False
+        self.candidate_indices = [int(i) for i in saved["candidates"]]
+        self._last_saved_step = saved.get("last_saved_step")
+        return True
 
     # ------------------------------------------------------------ during fit
 

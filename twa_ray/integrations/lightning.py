@@ -97,14 +97,11 @@ class TWACallback(TWACallbackBase, Callback):
                 logger.log_metrics(logged, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"store": self.store_uri, "candidates": list(self.candidate_indices),
-                "last_saved_step": self._last_saved_step}
+        return self.fit_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resuming a fit from a checkpoint: its candidates so far (when the store is the same)."""
-        if state_dict.get("store") == self.store_uri:
-            self.candidate_indices = list(state_dict["candidates"])
-            self._last_saved_step = state_dict.get("last_saved_step")
+        self.resume_fit(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.raw_state_dict is not None:  # saved after fit: state_dict holds the TWA weights

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..store import fs as store_fs
 from ._common import DEFAULT_STORE_FOLDER, FitData, Ranks, TWACallbackBase, set_loader_epoch
@@ -23,7 +24,7 @@ from ._common import DEFAULT_STORE_FOLDER, FitData, Ranks, TWACallbackBase, set_
 __all__ = ["TWACallback"]
 
 
-class TWACallback(TWACallbackBase, TrainerCallback):
+class TWACallback(TWACallbackBase, TrainerCallback, ExportableState):
     """Trainable Weight Averaging for a ``transformers.Trainer`` (any subclass).
 
     During training the main process saves the model's trainable parameters into a candidate
@@ -42,7 +43,9 @@ class TWACallback(TWACallbackBase, TrainerCallback):
     FSDP (sharded parameters) are not supported.
 
     The arguments (``TWACallbackBase.__init__`` documents each) are plain values; errors name
-    the argument at fault. The default store is ``<output_dir>/twa_candidates``.
+    the argument at fault. Each checkpoint's trainer_state.json keeps this fit's candidates so
+    far (``state``): ``trainer.train(resume_from_checkpoint=...)`` averages those and the ones
+    saved after it. The default store is ``<output_dir>/twa_candidates``.
     The callback finds the Trainer it belongs to when training begins (TrainerCallback hooks
     are not given the Trainer): the one whose callbacks hold it.
 
@@ -57,12 +60,23 @@ class TWACallback(TWACallbackBase, TrainerCallback):
 
     SOURCE = "transformers"
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint's trainer_state.json keeps of the callback (transformers'
+        ``ExportableState``): its arguments, and this fit's candidates so far, which
+        ``trainer.train(resume_from_checkpoint=...)`` goes on with."""
+        return {"args": dict(self.arguments), "attributes": {"twa_fit": self.fit_state()}}
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         self._trainer = _calling_trainer(self)
         if self._trainer.is_deepspeed_enabled or self._trainer.is_fsdp_enabled:
             raise ValueError("TWACallback does not support DeepSpeed or FSDP: their parameters are sharded")
         self.begin(model, store_fs.join(args.output_dir or ".", DEFAULT_STORE_FOLDER), args.process_index)
+        if state.global_step > 0:  # resumed: the checkpoint's trainer_state.json holds this fit's candidates so far
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            for entry in saved if isinstance(saved, list) else [saved]:
+                if isinstance(entry, dict) and self.resume_fit((entry.get("attributes") or {}).get("twa_fit")):
+                    break
         total = state.max_steps if self.cadence.unit == "step" else state.num_train_epochs
         self.check_length(int(total) if total and total > 0 else None)
 
