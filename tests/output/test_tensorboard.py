@@ -22,7 +22,8 @@ def test_row_steps_are_epochs_or_positions():
 
 
 def test_every_stage_of_the_metrics_file_becomes_a_run(tmp_path):
-    base = [{"epoch": e, "step": 30 * e, "train_loss": 1.0 / e, "val_acc": 50.0 + e, "lr": 0.1} for e in (1, 2, 3)]
+    base = [{"epoch": e, "step": 30 * e, "train_loss": 1.0 / e, "val_acc": 50.0 + e, "lr": 0.1, "train_examples": 90}
+            for e in (1, 2, 3)]
     twa = [{"round": r, "epoch": e, "step": 7 * e, "train_loss": 0.4 - 0.1 * r, "select_acc": 60.0 + r + e}
            for r in (0, 1) for e in (1, 2)]
     full = [{"epoch": e, "train_loss": 0.2, "val_acc": 55.0 + e} for e in (4, 5)]
@@ -35,7 +36,7 @@ def test_every_stage_of_the_metrics_file_becomes_a_run(tmp_path):
     assert out == tmp_path / EVENTS_DIR
     assert sorted(p.name for p in out.iterdir()) == ["base_train", "full_budget", "twa"]
     scalars, _ = read_events(out / "base_train")
-    assert sorted(scalars) == ["lr", "train_loss", "val_acc"]  # no epoch/step/round/stage scalars
+    assert sorted(scalars) == ["lr", "train_loss", "val_acc"]  # no epoch/step/round/stage/example-count scalars
     assert scalars["val_acc"] == [(1, 51.0), (2, 52.0), (3, 53.0)]
     scalars, _ = read_events(out / "twa")
     assert scalars["select_acc"] == [(1, 61.0), (2, 62.0), (3, 62.0), (4, 63.0)]  # two rounds, counted on

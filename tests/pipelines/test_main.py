@@ -37,10 +37,11 @@ def run(tmp_path, monkeypatch):
     for epoch, acc in VAL_ACC.items():
         store.append_flat(w0 + 0.3 * torch.randn(w0.shape, generator=gen),
                           {"kind": "epoch", "epoch": epoch, "step": 6 * epoch, "metrics": {"val_acc": acc}})
-    base = BaseTrainResult(store.uri, 4, [{"epoch": e, "val_acc": a, "time": 2.0} for e, a in VAL_ACC.items()], 10.0)
+    base = BaseTrainResult(store.uri, 4, [{"epoch": e, "val_acc": a, "time": 2.0, "train_examples": 72}
+                                           for e, a in VAL_ACC.items()], 10.0)
     weights = swa_vector(store.read())
     twa = SimpleNamespace(rounds=[[0, 1, 2, 3]], weights=weights, coefficients=[torch.zeros(4, 2)],
-                          block_names=["a", "b"], history=[{"epoch": 1, "epoch_time_s": 1.5}], projection_bytes=[64],
+                          block_names=["a", "b"], history=[{"epoch": 1, "epoch_time_s": 1.5, "examples": 72}], projection_bytes=[64],
                           wall_time_s=4.0)
     calls = []
 
@@ -113,12 +114,20 @@ def test_twa_v_says_it_saw_the_val_split(run):
     cfg, store, base, twa, _ = run
     cfg.twa.data = "val"
     cfg.twa.candidates = "last:3"
-    twa_v = SimpleNamespace(**{**vars(twa), "rounds": [[1, 2, 3]]})
+    twa_v = SimpleNamespace(**{**vars(twa), "rounds": [[1, 2, 3]],
+                               "history": [{"epoch": 1, "epoch_time_s": 1.5, "examples": 24}]})
     summary = main.twa_summary(cfg, base, twa_v, None, main.evaluate_run(cfg, base, twa_v))
     assert summary["trained_on"]["twa"] == "train+val" and summary["trained_on"]["swa"] == "train"
     # a TWA-v epoch runs over the 24 val images: per example it costs 3x the SGD epoch's 72
     assert summary["twa_epoch_vs_sgd_epoch"] == pytest.approx(0.75 * 72 / 24)
     assert summary["twa_includes_initial"] is False
+
+
+def test_the_epoch_cost_ratio_counts_the_examples_the_workers_counted_and_is_none_without_them():
+    base = [{"time": 2.0, "train_examples": 100}, {"time": 4.0, "train_examples": 100}]
+    assert main.epoch_cost_ratio(base, [{"epoch_time_s": 0.3, "examples": 10}]) == pytest.approx(0.03 / 0.03)
+    assert main.epoch_cost_ratio([{"time": 2.0}], [{"epoch_time_s": 0.3, "examples": 10}]) is None  # an older store
+    assert main.epoch_cost_ratio(base, [{"epoch_time_s": 0.3}]) is None
 
 
 def test_cost_ratios_are_compute_and_wall_of_base_plus_twa_over_the_full_budget():

@@ -120,6 +120,7 @@ def test_two_workers_fill_the_store(two_workers):
     assert all(not torch.equal(w[i], w[i + 1]) for i in range(2))
     assert [m["epoch"] for m in result.metrics] == [1, 2]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"} <= set(result.metrics[-1])
+    assert [m["train_examples"] for m in result.metrics] == [128, 128]  # both workers' examples, counted once
     assert result.run_path == os.path.join(cfg.run_dir, "ray", "tiny-base")
 
 

@@ -87,6 +87,8 @@ def test_two_workers_match_one_worker_and_the_core(ray_local, tmp_path, store_ur
     assert total <= sum(two.projection_bytes) <= total + 5
     assert max(two.projection_bytes) <= total / 2 + 5
     assert [h["epoch"] for h in two.history] == [1, 2]
+    n_train = len(splits_from_config(_cfg(tmp_path)).train)
+    assert [h["examples"] for h in one.history] == [h["examples"] for h in two.history] == [n_train, n_train]
     assert all("select_acc" in h for h in two.history)  # scored on val only when asked
     assert not any("select_acc" in h for h in one.history)
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_DIR = "tensorboard"
 # columns that place a row (the step) or name it, not metrics to chart
-NOT_SCALARS = frozenset({"stage", "epoch", "step", "round"})
+NOT_SCALARS = frozenset({"stage", "epoch", "step", "round", "examples", "train_examples"})  # counts, not curves
 
 
 def _is_number(value: Any) -> bool:

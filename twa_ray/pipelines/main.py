@@ -267,23 +267,16 @@ def cost_ratios(times: dict, continued: bool = True) -> tuple[float | None, floa
     return cost, wall
 
 
-def epoch_cost_ratio(base_metrics: list[dict], sgd_examples: int, twa_history: list[dict],
-                     twa_examples: int) -> float | None:
-    """A TWA epoch's compute per example over a base-training (SGD) epoch's: each side's
-    mean measured epoch time (its monitoring evaluation included) over its epoch's examples."""
-    sgd = [m["time"] for m in base_metrics if m.get("time")]
-    twa = [h["epoch_time_s"] for h in twa_history if h.get("epoch_time_s")]
-    if not (sgd and twa and sgd_examples and twa_examples):
+def epoch_cost_ratio(base_metrics: list[dict], twa_history: list[dict]) -> float | None:
+    """A TWA epoch's compute per example over a base-training (SGD) epoch's: each side's mean
+    measured epoch time (its monitoring evaluation included) over its epoch's examples, as the
+    workers counted them (``train_examples`` of base training's epochs, ``examples`` of TWA's).
+    None where a side lacks them (a store from an older version, reused)."""
+    sgd = [m["time"] / m["train_examples"] for m in base_metrics if m.get("time") and m.get("train_examples")]
+    twa = [h["epoch_time_s"] / h["examples"] for h in twa_history if h.get("epoch_time_s") and h.get("examples")]
+    if not (sgd and twa):
         return None
-    return (sum(twa) / len(twa) / twa_examples) / (sum(sgd) / len(sgd) / sgd_examples)
-
-
-def _epoch_examples(cfg: Config) -> tuple[int, int]:
-    """(examples of a base-training epoch, examples of a TWA epoch)."""
-    from ..data.from_config import twa_datasets
-
-    data = task_data(task_from_config(cfg))
-    return len(data.train), len(twa_datasets(cfg, data)[0])
+    return (sum(twa) / len(twa)) / (sum(sgd) / len(sgd))
 
 
 def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=None) -> dict:
@@ -298,7 +291,6 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=No
         "evaluation": stage_time(evaluation.run.wall_s, evaluation.run.compute_s),
     }
     cost, wall = cost_ratios(times, continued)
-    sgd_examples, twa_examples = _epoch_examples(cfg)
     methods = job_methods(MAIN)
     task = task_from_config(cfg)
     return {
@@ -330,7 +322,7 @@ def twa_summary(cfg: Config, base, twa, full, evaluation: RunEvaluation, same=No
         "full_budget_continued": continued if full is not None else None,
         "cost_ratio": cost,
         "wall_ratio": wall,
-        "twa_epoch_vs_sgd_epoch": epoch_cost_ratio(base.metrics, sgd_examples, twa.history, twa_examples),
+        "twa_epoch_vs_sgd_epoch": epoch_cost_ratio(base.metrics, twa.history),
         "projection_bytes_per_worker": [int(b) for b in twa.projection_bytes],
         "store": base.store_uri,
     }

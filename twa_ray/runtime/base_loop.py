@@ -224,11 +224,11 @@ def _train_epoch(t: _Trainer, epoch: int, progress: Progress) -> dict:
 
 
 def _train_metrics(t: _Trainer, loss_total: torch.Tensor, totals: Totals) -> dict:
-    """train_loss (the mean training loss) and train_<name> of the metric sums the task's loss
-    gave, over all ranks (a collective)."""
+    """train_loss (the mean training loss), train_examples (the epoch's examples) and
+    train_<name> of the metric sums the task's loss gave, over all ranks (a collective)."""
     names = sorted(totals.sums)  # the same on every rank: a task's batches share their names
     reduced = all_reduce_sum(torch.cat([loss_total.cpu(), totals.as_tensor(names)]).to(t.device), t.device).cpu()
-    out = {"train_loss": float(reduced[0] / reduced[1])}
+    out = {"train_loss": float(reduced[0] / reduced[1]), "train_examples": int(reduced[1])}
     summary = t.task.summarize(Totals.from_tensor(names, reduced[2:])) if names else {}
     out.update({f"train_{k}": v for k, v in summary.items() if k != "loss"})
     return out

@@ -233,7 +233,8 @@ def _train_epoch(w: _Worker, run: TWARunState, twa: TWA, r: int, epoch: int, pro
     sums = all_reduce_sum(sums, w.device)
     metrics = {
         "round": r, "epoch": epoch + 1, "step": twa.num_steps, "lr": twa.lr,
-        "train_loss": float(sums[0]) / max(1.0, float(sums[1])), "epoch_time_s": time.time() - t0,
+        "train_loss": float(sums[0]) / max(1.0, float(sums[1])), "examples": int(sums[1]),
+        "epoch_time_s": time.time() - t0,
         **_select_metrics(w),
     }
     floats = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "epoch_time_s"}
