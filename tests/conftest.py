@@ -52,6 +52,23 @@ class UnevenNet(nn.Module):
         return y if self.gain is None else y * self.gain
 
 
+def uneven_store(folder) -> str:
+    """A candidate store of five ``UnevenNet`` candidates around its initial weights (noise of
+    std 0.3, seeded), the last parameter (the gain) 1.0 in all of them; returns its URI."""
+    from twa_ray.core import flatten_params
+    from twa_ray.store import CandidateStore
+
+    model = UnevenNet()
+    store = CandidateStore.create_for_model(str(folder), model)
+    gen = torch.Generator().manual_seed(1)
+    base = flatten_params(model)
+    for _ in range(5):
+        w = base + 0.3 * torch.randn(base.numel(), generator=gen)
+        w[-1] = 1.0
+        store.append_flat(w)
+    return store.uri
+
+
 def small_cnn_shard_twa(rank: int, world: int, bits: int, exchange: str = "sharded", **twa_kwargs):
     """Rank ``rank`` of ``world`` (a process group is up) as a blocks-mode worker: the
     planner's small CNN (Fashion-MNIST shapes, seed 0), 4 candidates around it, this rank's

@@ -5,7 +5,7 @@ granularities whose blocks the ranges cut), and each rank reads only its range o
 import pytest
 import torch
 
-from conftest import UnevenNet, train_twa_steps
+from conftest import UnevenNet, train_twa_steps, uneven_store
 from twa_ray.config import TWAConfig
 from twa_ray.core import TWA, ScheduleSpec, flatten_params
 from twa_ray.core.blocks import balanced_ranges, make_blocks, plan_ranges
@@ -59,15 +59,7 @@ def _rank_main(rank: int, world: int, out: str, store_uri: str) -> None:
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory):
     """Five candidates around the net's initial weights; the last bias is the same in all of them."""
-    model = UnevenNet()
-    store = CandidateStore.create_for_model(str(tmp_path_factory.mktemp("ranges") / "store"), model)
-    gen = torch.Generator().manual_seed(1)
-    base = flatten_params(model)
-    for _ in range(5):
-        w = base + 0.3 * torch.randn(base.numel(), generator=gen)
-        w[-1] = 1.0
-        store.append_flat(w)
-    return store.uri
+    return uneven_store(tmp_path_factory.mktemp("ranges") / "store")
 
 
 @pytest.fixture(scope="module", params=[2, 3])
