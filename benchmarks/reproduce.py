@@ -1,6 +1,6 @@
 """The paper's claims on real data, each over several seeds: mean ± std, and each target met or not.
 
-    python benchmarks/reproduce.py [--claims head,fitted,tail,bits,probe,soups] [--seeds 3] [--runs NAMES] [--out DIR] [--work DIR]
+    python benchmarks/reproduce.py [--claims head,fitted,tail,bits,probe,soups] [--seeds 3 | --seed-list 0,2] [--runs NAMES] [--out DIR] [--work DIR]
     python benchmarks/reproduce.py --quick       # a small version: minutes, 1 seed
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl   # tables, plot, targets again
     python benchmarks/reproduce.py --results benchmarks/results/reproduce.jsonl --readme README.md
@@ -946,6 +946,9 @@ def main(argv=None) -> int:
     common_args(parser)
     parser.add_argument("--claims", type=parse_claims, default=list(CLAIMS), help=f"comma-separated: {','.join(CLAIMS)}")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default 3; 1 with --quick, --smoke)")
+    parser.add_argument("--seed-list", default=None,
+                        help="comma-separated seeds instead of 0 .. N-1 (e.g. 2: only seed 2, whose lines --results "
+                             "merges with another invocation's)")
     parser.add_argument("--out", default=None, help="where reproduce.{jsonl,md,png} go")
     parser.add_argument("--work", default=None, help="run folders (default runs/reproduce/<mode>)")
     parser.add_argument("--fresh", action="store_true", help="empty --work first: run everything again")
@@ -967,7 +970,17 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.work or ROOT / "runs" / "reproduce" / mode).resolve()
     out = Path(args.out or (ROOT / "benchmarks" / "results" if mode == "full" else work)).resolve()
-    seeds = list(range(args.seeds if args.seeds is not None else SEEDS[mode]))
+    if args.seed_list is not None:
+        if args.seeds is not None:
+            parser.error("give --seeds or --seed-list, not both")
+        try:
+            seeds = sorted({int(s) for s in args.seed_list.split(",") if s.strip()})
+        except ValueError:
+            parser.error(f"--seed-list {args.seed_list!r}: comma-separated integers, e.g. 0,2")
+        if not seeds or min(seeds) < 0:
+            parser.error(f"--seed-list {args.seed_list!r}: one or more seeds >= 0")
+    else:
+        seeds = list(range(args.seeds if args.seeds is not None else SEEDS[mode]))
     if not seeds:
         parser.error("--seeds must be >= 1")
     only = {r.strip() for r in args.runs.split(",") if r.strip()} if args.runs else None

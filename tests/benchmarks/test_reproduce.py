@@ -202,6 +202,30 @@ def test_runs_picks_runs_by_name_and_an_unknown_name_is_named(tmp_path, monkeypa
     assert "--runs: bits_3 is no run of bits" in capsys.readouterr().err
 
 
+def test_seed_list_runs_only_the_seeds_named(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    class Ran(Exception):
+        pass
+
+    def execute(cmd, threads):
+        ran.append(cmd)
+        raise Ran(cmd)
+
+    monkeypatch.setattr(reproduce, "execute", execute)
+    args = ["--claims", "tail", "--work", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    with pytest.raises(Ran):
+        reproduce.main(args + ["--seed-list", "2"])
+    assert "seed=2" in ran[0] and not any("seed=0" in a for a in ran[0])
+    for bad, message in (("x", "comma-separated integers"), ("-1", "seeds >= 0"), (",", "one or more seeds")):
+        with pytest.raises(SystemExit):
+            reproduce.main(args + ["--seed-list", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(args + ["--seed-list", "1", "--seeds", "2"])
+    assert "not both" in capsys.readouterr().err
+
+
 def test_results_of_several_files_merge_one_line_per_run_the_last_file_winning(tmp_path):
     first, again = HEAD[0], dict(HEAD[0], acc={**HEAD[0]["acc"], "twa_t": 99.0})
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
