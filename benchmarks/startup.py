@@ -67,19 +67,20 @@ def empty_loop(config: dict) -> None:
 
 
 class FitClock:
-    """The driver's time.time() at each TorchTrainer.fit() call (patched for this run only)."""
+    """The driver's time.time() at each trainer's fit() call (patched for this run only): the
+    TorchTrainer's, and its base class's where a stage needs no process group."""
 
     def __init__(self) -> None:
-        from ray.train.torch import TorchTrainer
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
         self.calls: list[float] = []
-        original = TorchTrainer.fit
+        original = DataParallelTrainer.fit
 
         def fit(trainer, *args, **kwargs):
             self.calls.append(time.time())
             return original(trainer, *args, **kwargs)
 
-        TorchTrainer.fit = fit
+        DataParallelTrainer.fit = fit
 
 
 def read_trace(path: Path) -> list[dict]:

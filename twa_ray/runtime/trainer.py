@@ -27,6 +27,14 @@ class WorkerGroup:
     cpus_per_worker: float
     use_gpu: bool
     placement_strategy: str = DEFAULT_PLACEMENT
+    fsdp: bool = False  # the section's sharding is "fsdp": its loop needs torch.distributed even on one worker
+
+    @property
+    def process_group(self) -> bool:
+        """Whether the loop needs a torch.distributed process group: several workers, a GPU
+        (NCCL and the device are set up with it) or FSDP. One CPU worker of DDP base training or
+        blocks TWA runs every collective as a no-op (``parallel.process_group``) and skips it."""
+        return self.workers > 1 or self.use_gpu or self.fsdp
 
     @classmethod
     def of(cls, section: Any, cpus_per_worker: float | None = None) -> WorkerGroup:
@@ -40,6 +48,7 @@ class WorkerGroup:
             cpus_per_worker=cpus if cpus is not None else default_cpus_per_worker(section.workers),
             use_gpu=section.use_gpu if section.use_gpu is not None else cluster_has_gpus(),
             placement_strategy=section.placement_strategy,
+            fsdp=getattr(section, "sharding", "blocks") == "fsdp",
         )
 
     def describe(self) -> str:
@@ -49,9 +58,11 @@ class WorkerGroup:
 
 def torch_trainer(loop: Callable[[dict], None], loop_config: dict, workers: WorkerGroup, *, name: str,
                   storage_path: str, max_failures: int, callbacks: list | None = None):
-    """A ``ray.train.torch.TorchTrainer`` running ``loop(loop_config)`` on ``workers``.
+    """A ``ray.train.torch.TorchTrainer`` (or, without a process group, its base class
+    ``DataParallelTrainer``) running ``loop(loop_config)`` on ``workers``.
 
-    Every stage's run gets the same: one GPU per worker (``use_gpu``) and NCCL, else gloo; the
+    Every stage's run gets the same: one GPU per worker (``use_gpu``) and NCCL, else gloo (no
+    process group at all for one CPU worker without FSDP: ``WorkerGroup.process_group``); the
     CPUs and placement of ``workers``; ``FailureConfig(max_failures)``; the latest
     ``checkpoints.CHECKPOINTS_TO_KEEP`` checkpoints kept; the run name ``name`` under
     ``storage_path`` (the same name resumes the run); the workers' runtime env
@@ -62,8 +73,7 @@ def torch_trainer(loop: Callable[[dict], None], loop_config: dict, workers: Work
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    return TorchTrainer(
-        traced(loop),
+    common = dict(
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=workers.workers, use_gpu=workers.use_gpu,
@@ -76,5 +86,12 @@ def torch_trainer(loop: Callable[[dict], None], loop_config: dict, workers: Work
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),  # the latest: the final one
             worker_runtime_env=worker_runtime_env(), logging_config=train_logging_config(),
         ),
-        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
     )
+    if workers.process_group:
+        return TorchTrainer(traced(loop), torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+                            **common)
+    # One CPU worker without FSDP: TorchTrainer's base class, whose no-op backend skips the gloo
+    # process group: about 2 s of every such stage's start-up (benchmarks/startup.py).
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer(traced(loop), **common)
