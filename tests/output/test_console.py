@@ -67,6 +67,17 @@ def test_setup_logging_worker_ranks_and_verbose(records):
     assert lines[1].endswith("twa_ray.w: verbose shows debug")
 
 
+def test_without_a_stream_lines_go_to_stderr_as_it_is_when_written(records, monkeypatch):
+    setup_logging()
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    logging.getLogger("twa_ray.x").info("one")
+    first.close()  # a stream closed since (a finished test's capture, a redirected stderr restored)
+    monkeypatch.setattr("sys.stderr", later)
+    logging.getLogger("twa_ray.x").info("two")
+    assert later.getvalue().endswith("twa_ray.x: two\n") and "Logging error" not in later.getvalue()
+
+
 def test_format_duration():
     assert format_duration(0) == "0:00"
     assert format_duration(75.4) == "1:15"

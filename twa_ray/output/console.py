@@ -32,6 +32,23 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is when a line is written, not when it was set
+    up: a program (or a test) that swaps stderr later gets the lines, and a closed old stream
+    never raises a "Logging error"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ / setStream: always the current stderr
+        pass
+
+
 def setup_logging(verbose: bool = False, rank: int | None = None, stream=None) -> logging.Logger:
     """Give the ``twa_ray`` logger its one handler; returns that logger.
 
@@ -39,12 +56,13 @@ def setup_logging(verbose: bool = False, rank: int | None = None, stream=None) -
     never added twice. The logger does not propagate, so whatever Ray or a job puts on the
     root logger neither repeats nor reformats these lines. ``rank``: a Ray Train worker's
     world rank; rank 0 logs like a driver, other ranks only warnings (tagged with their
-    rank), unless ``verbose``. ``verbose`` also turns on DEBUG lines.
+    rank), unless ``verbose``. ``verbose`` also turns on DEBUG lines. Without ``stream`` the
+    lines go to ``sys.stderr`` as it is at each line.
     """
     logger = logging.getLogger(PACKAGE)
     for handler in [h for h in logger.handlers if getattr(h, "_twa_ray", False)]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler._twa_ray = True  # marks the handler this function owns
     if rank:
         handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT, DATE_FORMAT))
