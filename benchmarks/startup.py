@@ -4,14 +4,17 @@
 
 One run, one local Ray (``ray_env.init_ray``, all the machine's CPUs), in this order:
 
-    bare         a ``TorchTrainer`` with an empty loop, built by ``runtime.trainer.torch_trainer``
-                 with the same ``WorkerGroup`` (ScalingConfig, runtime env, logging) as base
-                 training: Ray's floor; the first Train run of the process (cold)
+    bare         an empty loop on the trainer ``runtime.trainer.torch_trainer`` builds with the
+                 same ``WorkerGroup`` (ScalingConfig, runtime env, logging) as base training (one
+                 CPU worker: TorchTrainer's base class, no process group): Ray's floor; the first
+                 Train run of the process (cold)
     base         base training (``run_base_training``)
     full_budget  the full-budget continuation (``run_full_budget_training``); not with --smoke
     twa          TWA (``run_twa``) on base training's candidates
     evaluation   the test evaluation of the last candidate in Ray tasks (``evaluate_parallel``);
                  not with --smoke
+    bare_process_group   the empty loop on a TorchTrainer with its gloo process group, as one
+                 worker had before; not with --smoke
     bare_again   the empty loop again, after the stages: the warm floor; not with --smoke
 
 The workers mark their start-up in a trace file (``runtime.trainer_trace``: on only because
@@ -38,6 +41,7 @@ about 2 minutes on 2 idle cores; --smoke (tests) about 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -180,6 +184,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if result.error is not None:
             raise result.error
 
+    def bare_process_group():
+        # fsdp=True only forces the gloo process group that one CPU worker no longer sets up: the
+        # TorchTrainer every stage ran on before (its start-up against bare_again's: the saving)
+        workers = dataclasses.replace(WorkerGroup.of(cfg.train), fsdp=True)
+        result = torch_trainer(empty_loop, {}, workers, name=f"bare-pg-{uuid.uuid4().hex[:8]}",
+                               storage_path=str(work / "ray"), max_failures=0).fit()
+        if result.error is not None:
+            raise result.error
+
     def base():
         state["base"] = run_base_training(cfg)
 
@@ -199,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stages.append(("full_budget", full_budget, cfg.train.workers))
     stages.append(("twa", twa, cfg.twa.workers))
     if not args.smoke:
-        stages += [("evaluation", evaluation, None), ("bare_again", bare, cfg.train.workers)]
+        stages += [("evaluation", evaluation, None), ("bare_process_group", bare_process_group, cfg.train.workers),
+                   ("bare_again", bare, cfg.train.workers)]
 
     for stage, fn, workers in stages:
         note(f"{stage} ...")
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         note(f"{stage}: start-up {row['startup_s']:.1f} s of {row['fit_s']:.1f} s")
 
-    bares = [r for r in rows if r["stage"].startswith("bare")]
+    bares = [r for r in rows if r["stage"] in ("bare", "bare_again")]
     floor = bares[-1]["startup_s"]
     date, mach = utc_date(), machine()
     for r in rows:
