@@ -104,7 +104,9 @@ def test_bits_runs_cover_every_width_and_basis_once():
         [f"twa.lr={reproduce.BITS_LR[b]}" for b in reproduce.BITS]
         + [f"twa.lr={reproduce.BASIS_LR[b]}" for b in reproduce.BASES if b != "normalized"])
     head = reproduce.plan("head", "full")
-    assert [r.shared_store for r in head] == [True, True]  # base training once per seed
+    assert [r.shared_store for r in head] == [True, True, True]  # base training once per seed and candidate kind
+    assert [r.store for r in head] == ["head", "head", "head_ema"]  # TWA over the EMA's candidates: its own store
+    assert f"twa.lr={reproduce.EMA_CANDIDATES_LR['head']}" in head[2].overrides
 
 
 def test_results_file_gives_table_plot_and_targets(tmp_path, capsys):
