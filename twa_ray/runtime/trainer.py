@@ -90,8 +90,8 @@ def torch_trainer(loop: Callable[[dict], None], loop_config: dict, workers: Work
     if workers.process_group:
         return TorchTrainer(traced(loop), torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
                             **common)
-    # One CPU worker without FSDP: TorchTrainer's base class, whose no-op backend skips the gloo
-    # process group: about 2 s of every such stage's start-up (benchmarks/startup.py).
+    # One CPU worker without FSDP: TorchTrainer's base class, whose no-op backend skips setting up
+    # a gloo process group no collective would use (benchmarks/startup.py times both).
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     return DataParallelTrainer(traced(loop), **common)
