@@ -4,7 +4,7 @@ PyTorch: every stage uses it; the test-split evaluation in Ray tasks is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

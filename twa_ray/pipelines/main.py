@@ -35,7 +35,7 @@ from ..output.mixing import run_mixing
 from ..output.plots import plot_accuracy
 from ..output.run_folder import stage_rows, write_run_folder
 from ..store import CandidateStore
-from ..tasks import model_spec, task_data, task_from_config, task_summary
+from ..tasks import model_spec, task_from_config, task_summary
 from .runs import require_same_settings, write_complete_run
 
 log = logging.getLogger(__name__)
