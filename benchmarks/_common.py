@@ -47,6 +47,15 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return path
 
 
+def replace_block(text: str, begin_mark: str, end_mark: str, block: str, path: Path) -> str:
+    """``text`` with everything from ``begin_mark`` to ``end_mark`` (both included) replaced by
+    ``block`` (which carries the marks again); SystemExit naming ``path`` when a mark is missing."""
+    begin, end = text.find(begin_mark), text.find(end_mark)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"--readme: {path} has no '{begin_mark}' ... '{end_mark}' block to replace")
+    return text[:begin] + block + text[end + len(end_mark):]
+
+
 def _load_1m() -> float | None:
     try:
         return os.getloadavg()[0]

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, emit, machine, note, utc_date, write_jsonl
+from _common import ROOT, emit, machine, note, replace_block, utc_date, write_jsonl
 
 JOBS = {  # name: (the command as a user types it, its run folder)
     "quickstart": (["python", "jobs/cifar_twa.py", "--config", "configs/quickstart.yaml", "--force"], "runs/quickstart"),
@@ -76,12 +76,9 @@ def write_readme(path: Path, lines: list[dict]) -> None:
     quick = [line for line in lines if line["job"] == "quickstart"]
     if not quick:
         raise SystemExit("--readme: no quickstart line in the results")
-    text = path.read_text()
-    begin, end = text.find(QUICKSTART_BEGIN), text.find(QUICKSTART_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"--readme: {path} has no '{QUICKSTART_BEGIN}' ... '{QUICKSTART_END}' block to replace")
+    text = replace_block(path.read_text(), QUICKSTART_BEGIN, QUICKSTART_END, readme_excerpt(quick[-1]), path)
     with atomic_path(path) as tmp:
-        tmp.write_text(text[:begin] + readme_excerpt(quick[-1]) + text[end + len(QUICKSTART_END):])
+        tmp.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from _common import ROOT, common_args, emit, machine, note, write_jsonl
+from _common import ROOT, common_args, emit, machine, note, replace_block, write_jsonl
 
 # the order they run in: bits and probe reuse head's candidates
 CLAIMS = ("head", "fitted", "tail", "bits", "probe", "soups")
@@ -859,13 +859,6 @@ def answer_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def _replace_block(text: str, begin_mark: str, end_mark: str, block: str, path: Path) -> str:
-    begin, end = text.find(begin_mark), text.find(end_mark)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"--readme: {path} has no '{begin_mark}' ... '{end_mark}' block to replace")
-    return text[:begin] + block + text[end + len(end_mark):]
-
-
 def write_readme(path: Path, rows: list[dict], targets: list[dict], records: list[dict]) -> None:
     """Replace the block between README_BEGIN and README_END in ``path`` by ``readme_section``,
     and, where ``path`` has one and the records hold a claim of ANSWER_CLAIMS, the block between
@@ -873,10 +866,10 @@ def write_readme(path: Path, rows: list[dict], targets: list[dict], records: lis
     markers are missing (nothing is written then)."""
     from twa_ray.output.atomic import atomic_path
 
-    text = _replace_block(path.read_text(), README_BEGIN, README_END, readme_section(rows, targets, records), path)
+    text = replace_block(path.read_text(), README_BEGIN, README_END, readme_section(rows, targets, records), path)
     if ANSWER_BEGIN in text and any(rec["claim"] in ANSWER_CLAIMS for rec in records):
         table = "\n".join([ANSWER_BEGIN, *answer_table(records), ANSWER_END])
-        text = _replace_block(text, ANSWER_BEGIN, ANSWER_END, table, path)
+        text = replace_block(text, ANSWER_BEGIN, ANSWER_END, table, path)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
